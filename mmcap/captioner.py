@@ -1,0 +1,226 @@
+"""`Captioner`: ResNet grid -> projection -> GPT-2/BERT decoder, with decoding and save/load.
+
+A plain `nn.Module` (no Lightning): the training code wraps it, inference needs nothing else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CaptionerConfig
+from .decoder import build_decoder
+from .encoder import ResNetEncoder
+from .generation import GenerationConfig, GenerationOutput, generate
+from .images import ImageSource, eval_transform, open_image
+from .projection import GridProjection
+from .tokenizer import CaptionTokenizer
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+Images = Union[ImageSource, Sequence[ImageSource], torch.Tensor]
+
+
+class Captioner(nn.Module):
+    def __init__(self, cfg: CaptionerConfig, tokenizer: CaptionTokenizer, load_pretrained: bool = True):
+        """Prefer `from_config` / `from_pretrained`; `load_pretrained=False` skips hub/torchvision weights."""
+        super().__init__()
+        self.config, self.tokenizer = cfg, tokenizer
+        self.encoder = ResNetEncoder(cfg.encoder, load_weights=load_pretrained)
+        self.decoder = build_decoder(cfg.decoder, tokenizer, pretrained=load_pretrained)
+        self.projection = GridProjection(cfg.projection, self.encoder.out_channels, self.decoder.config.hidden_size)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, cfg, tokenizer: Optional[CaptionTokenizer] = None,
+                    captions: Optional[Iterable[str]] = None) -> "Captioner":
+        """A new model from a config (a `CaptionerConfig`, a dict, or a JSON/YAML file).
+
+        The tokenizer is, in order: the one passed in, the pretrained decoder's own, or one
+        trained from `captions`.
+        """
+        if isinstance(cfg, (str, Path)):
+            cfg = CaptionerConfig.load(cfg)
+        elif isinstance(cfg, dict):
+            cfg = CaptionerConfig.from_dict(cfg)
+        if tokenizer is None:
+            if cfg.decoder.pretrained:
+                tokenizer = CaptionTokenizer.load(cfg.decoder.pretrained)
+            elif captions is not None:
+                tokenizer = CaptionTokenizer.train(captions, cfg.tokenizer)
+            else:
+                raise ValueError("a decoder built from config needs `tokenizer=` or `captions=` to train one")
+        return cls(cfg, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Captioner":
+        """Load a `save_pretrained` directory. Reads only JSON, safetensors and tokenizer files."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} is missing: not a mmcap model directory")
+        try:
+            cfg = CaptionerConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+        except (json.JSONDecodeError, ValueError, TypeError) as e:
+            raise ValueError(f"{path / CONFIG_FILE} is not a valid mmcap config: {e}") from None
+        try:
+            tokenizer = CaptionTokenizer.load(path)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot load the tokenizer files: {e}") from None
+        model = cls(cfg, tokenizer, load_pretrained=False)
+        try:
+            missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device=str(map_location))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{path / WEIGHTS_FILE} is corrupt or does not fit the config: {e}") from None
+        if missing or unexpected:
+            raise ValueError(f"{path / WEIGHTS_FILE} does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model.eval()
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write config, weights and tokenizer; each file appears only when complete."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.decoder.hf_config = self.decoder.config.to_dict()
+        with tempfile.TemporaryDirectory(dir=path, prefix=".tmp-") as tmp:
+            tmp = Path(tmp)
+            self.tokenizer.save(tmp)
+            save_model(self, str(tmp / WEIGHTS_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps({"mmcap_version": _version(), **self.config.to_dict()}, indent=2))
+            # weights and tokenizer first, config last: a directory with config.json is complete
+            names = sorted(p.name for p in tmp.iterdir() if p.name != CONFIG_FILE) + [CONFIG_FILE]
+            for name in names:
+                os.replace(tmp / name, path / name)
+
+    # ----------------------------------------------------------------- model
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, H*W, D] for normalised pixels [B, 3, S, S]."""
+        return self.projection(self.encoder(pixels))
+
+    def grid_shape(self, pixels: torch.Tensor) -> tuple[int, int]:
+        h, w = pixels.shape[-2:]
+        return (h + 31) // 32, (w + 31) // 32
+
+    def token_log_probs(self, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """log P(w_n | image, w_<n) of each target token [B, T-1]; 0 at padding."""
+        logits = self.decoder(
+            input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], encoder_hidden_states=memory
+        ).logits.float()
+        logp = F.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+        return logp * attention_mask[:, 1:]
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+        """Teacher-forced cross-entropy per target token, padding ignored."""
+        memory = self.encode(pixels)
+        logits = self.decoder(
+            input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], encoder_hidden_states=memory
+        ).logits
+        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+            label_smoothing=label_smoothing,
+        )
+
+    def generate(self, pixels: torch.Tensor, output_attentions: bool = False, **generation_kwargs) -> GenerationOutput:
+        cfg = GenerationConfig.from_kwargs(**generation_kwargs)
+        memory = self.encode(pixels)
+        tok = self.tokenizer
+        return generate(self.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions)
+
+    # ----------------------------------------------------------------- public API
+    def preprocess(self, images: Images) -> tuple[torch.Tensor, list[str]]:
+        """Pixels [B,3,S,S] and a name per image; a tensor batch is taken as already normalised."""
+        if isinstance(images, torch.Tensor):
+            batch = images if images.dim() == 4 else images[None]
+            return batch.float(), [f"image {i}" for i in range(len(batch))]
+        items = [images] if _is_single(images) else list(images)
+        transform = eval_transform(self.config.image_size)
+        names = [str(x) if isinstance(x, (str, os.PathLike)) else f"image {i}" for i, x in enumerate(items)]
+        pixels = [transform(open_image(x, name)) for x, name in zip(items, names)]
+        return torch.stack(pixels), names
+
+    @torch.no_grad()
+    def caption(self, images: Images, batch_size: int = 16, return_scores: bool = False,
+                return_attention: bool = False, **generation_kwargs):
+        """Captions for paths, PIL images or a tensor batch; one image in, one `str` out.
+
+        `return_scores=True` returns `(captions, log_probs)`; `return_attention=True` adds, per
+        caption, the cross-attention per generated token shaped (tokens, H, W), mean over heads
+        and layers. Generation options follow transformers (`num_beams`, `max_new_tokens`, ...).
+        """
+        single = _is_single(images) or (isinstance(images, torch.Tensor) and images.dim() == 3)
+        generation_kwargs.setdefault("max_new_tokens", self.config.max_caption_tokens)
+        was_training = self.training
+        self.eval()
+        captions, scores, attentions = [], [], []
+        try:
+            seq = [images] if _is_single(images) else images
+            for start in range(0, len(seq), batch_size):
+                pixels, _ = self.preprocess(seq[start : start + batch_size])
+                pixels = pixels.to(self.device)
+                out = self.generate(pixels, output_attentions=return_attention, **generation_kwargs)
+                for i in range(len(pixels)):
+                    ids = out.sequences[i, : out.lengths[i]]
+                    captions.append(self.tokenizer.decode(ids))
+                scores.append(out.scores.cpu())
+                if return_attention:
+                    h, w = self.grid_shape(pixels)
+                    attentions += [a.reshape(len(a), h, w).cpu() for a in out.cross_attentions]
+        finally:
+            self.train(was_training)
+        score_t = torch.cat(scores) if scores else torch.zeros(0)
+        result = [captions[0] if single else captions]
+        if return_scores:
+            result.append(score_t[0] if single else score_t)
+        if return_attention:
+            result.append(attentions[0] if single else attentions)
+        return result[0] if len(result) == 1 else tuple(result)
+
+    @torch.no_grad()
+    def score(self, images: Images, captions: Union[str, Sequence[str]], batch_size: int = 16) -> torch.Tensor:
+        """Log-likelihood (sum of token log-probs, EOS included) of each caption given its image."""
+        single = isinstance(captions, str)
+        captions = [captions] if single else list(captions)
+        seq = [images] if _is_single(images) else images
+        if len(seq) != len(captions):
+            raise ValueError(f"score() got {len(seq)} images but {len(captions)} captions")
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            for start in range(0, len(captions), batch_size):
+                pixels, _ = self.preprocess(seq[start : start + batch_size])
+                batch = self.tokenizer(captions[start : start + batch_size], self.config.max_caption_tokens)
+                memory = self.encode(pixels.to(self.device))
+                logp = self.token_log_probs(memory, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+                out.append(logp.sum(1).cpu())
+        finally:
+            self.train(was_training)
+        result = torch.cat(out)
+        return result[0] if single else result
+
+
+def _is_single(images) -> bool:
+    from PIL import Image
+
+    return isinstance(images, (str, os.PathLike, bytes, Image.Image))
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

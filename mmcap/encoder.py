@@ -1,0 +1,79 @@
+"""ResNet image encoder: the last convolutional grid, not the pooled vector."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .config import FREEZE_POINTS, EncoderConfig
+
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+class ResNetEncoder(nn.Module):
+    """torchvision ResNet without avgpool/fc: pixels [B,3,H,W] -> grid [B,C,H/32,W/32]."""
+
+    def __init__(self, cfg: EncoderConfig, load_weights: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        net = torchvision.models.get_model(cfg.arch, weights=None)
+        if load_weights and cfg.weights:
+            net.load_state_dict(_load_resnet_weights(cfg), strict=False)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.out_channels = net.fc.in_features
+        self.frozen: tuple[str, ...] = ()
+        self.set_freeze(cfg.freeze)
+
+    def set_freeze(self, freeze: str) -> None:
+        """Freeze every stage up to and including `freeze` ("none", "all" or a stage name)."""
+        if freeze not in FREEZE_POINTS:
+            raise ValueError(f"freeze must be one of {FREEZE_POINTS}, got {freeze!r}")
+        n = {"none": 0, "all": len(STAGES)}.get(freeze, STAGES.index(freeze) + 1 if freeze in STAGES else 0)
+        self.frozen = STAGES[:n]
+        for name in STAGES:
+            getattr(self, name).requires_grad_(name not in self.frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ResNetEncoder":
+        super().train(mode)
+        # Frozen BatchNorm keeps its running statistics: stay in eval mode.
+        for name in self.frozen:
+            getattr(self, name).eval()
+        return self
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.stem(pixels)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _load_resnet_weights(cfg: EncoderConfig) -> dict[str, torch.Tensor]:
+    """A local torchvision state_dict (safetensors or weights_only torch.load) or a torchvision name."""
+    path = Path(cfg.weights)
+    if path.suffix in (".pth", ".pt", ".bin", ".safetensors") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"encoder weights file not found: {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        try:
+            weights = torchvision.models.get_model_weights(cfg.arch)[cfg.weights]
+        except KeyError:
+            names = [w.name for w in torchvision.models.get_model_weights(cfg.arch)]
+            raise ValueError(
+                f"encoder.weights {cfg.weights!r} is neither a file nor a torchvision weights name for "
+                f"{cfg.arch} ({names})"
+            ) from None
+        state = weights.get_state_dict(progress=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    expected = set(torchvision.models.get_model(cfg.arch).state_dict()) - {"fc.weight", "fc.bias"}
+    missing = expected - set(state)
+    if missing:
+        raise ValueError(f"encoder weights {cfg.weights} do not fit {cfg.arch}: missing {sorted(missing)[:5]}")
+    return state

@@ -1,0 +1,285 @@
+"""Caption decoding: greedy, sampling and beam search over a cached Hugging Face decoder.
+
+Argument names and meanings follow `transformers.GenerationConfig`, and greedy/beam results
+equal `model.generate` on the same decoder and image tokens. What differs is the cost: the
+image tokens enter once per image (the first step runs on the un-expanded batch, then the cache
+is repeated per beam), and reordering beams touches only the self-attention cache, because every
+beam of one image shares the same cross-attention keys and values.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+NEG = -1.0e9
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 0
+    use_cache: bool = True
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "GenerationConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise TypeError(f"unknown generation arguments {sorted(unknown)}; known: {sorted(known)}")
+        cfg = cls(**kwargs)
+        if cfg.num_beams < 1 or cfg.max_new_tokens < 1:
+            raise ValueError("num_beams and max_new_tokens must be >= 1")
+        if cfg.min_new_tokens > cfg.max_new_tokens:
+            raise ValueError("min_new_tokens cannot exceed max_new_tokens")
+        if cfg.do_sample and cfg.temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling")
+        return cfg
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # [B, T] generated ids (no BOS), EOS included when reached, then PAD
+    lengths: torch.Tensor  # [B] generated tokens, EOS included
+    scores: torch.Tensor  # [B] sum of the model's log-probs of the generated tokens
+    cross_attentions: Optional[list[torch.Tensor]] = None  # per item [lengths[i], N]
+
+
+class _Decoder:
+    """One decoding pass: feeds new tokens, keeps (or, uncached, recomputes) the past."""
+
+    def __init__(self, model, memory: torch.Tensor, use_cache: bool, attentions: bool):
+        self.model, self.memory, self.use_cache, self.attentions = model, memory, use_cache, attentions
+        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if use_cache else None
+
+    def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits [N, V] (fp32) for the next token after `seqs` [N, t], and cross-attention [N, M]."""
+        ids = seqs[:, -1:] if self.use_cache else seqs
+        out = self.model(
+            input_ids=ids,
+            encoder_hidden_states=self.memory,
+            past_key_values=self.cache,
+            use_cache=self.use_cache,
+            output_attentions=self.attentions,
+            return_dict=True,
+        )
+        att = None
+        if self.attentions:
+            # mean over layers and heads of the last query's attention to the image tokens
+            att = torch.stack([a[:, :, -1, :] for a in out.cross_attentions]).float().mean(dim=(0, 2))
+        return out.logits[:, -1, :].float(), att
+
+    def expand(self, k: int) -> None:
+        """Repeat every row k times (after the first step on the un-expanded batch)."""
+        self.memory = self.memory.repeat_interleave(k, dim=0)
+        if self.cache is not None:
+            self.cache.batch_repeat_interleave(k)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.self_attention_cache.reorder_cache(rows)
+
+
+def ban_repeated_ngrams(scores: torch.Tensor, seqs: torch.Tensor, n: int) -> torch.Tensor:
+    """Forbid any token that would repeat an n-gram already in the row (as transformers does)."""
+    t = seqs.shape[1]
+    if n <= 0 or t + 1 < n:
+        return scores
+    rows = seqs.tolist()
+    for i, row in enumerate(rows):
+        prefix = tuple(row[t - n + 1 :]) if n > 1 else ()
+        banned = [row[j + n - 1] for j in range(t - n + 1) if tuple(row[j : j + n - 1]) == prefix]
+        if banned:
+            scores[i, banned] = float("-inf")
+    return scores
+
+
+def warp_for_sampling(scores: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus), keeping at least one token."""
+    if cfg.temperature != 1.0:
+        scores = scores / cfg.temperature
+    if 0 < cfg.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, cfg.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = sorted_scores.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) > cfg.top_p  # mass before this token already exceeds top_p
+        drop[..., 0] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores
+
+
+def _process(scores: torch.Tensor, seqs: torch.Tensor, step: int, cfg: GenerationConfig, eos: int) -> torch.Tensor:
+    scores = ban_repeated_ngrams(scores, seqs, cfg.no_repeat_ngram_size)
+    if step < cfg.min_new_tokens:
+        scores[:, eos] = float("-inf")
+    return scores
+
+
+@torch.no_grad()
+def generate(model, memory: torch.Tensor, bos: int, eos: int, pad: int, cfg: GenerationConfig,
+             output_attentions: bool = False) -> GenerationOutput:
+    """Decode captions for image tokens `memory` [B, M, D] with the HF decoder `model`."""
+    dec = _Decoder(model, memory, cfg.use_cache, output_attentions)
+    with _eager_attention(model, output_attentions):
+        if cfg.num_beams == 1:
+            return _greedy_or_sample(dec, memory.shape[0], bos, eos, pad, cfg)
+        return _beam_search(dec, memory.shape[0], bos, eos, pad, cfg)
+
+
+@contextlib.contextmanager
+def _eager_attention(model, needed: bool):
+    """Attention weights need the eager kernels; switch only for the call that asks."""
+    before = model.config._attn_implementation
+    if needed and before != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if needed and before != "eager":
+            model.set_attn_implementation(before)
+
+
+def _greedy_or_sample(dec: _Decoder, b: int, bos: int, eos: int, pad: int, cfg: GenerationConfig) -> GenerationOutput:
+    device = dec.memory.device
+    seqs = torch.full((b, 1), bos, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    lengths = torch.zeros(b, dtype=torch.long, device=device)
+    scores = torch.zeros(b, device=device)
+    atts = []
+    for step in range(cfg.max_new_tokens):
+        logits, att = dec(seqs)
+        logp = F.log_softmax(logits, dim=-1)
+        proc = _process(logits.clone(), seqs, step, cfg, eos)
+        if cfg.do_sample:
+            nxt = torch.multinomial(warp_for_sampling(proc, cfg).softmax(-1), 1).squeeze(1)
+        else:
+            nxt = proc.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        scores += torch.where(done, 0.0, logp.gather(1, nxt[:, None]).squeeze(1))
+        lengths += (~done).long()
+        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+        if att is not None:
+            atts.append(att)
+        done |= nxt == eos
+        if done.all():
+            break
+    cross = None
+    if atts:
+        stacked = torch.stack(atts, dim=1)  # [B, T, M]
+        cross = [stacked[i, : lengths[i]] for i in range(b)]
+    return GenerationOutput(seqs[:, 1:], lengths, scores, cross)
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t [B, K, ...] indexed along dim 1 by idx [B, J]."""
+    while idx.dim() < t.dim():
+        idx = idx.unsqueeze(-1)
+    return torch.take_along_dim(t, idx, dim=1)
+
+
+def _beam_search(dec: _Decoder, b: int, bos: int, eos: int, pad: int, cfg: GenerationConfig) -> GenerationOutput:
+    """Vectorised beam search with transformers' semantics (hypothesis scores, early stopping)."""
+    k, device = cfg.num_beams, dec.memory.device
+    max_len = 1 + cfg.max_new_tokens  # BOS prompt + new tokens
+    track_att = dec.attentions
+
+    logits, att = dec(torch.full((b, 1), bos, dtype=torch.long, device=device))
+    dec.expand(k)
+    logits = logits.repeat_interleave(k, 0)
+    att = att.repeat_interleave(k, 0) if att is not None else None
+    vocab = logits.shape[-1]
+    keep = min(2 * k, k * vocab)
+    top_is_first_k = torch.arange(keep, device=device) < k
+
+    run_seqs = torch.full((b, k, max_len), pad, dtype=torch.long, device=device)
+    run_seqs[:, :, 0] = bos
+    run_scores = torch.zeros(b, k, device=device)
+    run_scores[:, 1:] = NEG  # all beams start identical: expand only the first
+    run_logp = torch.zeros(b, k, device=device)  # raw model log-prob sums
+    m = dec.memory.shape[1]
+    run_att = torch.zeros(b, k, cfg.max_new_tokens, m, device=device) if track_att else None
+
+    fin_seqs = run_seqs.clone()
+    fin_scores = torch.full((b, k), NEG, device=device)
+    fin_logp = torch.zeros(b, k, device=device)
+    fin_len = torch.zeros(b, k, dtype=torch.long, device=device)
+    fin_att = torch.zeros_like(run_att) if track_att else None
+    is_fin = torch.zeros(b, k, dtype=torch.bool, device=device)
+    improvable = torch.ones(b, 1, dtype=torch.bool, device=device)
+    batch_offset = torch.arange(b, device=device)[:, None] * k
+
+    cur = 1
+    for step in range(cfg.max_new_tokens):
+        if step > 0:
+            logits, att = dec(run_seqs.view(b * k, max_len)[:, :cur])
+        logp = F.log_softmax(logits, dim=-1)
+        proc = _process(logp.clone(), run_seqs.view(b * k, max_len)[:, :cur], step, cfg, eos)
+        acc = (proc.view(b, k, vocab) + run_scores[..., None]).view(b, k * vocab)
+        if cfg.do_sample:
+            idx = torch.multinomial(warp_for_sampling(acc, cfg).softmax(-1), keep)
+            top_scores = acc.gather(1, idx)
+        else:
+            top_scores, idx = torch.topk(acc, keep)
+        beam, tok = idx // vocab, idx % vocab
+        top_seqs = _gather(run_seqs, beam)
+        top_seqs[:, :, cur] = tok
+        top_logp = _gather(run_logp, beam) + logp.view(b, k * vocab).gather(1, idx)
+        if track_att:
+            top_att = _gather(run_att, beam)
+            top_att[:, :, step] = _gather(att.view(b, k, m), beam)
+        hits = (tok == eos) | (cur + 1 >= max_len)
+
+        # running beams for the next step: the best k candidates that did not just finish
+        live_scores = top_scores + hits.float() * NEG
+        nxt = torch.topk(live_scores, k).indices
+        run_seqs, run_scores, run_logp = _gather(top_seqs, nxt), _gather(live_scores, nxt), _gather(top_logp, nxt)
+        if track_att:
+            run_att = _gather(top_att, nxt)
+
+        # finished hypotheses: merge the candidates ranked in the first k that just finished
+        just = hits & top_is_first_k[None, :]
+        cand = top_scores / (cur ** cfg.length_penalty)
+        cand = cand + (is_fin.all(-1, keepdim=True) & (cfg.early_stopping is True)).float() * NEG
+        cand = cand + (~improvable).float() * NEG + (~just).float() * NEG
+        best = torch.topk(torch.cat([fin_scores, cand], 1), k).indices
+        fin_seqs = _gather(torch.cat([fin_seqs, top_seqs], 1), best)
+        fin_scores = _gather(torch.cat([fin_scores, cand], 1), best)
+        fin_logp = _gather(torch.cat([fin_logp, top_logp], 1), best)
+        fin_len = _gather(torch.cat([fin_len, torch.full_like(tok, cur)], 1), best)
+        is_fin = _gather(torch.cat([is_fin, just], 1), best)
+        if track_att:
+            fin_att = _gather(torch.cat([fin_att, top_att], 1), best)
+
+        dec.reorder((_gather(beam, nxt) + batch_offset).view(-1))
+        cur += 1
+        # stop when no running beam can beat the worst finished one (transformers' heuristic)
+        if cfg.early_stopping == "never" and cfg.length_penalty > 0:
+            best_len = max_len - 1
+        else:
+            best_len = cur - 1
+        best_possible = run_scores[:, :1] / (best_len ** cfg.length_penalty)
+        worst_fin = torch.where(is_fin, fin_scores.min(1, keepdim=True).values, NEG)
+        improvable = improvable & (best_possible > worst_fin).any(-1, keepdim=True)
+        open_beams = not (bool(is_fin.all()) and cfg.early_stopping is True)
+        if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
+            break
+
+    lengths = fin_len[:, 0]
+    t = int(lengths.max())
+    sequences = fin_seqs[:, 0, 1 : 1 + t]
+    cross = [fin_att[i, 0, : lengths[i]] for i in range(b)] if track_att else None
+    return GenerationOutput(sequences, lengths, fin_logp[:, 0], cross)

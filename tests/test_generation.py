@@ -1,0 +1,161 @@
+"""Decoding equals transformers' generate; cached equals uncached; edge cases do not crash."""
+import pytest
+import torch
+from transformers import BertConfig, BertLMHeadModel, GPT2Config, GPT2LMHeadModel
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from mmcap.generation import GenerationConfig, ban_repeated_ngrams, generate, warp_for_sampling
+
+V, BOS, EOS, PAD = 12, 1, 2, 0
+SETTINGS = [
+    {},
+    {"num_beams": 3},
+    {"num_beams": 4, "length_penalty": 0.5},
+    {"num_beams": 3, "early_stopping": True},
+    {"num_beams": 5, "early_stopping": "never"},
+    {"num_beams": 2, "no_repeat_ngram_size": 2, "min_new_tokens": 3},
+    {"no_repeat_ngram_size": 1},
+]
+
+
+def peaky_decoder(family: str, seed: int):
+    """A random decoder with sharp distributions, so EOS comes at different lengths."""
+    torch.manual_seed(seed)
+    special = dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=V, n_positions=40, n_embd=32, n_layer=2, n_head=2, add_cross_attention=True, **special)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         is_decoder=True, add_cross_attention=True, **special)
+        model = BertLMHeadModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+    return model.eval()
+
+
+def image_tokens(b: int, seed: int = 100) -> torch.Tensor:
+    """Large-norm image tokens, so that each image steers its caption (and its length)."""
+    torch.manual_seed(seed)
+    return torch.randn(b, 5, 32) * 10
+
+
+def hf_generate(model, family, memory, **kw):
+    extra = {"past_key_values": EncoderDecoderCache(DynamicCache(), DynamicCache())} if family == "bert" else {}
+    b = memory.shape[0]
+    return model.generate(
+        input_ids=torch.full((b, 1), BOS), attention_mask=torch.ones(b, 1, dtype=torch.long),
+        encoder_hidden_states=memory, do_sample=False, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=BOS,
+        return_dict_in_generate=True, output_scores=True, **kw, **extra,
+    )
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("seed", [0, 3, 7])
+@pytest.mark.parametrize("kw", SETTINGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "greedy")
+def test_equals_transformers_generate(family, seed, kw):
+    model = peaky_decoder(family, seed)
+    memory = image_tokens(4)
+    ours = generate(model, memory, BOS, EOS, PAD, GenerationConfig.from_kwargs(max_new_tokens=8, **kw))
+    ref = hf_generate(model, family, memory, max_new_tokens=8, **kw)
+    ref_seq = ref.sequences[:, 1:]
+    for i in range(4):
+        n = int(ours.lengths[i])
+        assert ours.sequences[i, :n].tolist() == ref_seq[i, :n].tolist()
+        # transformers pads finished rows (with EOS when pad id is 0); nothing real follows
+        assert set(ref_seq[i, n:].tolist()) <= {PAD, EOS}
+        if n < 8:
+            assert ours.sequences[i, n - 1] == EOS
+    if kw.get("num_beams", 1) > 1:
+        lp = kw.get("length_penalty", 1.0)
+        torch.testing.assert_close(ours.scores / ours.lengths.float() ** lp, ref.sequences_scores, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("kw", [{}, {"num_beams": 3}, {"num_beams": 2, "no_repeat_ngram_size": 2}])
+def test_cached_equals_uncached(family, kw):
+    model = peaky_decoder(family, 1)
+    memory = image_tokens(3)
+    cached = generate(model, memory, BOS, EOS, PAD, GenerationConfig.from_kwargs(max_new_tokens=10, **kw), True)
+    plain = generate(model, memory, BOS, EOS, PAD, GenerationConfig.from_kwargs(max_new_tokens=10, use_cache=False, **kw), True)
+    assert torch.equal(cached.sequences, plain.sequences)
+    assert torch.equal(cached.lengths, plain.lengths)
+    torch.testing.assert_close(cached.scores, plain.scores, atol=1e-5, rtol=1e-5)
+    for a, b in zip(cached.cross_attentions, plain.cross_attentions):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_scores_are_sequence_log_probs():
+    """The returned score is the sum of the model's log-probs of the generated tokens."""
+    model = peaky_decoder("gpt2", 2)
+    memory = image_tokens(2)
+    out = generate(model, memory, BOS, EOS, PAD, GenerationConfig.from_kwargs(max_new_tokens=6, num_beams=3))
+    for i in range(2):
+        ids = torch.tensor([[BOS] + out.sequences[i, : out.lengths[i]].tolist()])
+        logp = model(input_ids=ids[:, :-1], encoder_hidden_states=memory[i : i + 1]).logits.log_softmax(-1)
+        expected = logp[0].gather(1, ids[0, 1:, None]).sum()
+        torch.testing.assert_close(out.scores[i], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_no_beam_finishes_returns_best_unfinished():
+    model = peaky_decoder("gpt2", 0)
+    with torch.no_grad():
+        model.lm_head.weight[EOS] = -100.0  # EOS (almost) never wins
+    memory = image_tokens(3)
+    out = generate(model, memory, BOS, EOS, PAD, GenerationConfig.from_kwargs(max_new_tokens=5, num_beams=3))
+    assert out.sequences.shape == (3, 5)
+    assert out.lengths.tolist() == [5, 5, 5]
+    assert (out.sequences != EOS).all()
+
+
+@pytest.mark.parametrize("family,seed", [("bert", 0), ("gpt2", 3)])
+@pytest.mark.parametrize("kw", [{}, {"num_beams": 3}])
+def test_batch_size_one_and_batched_agree(family, seed, kw):
+    model = peaky_decoder(family, seed)
+    memory = image_tokens(4)
+    batched = generate(model, memory, BOS, EOS, PAD, GenerationConfig.from_kwargs(max_new_tokens=8, **kw))
+    assert len(set(batched.lengths.tolist())) > 1, "test needs rows that finish at different lengths"
+    for i in range(4):
+        single = generate(model, memory[i : i + 1], BOS, EOS, PAD, GenerationConfig.from_kwargs(max_new_tokens=8, **kw))
+        n = int(batched.lengths[i])
+        assert single.lengths.tolist() == [n]
+        assert single.sequences[0, :n].tolist() == batched.sequences[i, :n].tolist()
+
+
+def test_more_beams_than_vocabulary():
+    model = peaky_decoder("gpt2", 0)
+    memory = image_tokens(2)
+    out = generate(model, memory, BOS, EOS, PAD, GenerationConfig.from_kwargs(max_new_tokens=4, num_beams=30))
+    assert out.sequences.shape[0] == 2 and (out.lengths >= 1).all()
+    assert torch.isfinite(out.scores).all()
+
+
+def test_min_new_tokens_and_sampling_filters():
+    model = peaky_decoder("gpt2", 5)
+    memory = image_tokens(4)
+    out = generate(model, memory, BOS, EOS, PAD, GenerationConfig.from_kwargs(max_new_tokens=6, min_new_tokens=4))
+    assert (out.lengths >= 4).all()
+    torch.manual_seed(0)
+    sampled = generate(model, memory, BOS, EOS, PAD, GenerationConfig.from_kwargs(max_new_tokens=6, do_sample=True, top_k=1))
+    greedy = generate(model, memory, BOS, EOS, PAD, GenerationConfig.from_kwargs(max_new_tokens=6))
+    assert torch.equal(sampled.sequences, greedy.sequences)  # top_k=1 sampling is greedy
+
+
+def test_logit_filters():
+    scores = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    warped = warp_for_sampling(scores.clone(), GenerationConfig(do_sample=True, top_k=2))
+    assert torch.isinf(warped[0, :2]).all() and torch.isfinite(warped[0, 2:]).all()
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    warped = warp_for_sampling(p, GenerationConfig(do_sample=True, top_k=0, top_p=0.7))
+    assert torch.isfinite(warped[0, :2]).all() and torch.isinf(warped[0, 2:]).all()
+    seqs = torch.tensor([[1, 5, 6, 5]])
+    banned = ban_repeated_ngrams(torch.zeros(1, 8), seqs, 2)
+    assert torch.isinf(banned[0, 6]) and torch.isfinite(banned).sum() == 7
+
+
+def test_bad_generation_arguments():
+    with pytest.raises(TypeError, match="num_beam"):
+        GenerationConfig.from_kwargs(num_beam=3)
+    with pytest.raises(ValueError):
+        GenerationConfig.from_kwargs(min_new_tokens=5, max_new_tokens=2)
