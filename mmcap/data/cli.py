@@ -1,0 +1,102 @@
+"""`mmcap shards ...` (write shards from COCO, Karpathy splits, tables, folders) and `mmcap data demo`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .shards import WriteSummary, write_shards
+from .sources import coco_samples, folder_samples, karpathy_samples, table_samples
+
+
+def shards_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmcap shards",
+        description="Write webdataset shards (KEY.jpg/png/webp + KEY.txt + KEY.json) from a captioned dataset.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--coco-captions", metavar="JSON", help="COCO captions_*.json (images + annotations)")
+    src.add_argument("--karpathy", metavar="JSON", help="Karpathy split file (dataset_coco.json): writes train/val/test")
+    src.add_argument("--table", metavar="FILE", help=".csv, .tsv or .jsonl with an image and a caption column")
+    src.add_argument("--folder", metavar="DIR", help="images with sidecar .txt captions, one per line")
+    p.add_argument("--images", metavar="DIR", help="image root (COCO/Karpathy: required; table: base for relative paths)")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--caption-column", default="caption")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory, shards named {split}-%%06d.tar")
+    p.add_argument("--split", default=None, help="split name for single-split sources (default: train, or from the COCO file name)")
+    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--maxsize", type=int, default=None, metavar="BYTES", help="largest shard size")
+    p.add_argument("--resize-max", type=int, default=None, metavar="SIDE",
+                   help="shrink images whose longest side exceeds SIDE (re-encoded as JPEG q=95)")
+    p.add_argument("--workers", type=int, default=1, help="processes checking and encoding images")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def shards_main(argv: list[str]) -> int:
+    args = shards_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        splits = _source_splits(args)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"mmcap shards: {e}", file=sys.stderr)
+        return 2
+    total = WriteSummary()
+    for split, samples in splits.items():
+        if not samples:
+            continue
+        pattern = str(Path(args.out) / f"{split}-%06d.tar")
+        summary = write_shards(samples, pattern, args.maxcount, args.maxsize, args.resize_max,
+                               workers=args.workers, progress=not args.quiet)
+        print(f"{split}: {summary}")
+        total.samples += summary.samples
+        total.shards += summary.shards
+        total.skipped.update(summary.skipped)
+    print(f"total: {total}")
+    return 0 if total.samples else 1
+
+
+def _source_splits(args: argparse.Namespace) -> dict:
+    if args.karpathy:
+        _require_images(args, "--karpathy")
+        return karpathy_samples(args.karpathy, args.images)
+    if args.coco_captions:
+        _require_images(args, "--coco-captions")
+        name = Path(args.coco_captions).stem  # captions_val2017 -> val
+        guess = next((s for s in ("train", "val", "test") if s in name), "train")
+        return {args.split or guess: coco_samples(args.coco_captions, args.images)}
+    if args.table:
+        return {args.split or "train": table_samples(args.table, args.image_column, args.caption_column, args.images)}
+    return {args.split or "train": folder_samples(args.folder)}
+
+
+def _require_images(args: argparse.Namespace, flag: str) -> None:
+    if not args.images:
+        raise ValueError(f"{flag} needs --images DIR")
+    if not Path(args.images).is_dir():
+        raise FileNotFoundError(f"--images {args.images} is not a directory")
+
+
+def data_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mmcap data", description="Make datasets.")
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="generate the synthetic demo dataset (shapes and their captions)")
+    demo.add_argument("--out", default="data/demo", metavar="DIR")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--n-train", type=int, default=6000)
+    demo.add_argument("--n-val", type=int, default=300)
+    demo.add_argument("--n-test", type=int, default=300)
+    demo.add_argument("--image-size", type=int, default=128)
+    demo.add_argument("--force", action="store_true", help="regenerate even if the directory is complete")
+    args = p.parse_args(argv)
+
+    from .demo import make_demo
+
+    started = time.perf_counter()
+    done = make_demo(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                     image_size=args.image_size, force=args.force)
+    splits = ", ".join(f"{k} {v['samples']} samples / {v['shards']} shards" for k, v in done["splits"].items())
+    print(f"demo data in {args.out}: {splits} ({time.perf_counter() - started:.1f} s)")
+    return 0
