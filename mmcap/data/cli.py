@@ -21,11 +21,14 @@ def shards_parser() -> argparse.ArgumentParser:
     src.add_argument("--karpathy", metavar="JSON", help="Karpathy split file (dataset_coco.json): writes train/val/test")
     src.add_argument("--table", metavar="FILE", help=".csv, .tsv or .jsonl with an image and a caption column")
     src.add_argument("--folder", metavar="DIR", help="images with sidecar .txt captions, one per line")
-    p.add_argument("--images", metavar="DIR", help="image root (COCO/Karpathy: required; table: base for relative paths)")
+    p.add_argument("--images", metavar="DIR",
+                   help="image root (COCO/Karpathy: required; table: base for relative paths)")
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default="caption")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory, shards named {split}-%%06d.tar")
-    p.add_argument("--split", default=None, help="split name for single-split sources (default: train, or from the COCO file name)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory, shards named {split}-%%06d.tar")
+    p.add_argument("--split", default=None,
+                   help="split name for single-split sources (default: train, or from the COCO file name)")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--maxsize", type=int, default=None, metavar="BYTES", help="largest shard size")
     p.add_argument("--resize-max", type=int, default=None, metavar="SIDE",

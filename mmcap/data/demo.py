@@ -23,7 +23,6 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -181,11 +180,13 @@ def make_demo(
     out.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
     counts = {}
-    for split, n, shards in (("train", n_train, train_shards), ("val", n_val, eval_shards), ("test", n_test, eval_shards)):
+    sizes = {"train": (n_train, train_shards), "val": (n_val, eval_shards), "test": (n_test, eval_shards)}
+    for split, (n, shards) in sizes.items():
         for old in out.glob(f"{split}-*.tar"):
             old.unlink()
         samples = _split_samples(split, n, seed, image_size)
-        summary = write_shards(samples, str(out / f"{split}-%06d.tar"), maxcount=max(1, -(-n // shards)), progress=False)
+        per_shard = max(1, -(-n // shards))
+        summary = write_shards(samples, str(out / f"{split}-%06d.tar"), maxcount=per_shard, progress=False)
         counts[split] = {"samples": summary.samples, "shards": len(summary.shards)}
     _write_examples(out / "samples", seed, image_size)
     (out / "README.txt").write_text(_readme(settings, counts))

@@ -69,7 +69,8 @@ def _expand_one(item: str, pattern: str) -> list[str]:
             raise FileNotFoundError(f"shard pattern {pattern!r} matches no .tar files")
         return matches
     if os.path.isdir(path):
-        raise IsADirectoryError(f"shard {path!r} (from {pattern!r}) is a directory; give a pattern like {path}/train-*.tar")
+        raise IsADirectoryError(
+            f"shard {path!r} (from {pattern!r}) is a directory; give a pattern like {path}/train-*.tar")
     if not os.path.exists(path):
         raise FileNotFoundError(f"shard {path!r} (from {pattern!r}) does not exist")
     return [item]
