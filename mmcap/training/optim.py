@@ -1,0 +1,67 @@
+"""AdamW parameter groups and the warm-up + cosine learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# Modules whose weights are scales, offsets or lookup tables rather than projections: decaying
+# them towards zero only hurts (norm gains, token/position tables).
+NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of parameters that get no weight decay: biases, norms, embeddings, 1-D tensors."""
+    names = set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(module, NO_DECAY_MODULES) or p.ndim < 2 or p_name.endswith("bias") or "embed" in p_name:
+                names.add(full)
+    return names
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, encoder_lr_mult: float = 1.0,
+                 encoder_prefix: str = "encoder.") -> list[dict]:
+    """Four AdamW groups: {encoder, rest} x {decay, no decay}, every parameter exactly once.
+
+    Frozen parameters are included too, so that unfreezing later needs no new optimizer; AdamW
+    skips parameters whose `.grad` is None. Shared (tied) parameters appear once, under the name
+    `named_parameters` gives them first.
+    """
+    skip_decay = no_decay_names(model)
+    groups = {
+        (enc, decay): {"name": f"{'encoder' if enc else 'decoder'}{'' if decay else '_no_decay'}", "params": [],
+                       "lr": lr * (encoder_lr_mult if enc else 1.0), "weight_decay": weight_decay if decay else 0.0}
+        for enc in (True, False) for decay in (True, False)
+    }
+    for name, p in model.named_parameters():
+        groups[(name.startswith(encoder_prefix), name not in skip_decay)]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
+
+
+class WarmupCosine:
+    """LR multiplier at optimizer step `step` (0-based): linear warm-up reaching 1 at step
+    `warmup_steps - 1`, then cosine decay reaching `min_ratio` at `total_steps` (held there after).
+    A plain object, not a lambda, so that `LambdaLR.state_dict` saves it."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.warmup_steps, self.total_steps, self.min_ratio = int(warmup_steps), int(total_steps), float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, encoder_lr_mult: float,
+                    betas: tuple[float, float], warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """AdamW over `param_groups` and a per-step `LambdaLR(WarmupCosine)`."""
+    optimizer = torch.optim.AdamW(param_groups(model, lr, weight_decay, encoder_lr_mult), lr=lr, betas=tuple(betas))
+    schedule = WarmupCosine(warmup_steps, total_steps, min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

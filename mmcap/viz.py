@@ -1,0 +1,55 @@
+"""Figures for people: images with their generated and reference captions."""
+from __future__ import annotations
+
+import math
+import textwrap
+from typing import Optional, Sequence
+
+import torch
+
+from .images import IMAGENET_MEAN, IMAGENET_STD
+
+
+def to_display(pixels: torch.Tensor) -> torch.Tensor:
+    """Undo the ImageNet normalisation: [3,H,W] or [B,3,H,W] -> HWC / BHWC floats in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    x = pixels.detach().float().cpu() * std + mean
+    return x.clamp(0, 1).movedim(-3, -1)
+
+
+def caption_grid(images: torch.Tensor | Sequence[torch.Tensor], captions: Sequence[str],
+                 references: Optional[Sequence[Sequence[str]]] = None, columns: int = 4, width: int = 32):
+    """A matplotlib Figure: each normalised image above its generated caption and references.
+
+    Matching references (case and spaces ignored) are marked with a check, so a grid shows at a
+    glance which captions came out exactly right.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    n = len(captions)
+    if n == 0:
+        raise ValueError("caption_grid needs at least one image")
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    n_refs = max((len(r) for r in references), default=0) if references is not None else 0
+    text_lines = 2 + 2 * min(n_refs, 3)
+    fig = Figure(figsize=(3.2 * columns, rows * (3.0 + 0.22 * text_lines)))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        ax = axes.flat[i]
+        ax.imshow(to_display(images[i]).numpy())
+        refs = list(references[i]) if references is not None else []
+        exact = _norm(captions[i]) in {_norm(r) for r in refs}
+        lines = textwrap.wrap(f"{'✓ ' if exact else ''}{captions[i]}", width) or [""]
+        for r in refs[:3]:
+            lines += textwrap.wrap(f"ref: {r}", width)
+        ax.set_title("\n".join(lines), fontsize=8, loc="left", color="darkgreen" if exact else "black")
+    fig.tight_layout()
+    return fig
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
