@@ -73,3 +73,28 @@ def test_greedy_baseline_cancels_samples_equal_to_greedy():
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     with pytest.raises(ValueError):
         SCSTConfig(num_samples=1, baseline="mean")
+
+
+def test_scst_stage_runs_in_lightning_from_a_saved_model(tmp_path, make_caption_shards):
+    """`model.init_from` + `model.scst`: the Lightning stage that configs/demo_scst.yaml runs."""
+    import lightning as L
+
+    from mmcap.data.datamodule import CaptionDataModule
+    from mmcap.training.module import CaptionModule
+
+    pattern, _ = make_caption_shards(2, 4)
+    torch.manual_seed(0)
+    start = Captioner.from_config(tiny_config("gpt2", image_size=32), captions=["caption a", "another b"])
+    start.save_pretrained(tmp_path / "start")
+    module = CaptionModule(init_from=str(tmp_path / "start"), scst=SCSTConfig(num_samples=2, max_new_tokens=4),
+                           lr=1e-3, warmup_steps=1, image_size=32)
+    data = CaptionDataModule(train_shards=pattern, image_size=32, batch_size=4, num_workers=0, shuffle_buffer=4)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    assert trainer.global_step == 3
+    assert module._reward_scorer is not None
+    before = Captioner.from_pretrained(tmp_path / "start").state_dict()
+    after = module.captioner.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert module.hparams.scst["num_samples"] == 2 and module.hparams.init_from == str(tmp_path / "start")

@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Union
 import lightning as L
 import webdataset as wds
 
-from .pipeline import EvalStream, TrainStream, iter_captions
+from .pipeline import EvalStream, TrainStream, iter_captions, iter_references
 from .shardlist import resolve_shards, shard_counts
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,15 @@ class CaptionDataModule(L.LightningDataModule):
         if urls is None:
             raise ValueError("no train_shards given")
         return iter_captions(urls, limit)
+
+    def train_references(self, limit: Optional[int] = None) -> Iterator[list[str]]:
+        """The references of each training image: document frequencies for SCST's CIDEr-D."""
+        if self.demo_dir is not None:
+            self.prepare_data()
+        urls = self._shard_urls("train")
+        if urls is None:
+            raise ValueError("no train_shards given")
+        return iter_references(urls, limit)
 
     def _eval_loader(self, split: str) -> Union[CaptionLoader, list]:
         urls = self._shard_urls(split)

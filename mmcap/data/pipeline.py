@@ -538,14 +538,18 @@ def iter_samples(
         skipped.update(skips.take())
 
 
+def iter_references(shards: ShardSpec, limit: Optional[int] = None) -> Iterator[list[str]]:
+    """The reference captions of each sample of `shards` (images are not even read): for CIDEr
+    document frequencies. Samples without a usable caption are left out."""
+    skips = SkipCounter()
+    references = (refs for raw in read_shards(resolve_shards(shards), skips, members=CAPTION_MEMBERS)
+                  if (refs := _captions_or_none(raw)))
+    return itertools.islice(references, limit)
+
+
 def iter_captions(shards: ShardSpec, limit: Optional[int] = None) -> Iterator[str]:
     """Every caption of `shards` (images are not even read): for training a tokenizer."""
-    skips = SkipCounter()
-    captions = (
-        caption
-        for raw in read_shards(resolve_shards(shards), skips, members=CAPTION_MEMBERS)
-        for caption in _captions_or_none(raw)
-    )
+    captions = (caption for refs in iter_references(shards) for caption in refs)
     return itertools.islice(captions, limit)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from ..captioner import Captioner
 from ..config import CaptionerConfig, DecoderConfig, EncoderConfig, ProjectionConfig, TokenizerConfig
 from ..generation import GenerationConfig
+from ..scst import SCSTConfig, reward_scorer, self_critical_loss
 from ..tokenizer import CaptionTokenizer
 from .optim import build_optimizer
 
@@ -58,6 +59,8 @@ class CaptionModule(L.LightningModule):
         val_meteor: bool = False,
         grid_images: int = 8,
         channels_last: bool = False,
+        init_from: Optional[str] = None,
+        scst: Optional[SCSTConfig] = None,
     ):
         """
         Args:
@@ -84,6 +87,10 @@ class CaptionModule(L.LightningModule):
             grid_images: images in the caption grid logged at each validation (0: none).
             channels_last: run the encoder in channels-last memory format (faster on CPUs and
                 tensor cores).
+            init_from: start from this `save_pretrained` directory instead of a new model (its
+                config replaces the model options above), e.g. to fine-tune with SCST.
+            scst: train with self-critical sequence training (CIDEr-D rewards, document
+                frequencies from the training references) instead of cross-entropy.
         """
         super().__init__()
         cfg = CaptionerConfig.from_dict(dict(
@@ -91,6 +98,8 @@ class CaptionModule(L.LightningModule):
             tokenizer=_plain(tokenizer), image_size=image_size, max_caption_tokens=max_caption_tokens,
         ))
         self.model_config = cfg
+        self.scst = scst if scst is None or isinstance(scst, SCSTConfig) else SCSTConfig(**_plain(scst))
+        self._reward_scorer = None
         self.generation = generation if isinstance(generation, GenerationConfig) else GenerationConfig(**_plain(generation))
         # Plain types only: checkpoints are read back with torch.load(weights_only=True).
         self.save_hyperparameters(dict(
@@ -99,7 +108,8 @@ class CaptionModule(L.LightningModule):
             freeze_encoder_steps=freeze_encoder_steps, label_smoothing=label_smoothing, token_dropout=token_dropout,
             max_bad_steps=max_bad_steps,
             generation=dataclasses.asdict(self.generation), tokenizer_max_captions=tokenizer_max_captions,
-            val_meteor=val_meteor, grid_images=grid_images, channels_last=channels_last,
+            val_meteor=val_meteor, grid_images=grid_images, channels_last=channels_last, init_from=init_from,
+            scst=dataclasses.asdict(self.scst) if self.scst is not None else None,
         ))
         self.captioner: Optional[Captioner] = None
         self.bad_steps = 0  # skipped non-finite steps in this run
@@ -118,10 +128,18 @@ class CaptionModule(L.LightningModule):
             self.set_captioner(self.build_captioner(self.trainer.datamodule))
         elif self.captioner is not None:
             self._share_tokenizer()
+        if stage == "fit" and self.scst is not None and self._reward_scorer is None:
+            datamodule = self.trainer.datamodule
+            if datamodule is None or not hasattr(datamodule, "train_references"):
+                raise ValueError("SCST takes CIDEr document frequencies from the training references: use "
+                                 "a datamodule with `train_references()` (CaptionDataModule)")
+            self._reward_scorer = reward_scorer(datamodule.train_references())
 
     def build_captioner(self, datamodule=None) -> Captioner:
         """A new `Captioner` from this module's config. A decoder built from config trains its
         tokenizer from `datamodule.train_captions()`; a pretrained one brings its own."""
+        if self.hparams.init_from:
+            return Captioner.from_pretrained(self.hparams.init_from)
         cfg = CaptionerConfig.from_dict(self.model_config.to_dict())
         captions = None
         if not cfg.decoder.pretrained:
@@ -198,7 +216,13 @@ class CaptionModule(L.LightningModule):
                 stack.enter_context(self._frozen_encoder())
             if self.hparams.token_dropout > 0:
                 stack.enter_context(self._token_dropout(self.hparams.token_dropout))
-            loss = self.captioner(pixels, input_ids, attention_mask, label_smoothing=self.hparams.label_smoothing)
+            if self.scst is not None:
+                loss, stats = self_critical_loss(self.captioner, pixels, batch["references"], self._reward_scorer,
+                                                 self.scst)
+                for name, value in stats.items():
+                    self.log(f"train/scst_{name}", value, batch_size=pixels.shape[0])
+            else:
+                loss = self.captioner(pixels, input_ids, attention_mask, label_smoothing=self.hparams.label_smoothing)
         if self.encoder_frozen and self.trainer.world_size > 1:
             # DDP expects a gradient for every parameter it registered: give the encoder zeros
             # (dropped again in on_before_optimizer_step).
