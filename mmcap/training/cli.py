@@ -47,8 +47,8 @@ def lightning_main(argv: list[str]) -> int:
 
 def refused_pickle(e: pickle.UnpicklingError) -> str:
     """Why torch.load(weights_only=True) refused a file, in one line."""
-    lines = str(e).splitlines()
-    detail = next((line.split("error: ", 1)[1] for line in lines if "WeightsUnpickler error: " in line), lines[0] if lines else "")
+    lines = str(e).splitlines() or [""]
+    detail = next((line.split("error: ", 1)[1] for line in lines if "WeightsUnpickler error: " in line), lines[0])
     return f"it holds pickled objects that could run code when loaded, not plain data ({detail.split('. ')[0]})"
 
 
