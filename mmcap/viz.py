@@ -53,3 +53,34 @@ def caption_grid(images: torch.Tensor | Sequence[torch.Tensor], captions: Sequen
 
 def _norm(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+def plot_attention(image, tokens: Sequence[str], attention: torch.Tensor, columns: int = 5, alpha: float = 0.6):
+    """The *Show, Attend and Tell* figure: a panel per token with its attention over the image.
+
+    `image` is a PIL image (or an HWC array in [0, 1]); `attention` is `(tokens, H, W)` as
+    `Captioner.caption(..., return_attention=True)` returns it. Each map is upsampled to the
+    image size (bilinear) and laid over it.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    if len(tokens) != len(attention):
+        raise ValueError(f"{len(tokens)} tokens but {len(attention)} attention maps")
+    picture = np.asarray(image, dtype=np.float32)
+    picture = picture / 255.0 if picture.max() > 1.0 else picture
+    h, w = picture.shape[:2]
+    maps = torch.nn.functional.interpolate(attention[:, None].float(), size=(h, w), mode="bilinear",
+                                           align_corners=False)[:, 0]
+    columns = max(1, min(columns, len(tokens)))
+    rows = math.ceil(len(tokens) / columns)
+    fig = Figure(figsize=(2.4 * columns, 2.6 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, token, heat in zip(axes.flat, tokens, maps):
+        ax.imshow(picture)
+        ax.imshow(heat.numpy(), cmap="jet", alpha=alpha, extent=(0, w, h, 0))
+        ax.set_title(token or "<end>", fontsize=11)
+    fig.tight_layout()
+    return fig
