@@ -127,7 +127,9 @@ class CaptionerConfig:
         else:
             data = json.loads(text)
         if "model" in data and isinstance(data["model"], dict):
-            data = data["model"].get("init_args", data["model"])
+            # a training recipe (configs/*.yaml): keep the model part, drop optimisation options
+            model = data["model"].get("init_args", data["model"])
+            data = {k: v for k, v in model.items() if k in {f.name for f in dataclasses.fields(cls)}}
         return cls.from_dict(data)
 
 

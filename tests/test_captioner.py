@@ -253,3 +253,24 @@ def test_cli_caption(tiny_gpt2, image_files, tmp_path):
     assert [r["image"].split("/")[-1] for r in rows] == sorted(p.name for p in image_files)
     expected = tiny_gpt2.caption(sorted(str(tmp_path / "imgs" / p.name) for p in image_files), max_new_tokens=5, num_beams=2)
     assert [r["caption"] for r in rows] == expected
+
+
+def _config_files():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    return sorted(root.glob("model/*.yaml")) + sorted(p for p in root.glob("*.yaml") if "scst" not in p.name)
+
+
+@pytest.mark.parametrize("path", _config_files(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_from_config_builds_every_architecture(path):
+    """Every model file and recipe builds (pretrained weights off: nothing can be downloaded)."""
+    cfg = CaptionerConfig.load(path)
+    expected_arch, expected_family = cfg.encoder.arch, cfg.decoder.family
+    cfg.encoder.weights, cfg.decoder.pretrained = None, None
+    cfg.decoder.hidden_size, cfg.decoder.num_layers, cfg.decoder.num_heads = 32, 1, 2
+    model = Captioner.from_config(cfg, captions=CAPTIONS).eval()
+    assert model.encoder.out_channels == (512 if expected_arch in ("resnet18", "resnet34") else 2048)
+    assert model.decoder.config.model_type == expected_family
+    with torch.no_grad():
+        assert model.encode(torch.randn(1, 3, 64, 64)).shape == (1, 4, 32)
