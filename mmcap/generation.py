@@ -5,15 +5,23 @@ equal `model.generate` on the same decoder and image tokens. What differs is the
 image tokens enter once per image (the first step runs on the un-expanded batch, then the cache
 is repeated per beam), and reordering beams touches only the self-attention cache, because every
 beam of one image shares the same cross-attention keys and values.
+
+GPT-2 decoders take a leaner path (`_GPT2Decoder`): the same modules and weights, but a
+preallocated self-attention cache, cross-attention keys/values kept once per image (the beams of
+an image attend to them together, never copied) and plain matmul attention, which for one new
+token is much faster on CPU than the fused kernels. Other decoders, uncached decoding and
+attention maps use the transformers forward (`_Decoder`).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from transformers import GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 NEG = -1.0e9
@@ -92,6 +100,89 @@ class _Decoder:
             self.cache.self_attention_cache.reorder_cache(rows)
 
 
+class _GPT2Decoder:
+    """Cached decoding for a Hugging Face GPT-2 with cross-attention (eval mode): the math of its
+    forward on its own modules, with less copying and fewer kernels per token."""
+
+    attentions = False  # attention maps come from the transformers forward (`_Decoder`)
+
+    def __init__(self, model: GPT2LMHeadModel, memory: torch.Tensor, max_len: int):
+        cfg = model.config
+        self.model, self.body = model, model.transformer
+        self.width, self.heads = cfg.hidden_size, cfg.num_attention_heads
+        self.memory, self.max_len = memory, max_len
+        self.t, self.group = 0, 1  # tokens fed so far; consecutive rows (beams) per image
+        # gelu_new is the tanh approximation written out in Python; F.gelu fuses it into one kernel
+        tanh_gelu = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+        self.act = partial(F.gelu, approximate="tanh") if tanh_gelu else self.body.h[0].mlp.act
+        # self-attention cache, preallocated: keys [layers, rows, heads, head_dim, max_len] (stored
+        # transposed, so q @ keys needs no copy) and values [layers, rows, heads, max_len, head_dim]
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+        self.spare: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # reorder target, swapped in
+        # image keys/values once per image, [B, heads, M, head_dim]: never repeated per beam
+        b, m, _ = memory.shape
+        self.cross = []
+        for block in self.body.h:
+            k, v = block.crossattention.c_attn(memory).split(self.width, dim=2)
+            keys = k.view(b, m, self.heads, -1).permute(0, 2, 3, 1).contiguous()  # [B, heads, head_dim, M]
+            self.cross.append((keys, v.view(b, m, self.heads, -1).transpose(1, 2).contiguous()))
+
+    @staticmethod
+    def supports(model, attentions: bool) -> bool:
+        cfg = model.config
+        return (isinstance(model, GPT2LMHeadModel) and cfg.add_cross_attention and not model.training
+                and not attentions)
+
+    def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, None]:
+        n, t, h, w = seqs.shape[0], self.t, self.heads, self.width
+        if t >= self.max_len:
+            raise ValueError(f"cannot decode past the {self.max_len} preallocated positions")
+        body = self.body
+        x = body.wte(seqs[:, -1]) + body.wpe.weight[t]
+        for i, block in enumerate(body.h):
+            attn, cross, mlp = block.attn, block.crossattention, block.mlp
+            q, k, v = attn.c_attn(block.ln_1(x)).split(w, dim=-1)
+            if self.keys is None:
+                self.keys = k.new_zeros(len(body.h), n, h, w // h, self.max_len)
+                self.values = k.new_zeros(len(body.h), n, h, self.max_len, w // h)
+            self.keys[i, ..., t] = k.view(n, h, -1)
+            self.values[i, :, :, t] = v.view(n, h, -1)
+            y = _attend(q.view(n, h, 1, -1), self.keys[i, ..., : t + 1], self.values[i, :, :, : t + 1], attn.scaling)
+            x = x + attn.c_proj(y.reshape(n, w))
+            # the beams of one image form one block of queries against that image's keys
+            q = cross.q_attn(block.ln_cross_attn(x)).view(n // self.group, self.group, h, -1).transpose(1, 2)
+            y = _attend(q, *self.cross[i], cross.scaling)
+            x = x + cross.c_proj(y.transpose(1, 2).reshape(n, w))
+            x = x + mlp.c_proj(self.act(mlp.c_fc(block.ln_2(x))))
+        self.t += 1
+        return self.model.lm_head(body.ln_f(x)).float(), None
+
+    def expand(self, k: int) -> None:
+        self.group *= k
+        self.keys = self.keys.repeat_interleave(k, dim=1)
+        self.values = self.values.repeat_interleave(k, dim=1)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        # Gather whole contiguous rows into the spare buffers and swap: on CPU this beats
+        # copying just the filled positions (strided) and allocates nothing per step.
+        if self.spare is None or self.spare[0].shape != self.keys.shape:
+            self.spare = (torch.empty_like(self.keys), torch.empty_like(self.values))
+        keys, values = self.spare
+        torch.index_select(self.keys, 1, rows, out=keys)
+        torch.index_select(self.values, 1, rows, out=values)
+        self.spare = (self.keys, self.values)
+        self.keys, self.values = keys, values
+
+
+def _attend(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q keys * scale) values: q [..., queries, head_dim], keys_t [..., head_dim, keys]
+    (transposed), values [..., keys, head_dim]. For a few queries plain matmuls beat the fused
+    attention kernels on CPU, most of all in bf16."""
+    weights = torch.matmul(q, keys_t) * scale
+    return torch.matmul(weights.softmax(-1).to(values.dtype), values)
+
+
 def ban_repeated_ngrams(scores: torch.Tensor, seqs: torch.Tensor, n: int) -> torch.Tensor:
     """Forbid any token that would repeat an n-gram already in the row (as transformers does)."""
     t = seqs.shape[1]
@@ -133,7 +224,10 @@ def _process(scores: torch.Tensor, seqs: torch.Tensor, step: int, cfg: Generatio
 def generate(model, memory: torch.Tensor, bos: int, eos: int, pad: int, cfg: GenerationConfig,
              output_attentions: bool = False) -> GenerationOutput:
     """Decode captions for image tokens `memory` [B, M, D] with the HF decoder `model`."""
-    dec = _Decoder(model, memory, cfg.use_cache, output_attentions)
+    if cfg.use_cache and _GPT2Decoder.supports(model, output_attentions):
+        dec = _GPT2Decoder(model, memory, max_len=1 + cfg.max_new_tokens)
+    else:
+        dec = _Decoder(model, memory, cfg.use_cache, output_attentions)
     with _eager_attention(model, output_attentions):
         if cfg.num_beams == 1:
             return _greedy_or_sample(dec, memory.shape[0], bos, eos, pad, cfg)
@@ -227,13 +321,25 @@ def _beam_search(dec: _Decoder, b: int, bos: int, eos: int, pad: int, cfg: Gener
         if step > 0:
             logits, att = dec(run_seqs.view(b * k, max_len)[:, :cur])
         logp = F.log_softmax(logits, dim=-1)
-        proc = _process(logp.clone(), run_seqs.view(b * k, max_len)[:, :cur], step, cfg, eos)
-        acc = (proc.view(b, k, vocab) + run_scores[..., None]).view(b, k * vocab)
+        seqs = run_seqs.view(b * k, max_len)[:, :cur]
         if cfg.do_sample:
+            acc = (logp.view(b, k, vocab) + run_scores[..., None]).view(b * k, vocab)
+            # the processors only ban tokens (-inf), so they can work on the fresh sums in place
+            acc = _process(acc, seqs, step, cfg, eos).view(b, k * vocab)
             idx = torch.multinomial(warp_for_sampling(acc, cfg).softmax(-1), keep)
             top_scores = acc.gather(1, idx)
         else:
-            top_scores, idx = torch.topk(acc, keep)
+            # The best `keep` of every beam's row, then the best of those: the top-k of all k * vocab
+            # sums without writing them out (a full-vocabulary add and sort per step saved).
+            if cfg.no_repeat_ngram_size > 0:
+                row_best, row_tok = torch.topk(_process(logp.clone(), seqs, step, cfg, eos), min(keep, vocab))
+            else:  # only min_new_tokens can ban a token (EOS): one spare candidate per row covers it
+                ban_eos = step < cfg.min_new_tokens
+                row_best, row_tok = torch.topk(logp, min(keep + ban_eos, vocab))
+                if ban_eos:
+                    row_best = row_best.masked_fill(row_tok == eos, float("-inf"))
+            top_scores, pos = torch.topk((row_best.view(b, k, -1) + run_scores[..., None]).view(b, -1), keep)
+            idx = pos // row_best.shape[1] * vocab + row_tok.view(b, -1).gather(1, pos)
         beam, tok = idx // vocab, idx % vocab
         top_seqs = _gather(run_seqs, beam)
         top_seqs[:, :, cur] = tok

@@ -37,6 +37,7 @@ def tiny_overrides(tmp_path, train, val, max_steps=2) -> list[str]:
         "--model.decoder.pretrained", "null", "--model.decoder.hidden_size", "32",
         "--model.decoder.num_layers", "2", "--model.decoder.num_heads", "2", "--model.projection.max_grid", "8",
         "--model.generation.num_beams", "1", "--model.generation.max_new_tokens", "5", "--model.grid_images", "2",
+        "--model.init_from", "null",
         "--data.demo_dir", "null", "--data.train_shards", train, "--data.val_shards", val, "--data.test_shards", val,
         "--data.image_size", "32", "--data.batch_size", "2", "--data.eval_batch_size", "2",
         "--data.num_workers", "0", "--data.shuffle_buffer", "4", "--data.samples_per_epoch", "8",

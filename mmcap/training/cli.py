@@ -198,10 +198,3 @@ def eval_main(argv: list[str]) -> int:
         for name, value in metrics.items():
             print(f"{name:8s} {'n/a (no Java)' if value is None else f'{value:.4f}'}")
     return 0
-
-
-# ---------------------------------------------------------------------- mmcap features
-def features_main(argv: list[str]) -> int:
-    print("mmcap features: not implemented yet (training reads images; there is no feature-shard reader)",
-          file=sys.stderr)
-    return 2

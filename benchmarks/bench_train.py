@@ -1,0 +1,132 @@
+"""Training throughput of `mmcap fit` on the demo config: Lightning vs a plain PyTorch loop, and
+bf16-mixed vs fp32. Prints one JSON line.
+
+    python benchmarks/bench_train.py [--config configs/demo.yaml] [--steps 30] [--warmup 5]
+
+Both loops do the same work per step on the same model and batches: forward under the same
+autocast, backward, gradient clipping, AdamW step, LR-schedule step, zero_grad. Only steps after
+the warm-up are timed (data loading included); each measurement is repeated and the best kept,
+so that other processes on a shared machine disturb the result less.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import lightning as L
+import torch
+
+
+def build(config: str, overrides: list[str]):
+    """Model, datamodule and trainer exactly as `mmcap fit --config ...` builds them."""
+    from mmcap.training.cli import build_cli
+
+    cli = build_cli(["--config", config, *overrides], run=False)
+    return cli.model, cli.datamodule, cli.trainer
+
+
+class StepTimer(L.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end, self.samples = warmup, None, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.start is not None:
+            self.samples += batch["pixels"].shape[0]
+            self.end = time.perf_counter()
+
+
+def lightning_rate(config: str, overrides: list[str], steps: int, warmup: int, precision: str) -> float:
+    model, data, trainer = build(config, [*overrides, "--trainer.precision", precision,
+                                          "--trainer.max_steps", str(warmup + steps)])
+    timer = StepTimer(warmup)
+    trainer.callbacks.append(timer)
+    trainer.fit(model, datamodule=data)
+    return timer.samples / (timer.end - timer.start)
+
+
+def plain_rate(config: str, overrides: list[str], steps: int, warmup: int, precision: str) -> float:
+    """The same step in a hand-written loop (no Lightning in the timed region)."""
+    from mmcap.training.optim import build_optimizer
+
+    model, data, trainer = build(config, [*overrides, "--trainer.precision", precision])
+    data.prepare_data()
+    data.setup("fit")
+    captioner = model.build_captioner(data).train()
+    if model.hparams.channels_last:
+        captioner.encoder.to(memory_format=torch.channels_last)
+    data.tokenizer = captioner.tokenizer
+    hp = model.hparams
+    optimizer, scheduler = build_optimizer(captioner, hp.lr, hp.weight_decay, hp.encoder_lr_mult, tuple(hp.betas),
+                                           hp.warmup_steps, warmup + steps, hp.min_lr_ratio)
+    clip = trainer.gradient_clip_val
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    start, samples = None, 0
+    for step, batch in enumerate(data.train_dataloader()):
+        if step == warmup:
+            start = time.perf_counter()
+        pixels = batch["pixels"]
+        if hp.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss = captioner(pixels, batch["input_ids"], batch["attention_mask"], label_smoothing=hp.label_smoothing)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(captioner.parameters(), clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if start is not None:
+            samples += pixels.shape[0]
+        if step + 1 == warmup + steps:
+            break
+    return samples / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--root", default="runs/bench_train")
+    p.add_argument("extra", nargs="*", help="more --section.key value overrides for the config")
+    args = p.parse_args()
+    overrides = [
+        "--trainer.val_check_interval", "1000000", "--trainer.limit_val_batches", "0",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.logger", "false",
+        "--trainer.default_root_dir", args.root, "--checkpoint.dirpath", f"{args.root}/checkpoints",
+        "--test_after_fit", "false", "--export_dir", "null", *args.extra,
+    ]
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    runs = {"lightning_bf16": [], "plain_bf16": [], "lightning_fp32": [], "plain_fp32": []}
+    for _ in range(args.repeats):  # interleaved, so slow phases of a shared machine hit all alike
+        for precision, tag in (("bf16-mixed", "bf16"), ("32", "fp32")):
+            runs[f"lightning_{tag}"].append(lightning_rate(args.config, overrides, args.steps, args.warmup, precision))
+            runs[f"plain_{tag}"].append(plain_rate(args.config, overrides, args.steps, args.warmup, precision))
+    best = {k: max(v) for k, v in runs.items()}
+    result = {
+        "config": args.config,
+        "timed_steps": args.steps,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1min": os.getloadavg()[0],
+        **{f"{k}_samples_per_s": round(v, 2) for k, v in best.items()},
+        "lightning_overhead_bf16_pct": round(100 * (1 - best["lightning_bf16"] / best["plain_bf16"]), 2),
+        "lightning_overhead_fp32_pct": round(100 * (1 - best["lightning_fp32"] / best["plain_fp32"]), 2),
+        "bf16_speedup": round(best["lightning_bf16"] / best["lightning_fp32"], 3),
+        "spread_pct": round(100 * max(statistics.pstdev(v) / statistics.mean(v) for v in runs.values()), 2),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The fast paths compute what the obvious ones do: fp32 captions equal a plain torchvision +
+transformers pipeline's, the lean GPT-2 decoding equals the transformers forward, and bf16 is an
+opt-in that only changes precision."""
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import CAPTIONS, tiny_config
+from PIL import Image
+from transformers import GPT2LMHeadModel
+
+import mmcap.generation as generation
+from mmcap import Captioner
+from mmcap.captioner import bf16_is_fast, compute_dtype
+from mmcap.generation import GenerationConfig, generate
+from mmcap.images import eval_transform
+
+
+@pytest.fixture
+def peaky_gpt2():
+    """A tiny random captioner with sharp distributions and loud image tokens, so that each image
+    steers its caption."""
+    torch.manual_seed(0)
+    model = Captioner.from_config(tiny_config("gpt2"), captions=CAPTIONS).eval()
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.mul_(3)
+        model.projection.norm.weight.mul_(10)
+    return model
+
+
+def naive_captions(model: Captioner, paths, **generation_kwargs) -> list[str]:
+    """The same weights run the obvious way: PIL + torchvision transforms, a torchvision ResNet
+    grid, linear projection, and transformers' `generate` with `encoder_hidden_states`."""
+    resnet = torchvision.models.get_model(model.config.encoder.arch)
+    stem = {"stem.0": "conv1", "stem.1": "bn1"}
+    state = {}
+    for key, value in model.encoder.state_dict().items():
+        head, _, rest = key.partition(".")
+        if head == "stem":
+            index, _, rest = rest.partition(".")
+            head = stem[f"stem.{index}"]
+        state[f"{head}.{rest}"] = value
+    resnet.load_state_dict(state, strict=False)
+    backbone = torch.nn.Sequential(*list(resnet.children())[:-2]).eval()
+    gpt2 = GPT2LMHeadModel(model.decoder.config).eval()
+    gpt2.load_state_dict(model.decoder.state_dict())
+    transform = eval_transform(model.config.image_size)
+    proj, tok = model.projection, model.tokenizer
+    with torch.no_grad():
+        grid = backbone(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]))
+        b, _, h, w = grid.shape
+        memory = proj.norm(F.linear(grid.flatten(2).transpose(1, 2), proj.proj.weight, proj.proj.bias))
+        memory = memory + (proj.row_embed[:h, None] + proj.col_embed[None, :w]).reshape(h * w, -1)
+        ids = gpt2.generate(input_ids=torch.full((b, 1), tok.bos_id), attention_mask=torch.ones(b, 1, dtype=torch.long),
+                            encoder_hidden_states=memory, do_sample=False, bos_token_id=tok.bos_id,
+                            eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **generation_kwargs)
+    return [tok.hf.decode(row[1:], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip() for row in ids]
+
+
+@pytest.mark.parametrize("kw", [{"num_beams": 3, "max_new_tokens": 8},
+                                {"num_beams": 3, "min_new_tokens": 6, "max_new_tokens": 6},
+                                {"max_new_tokens": 8}], ids=["beam3", "beam3-exact-length", "greedy"])
+def test_fp32_captions_equal_the_naive_pipeline(peaky_gpt2, image_files, kw):
+    ours = peaky_gpt2.caption([str(p) for p in image_files], precision="fp32", **kw)
+    assert ours == naive_captions(peaky_gpt2, image_files, **kw)
+    assert len(set(ours)) > 1  # the images really steer the captions
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_beams": 3}, {"num_beams": 4, "length_penalty": 0.5, "early_stopping": True},
+                                {"num_beams": 2, "no_repeat_ngram_size": 2, "min_new_tokens": 3}])
+def test_gpt2_path_equals_transformers_forward(peaky_gpt2, kw):
+    """The lean GPT-2 decoding against the generic one (transformers' forward with its caches)."""
+    torch.manual_seed(1)
+    memory = torch.randn(5, 4, 32) * 5
+    tok, cfg = peaky_gpt2.tokenizer, GenerationConfig.from_kwargs(max_new_tokens=10, **kw)
+    run = lambda: generate(peaky_gpt2.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg)  # noqa: E731
+    assert generation._GPT2Decoder.supports(peaky_gpt2.decoder, attentions=False)
+    lean = run()
+    original = generation._GPT2Decoder.supports
+    generation._GPT2Decoder.supports = staticmethod(lambda model, attentions: False)
+    try:
+        generic = run()
+    finally:
+        generation._GPT2Decoder.supports = original
+    assert torch.equal(lean.sequences, generic.sequences) and torch.equal(lean.lengths, generic.lengths)
+    assert len(set(lean.lengths.tolist())) > 1 or kw.get("min_new_tokens")
+    torch.testing.assert_close(lean.scores, generic.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_is_opt_in_and_close(peaky_gpt2, image_files):
+    paths = [str(p) for p in image_files]
+    fp32, s32 = peaky_gpt2.caption(paths, num_beams=3, max_new_tokens=6, return_scores=True)
+    bf16, s16 = peaky_gpt2.caption(paths, num_beams=3, max_new_tokens=6, return_scores=True, precision="bf16")
+    assert fp32 == peaky_gpt2.caption(paths, num_beams=3, max_new_tokens=6, precision="fp32")  # fp32 is the default
+    assert len(bf16) == 4 and all(isinstance(c, str) for c in bf16)
+    assert s16.dtype == torch.float32 and torch.isfinite(s16).all()
+    assert next(peaky_gpt2.parameters()).dtype == torch.float32  # autocast: the model itself is untouched
+    with pytest.raises(ValueError, match="precision"):
+        peaky_gpt2.caption(paths, precision="fp16")
+
+
+def test_precision_auto_follows_the_hardware():
+    assert compute_dtype("fp32") == torch.float32 and compute_dtype("bf16") == torch.bfloat16
+    assert compute_dtype("auto") == (torch.bfloat16 if bf16_is_fast("cpu") else torch.float32)
+    assert not bf16_is_fast("meta")
+
+
+def test_draft_decoding_changes_only_large_jpegs(peaky_gpt2, image_files, tmp_path):
+    small = [str(p) for p in image_files]
+    assert torch.equal(peaky_gpt2.preprocess(small)[0], peaky_gpt2.preprocess(small, draft=True)[0])
+    torch.manual_seed(0)
+    big = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8), size=(480, 640), mode="bilinear")[0]
+    path = tmp_path / "big.jpg"
+    Image.fromarray((big.permute(1, 2, 0) * 255).byte().numpy()).save(path, quality=95)
+    full, drafted = peaky_gpt2.preprocess(str(path))[0], peaky_gpt2.preprocess(str(path), draft=True)[0]
+    assert not torch.equal(full, drafted)
+    assert (full - drafted).abs().mean() < 0.05  # normalised units: a smooth photo looks the same
+
+
+def test_cli_precision_bf16(peaky_gpt2, image_files, tmp_path):
+    peaky_gpt2.save_pretrained(tmp_path / "m")
+    cmd = [sys.executable, "-m", "mmcap.cli", "caption", "--model", str(tmp_path / "m"), "--precision", "bf16",
+           "--max-new-tokens", "5", "--num-beams", "2", *[str(p) for p in image_files]]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.splitlines()) == len(image_files)
