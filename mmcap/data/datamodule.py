@@ -168,21 +168,19 @@ class CaptionDataModule(L.LightningDataModule):
 
     def train_captions(self, limit: Optional[int] = None) -> Iterator[str]:
         """Every training caption (images are not read): for training a tokenizer."""
-        if self.demo_dir is not None:
-            self.prepare_data()
-        urls = self._shard_urls("train")
-        if urls is None:
-            raise ValueError("no train_shards given")
-        return iter_captions(urls, limit)
+        return iter_captions(self._train_urls(), limit)
 
     def train_references(self, limit: Optional[int] = None) -> Iterator[list[str]]:
         """The references of each training image: document frequencies for SCST's CIDEr-D."""
+        return iter_references(self._train_urls(), limit)
+
+    def _train_urls(self) -> list[str]:
         if self.demo_dir is not None:
             self.prepare_data()
         urls = self._shard_urls("train")
         if urls is None:
             raise ValueError("no train_shards given")
-        return iter_references(urls, limit)
+        return urls
 
     def _eval_loader(self, split: str) -> Union[CaptionLoader, list]:
         urls = self._shard_urls(split)
