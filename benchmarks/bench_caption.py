@@ -16,11 +16,13 @@ tokens, batch 16, over JPEG photos (640x480) written here, all in one process:
   (random init), ``ViTImageProcessor`` and ``generate``: the shape of the most downloaded
   captioning checkpoint.
 
-mmcap in fp32 must give exactly the naive pipeline's captions (asserted). Systems take turns in
-every round and each keeps its best round, so a burst of load from another process on the
-machine hurts all of them alike; ``others_cpu`` reports how many cores other processes used.
-``machine_fraction`` = mmcap's FLOPs per caption (counted with torch.utils.flop_counter) x its
-captions/s / the bf16 matmul FLOP/s measured in the same run.
+mmcap in fp32 must give exactly the naive pipeline's captions (asserted; also timed, as
+``mmcap_fp32``). The systems take turns batch by batch and every batch counts with its best time
+over the rounds, so that load from other processes hits all systems alike; ``others_cpu`` says
+how many cores other processes used meanwhile (on a shared machine, trust runs where it is ~0).
+``peak_rss_mb`` is the process's peak resident memory while mmcap captions (model included),
+before the other systems are built. ``machine_fraction`` = mmcap's FLOPs per caption (counted
+with torch.utils.flop_counter) x its captions/s / the bf16 matmul FLOP/s measured in the run.
 """
 from __future__ import annotations
 
@@ -252,8 +254,6 @@ def peak_rss_mb() -> float:
 
 # ----------------------------------------------------------------------------- main benchmark
 def run(args) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     paths = [str(p) for p in make_photos(Path(tempfile.mkdtemp(prefix="mmcap-bench-")), args.n)]
     batches = [paths[i : i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
@@ -337,6 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="with --quality: test shards (glob or brace pattern)")
     p.add_argument("--num-beams", type=int, default=BEAMS, help="with --quality: beams")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.quality:
         from precision_check import quality_check

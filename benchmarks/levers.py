@@ -2,7 +2,8 @@
 
 Each row times one stage of captioning one batch (16 photos, beam 3, 20 new tokens) with the
 real-size model, best of a few repeats; rows of a group differ in one lever only. Printed as a
-table on stderr and returned as a dict.
+table on stderr and returned as a dict. Two clocks: wall time, and the CPU time of this process,
+which load from other processes barely moves when torch runs one thread (`--threads 1`).
 """
 from __future__ import annotations
 
@@ -22,14 +23,15 @@ from mmcap.generation import GenerationConfig, generate
 from mmcap.images import eval_transform, open_image
 
 
-def best_time(fn, repeats: int = 3) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def best_time(fn, repeats: int = 3) -> tuple[float, float]:
+    """Best wall and best CPU seconds of `fn` over `repeats` calls after a warm-up."""
+    fn()
+    wall = cpu = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        wall, cpu = min(wall, time.perf_counter() - w0), min(cpu, time.process_time() - c0)
+    return wall, cpu
 
 
 @contextmanager
@@ -71,11 +73,11 @@ class _StubDecoder:
 
 
 def lever_table(args, bench) -> dict:
-    rows: list[tuple[str, str, float, str]] = []
+    rows: list[tuple[str, str, float, float]] = []
 
-    def row(group, name, seconds, unit_per_batch):
-        rows.append((group, name, seconds, unit_per_batch))
-        print(f"  {group:10s} {name:58s} {seconds * 1e3:9.1f} ms  {unit_per_batch}", file=sys.stderr, flush=True)
+    def row(group, name, times):
+        rows.append((group, name, *times))
+        print(f"  {group:8s} {name:64s} {times[0]:8.3f} s wall {times[1]:8.3f} s cpu", file=sys.stderr, flush=True)
 
     import tempfile
 
@@ -100,20 +102,20 @@ def lever_table(args, bench) -> dict:
         return [transform(open_image(d, min_size=size)) for d in datas]
 
     assert all(torch.equal(a, b) for a, b in zip(pil(), tv())), "decode_jpeg should give PIL's pixels"
-    row("decode", "PIL decode + torchvision transforms", best_time(pil), "")
-    row("decode", "torchvision.io.decode_jpeg (same pixels)", best_time(tv), "")
-    row("decode", "PIL draft (DCT-domain downscale to >= 224 px)", best_time(draft), "")
+    row("decode", "PIL decode + torchvision transforms", best_time(pil))
+    row("decode", "torchvision.io.decode_jpeg (same pixels)", best_time(tv))
+    row("decode", "PIL draft (DCT-domain downscale to >= 224 px)", best_time(draft))
 
     # --- encoder: pixels -> image tokens
     pixels = torch.stack(pil())
     cl = pixels.contiguous(memory_format=torch.channels_last)
     enc_cl = copy.deepcopy(model.encoder).to(memory_format=torch.channels_last)
     with torch.no_grad():
-        row("encoder", "fp32 NCHW", best_time(lambda: model.encoder(pixels)), "")
-        row("encoder", "fp32 channels_last", best_time(lambda: enc_cl(cl)), "")
+        row("encoder", "fp32 NCHW", best_time(lambda: model.encoder(pixels)))
+        row("encoder", "fp32 channels_last", best_time(lambda: enc_cl(cl)))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            row("encoder", "bf16 autocast, channels_last input (mmcap bf16)", best_time(lambda: model.encoder(cl)), "")
-            row("encoder", "bf16 autocast, channels_last input and weights", best_time(lambda: enc_cl(cl)), "")
+            row("encoder", "bf16 autocast, channels_last input (mmcap bf16)", best_time(lambda: model.encoder(cl)))
+            row("encoder", "bf16 autocast, channels_last input and weights", best_time(lambda: enc_cl(cl)))
         memory = model.encode(pixels)
 
     # --- decoder: image tokens -> 16 x beam 3 x 20 tokens
@@ -135,42 +137,42 @@ def lever_table(args, bench) -> dict:
         return run
 
     with torch.no_grad():
-        row("decoder", "transformers generate, fp32 (naive)", best_time(hf_generate, 1), "")
+        row("decoder", "transformers generate, fp32 (naive)", best_time(hf_generate, 1))
         try:
-            row("decoder", "transformers generate + StaticCache, fp32", best_time(lambda: hf_generate(cache_implementation="static"), 1), "")
+            row("decoder", "transformers generate + StaticCache, fp32", best_time(lambda: hf_generate(cache_implementation="static"), 1))
         except Exception as e:  # noqa: BLE001 - a lever that does not apply is reported, not fatal
             print(f"  decoder    transformers StaticCache: not usable here ({type(e).__name__}: {str(e)[:80]})", file=sys.stderr)
         with patched(generation._GPT2Decoder, "supports", staticmethod(lambda m, a: False)):
-            row("decoder", "mmcap, transformers forward: 1 pass/image, K/V once, fp32", best_time(ours, 1), "")
-            row("decoder", "  + bf16 autocast", best_time(bf16(ours), 2), "")
-        row("decoder", "mmcap GPT-2 path (preallocated cache, shared image K/V), fp32", best_time(ours, 1), "")
-        row("decoder", "  + bf16 autocast (mmcap bf16)", best_time(bf16(ours)), "")
+            row("decoder", "mmcap, transformers forward: 1 pass/image, K/V once, fp32", best_time(ours, 1))
+            row("decoder", "  + bf16 autocast", best_time(bf16(ours), 2))
+        row("decoder", "mmcap GPT-2 path (preallocated cache, shared image K/V), fp32", best_time(ours, 1))
+        row("decoder", "  + bf16 autocast (mmcap bf16)", best_time(bf16(ours)))
         with patched(generation, "_attend", _sdpa):
-            row("decoder", "  bf16, fused SDPA kernel instead of matmul attention", best_time(bf16(ours)), "")
+            row("decoder", "  bf16, fused SDPA kernel instead of matmul attention", best_time(bf16(ours)))
         with patched(generation, "_GPT2Decoder", _UnfusedGelu):
-            row("decoder", "  bf16, transformers' gelu_new instead of fused gelu", best_time(bf16(ours)), "")
+            row("decoder", "  bf16, transformers' gelu_new instead of fused gelu", best_time(bf16(ours)))
         dec16 = copy.deepcopy(model.decoder).to(torch.bfloat16)
-        row("decoder", "  bf16 weights instead of autocast", best_time(lambda: ours(dec16, memory.bfloat16())), "")
+        row("decoder", "  bf16 weights instead of autocast", best_time(lambda: ours(dec16, memory.bfloat16())))
         del dec16
 
         # beam search bookkeeping alone: a decoder that answers instantly
         logits = torch.randn(b * 3, len(tok))
         stub = lambda: generation._beam_search(_StubDecoder(logits, memory), b, tok.bos_id, tok.eos_id, tok.pad_id, gen)  # noqa: E731
-        row("decoder", "beam search bookkeeping only (stub decoder), 20 steps", best_time(stub), "")
+        row("decoder", "beam search bookkeeping only (stub decoder), 20 steps", best_time(stub))
 
     # --- end to end: files -> strings
     caption = lambda **kw: model.caption(paths, batch_size=n, precision="auto", **bench.GENERATION, **kw)  # noqa: E731
     threads = torch.get_num_threads()
-    row("end2end", f"mmcap auto precision, {threads} threads", best_time(caption, 2), "")
+    row("end2end", f"mmcap auto precision, {threads} threads", best_time(caption, 2))
     if threads > 1:
         torch.set_num_threads(1)
-        row("end2end", "mmcap auto precision, 1 thread", best_time(caption, 1), "")
+        row("end2end", "mmcap auto precision, 1 thread", best_time(caption, 1))
         torch.set_num_threads(threads)
-    row("end2end", "mmcap, decode overlapped in a DataLoader worker", best_time(lambda: _overlapped(model, paths, args.batch_size), 2), "")
+    row("end2end", "mmcap, decode overlapped in a DataLoader worker", best_time(lambda: _overlapped(model, paths, args.batch_size), 2))
 
     if args.compile:
         _compile_rows(model, memory, cl, ours, bf16, row)
-    return {f"{g}: {name.strip()}": round(s * 1e3, 1) for g, name, s, _ in rows}
+    return {f"{g}: {name.strip()}": {"wall_s": round(w, 3), "cpu_s": round(c, 3)} for g, name, w, c in rows}
 
 
 def _tv_transform(transform, uint8_chw):
@@ -209,10 +211,10 @@ def _compile_rows(model, memory, cl, ours, bf16, row):
         t0 = time.perf_counter()
         encoder(cl)
         print(f"  (encoder compile: {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-        row("compile", "encoder bf16 channels_last, torch.compile", best_time(lambda: encoder(cl)), "")
+        row("compile", "encoder bf16 channels_last, torch.compile", best_time(lambda: encoder(cl)))
     step = torch.compile(generation._GPT2Decoder.__call__, dynamic=True)
     with torch.no_grad(), patched(generation._GPT2Decoder, "__call__", step):
         t0 = time.perf_counter()
         bf16(ours)()
         print(f"  (decoder compile: {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-        row("compile", "mmcap GPT-2 path bf16, torch.compile'd step", best_time(bf16(ours)), "")
+        row("compile", "mmcap GPT-2 path bf16, torch.compile'd step", best_time(bf16(ours)))
