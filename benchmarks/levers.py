@@ -48,12 +48,6 @@ def _sdpa(q, keys_t, values, scale):
     return F.scaled_dot_product_attention(q, keys_t.transpose(-1, -2), values, scale=scale)
 
 
-class _UnfusedGelu(generation._GPT2Decoder):
-    def __init__(self, model, memory, max_len):
-        super().__init__(model, memory, max_len)
-        self.act = model.transformer.h[0].mlp.act  # transformers' gelu_new: seven elementwise kernels
-
-
 class _StubDecoder:
     """Returns fixed logits instantly: what is left is the beam search's own bookkeeping."""
 
@@ -149,8 +143,6 @@ def lever_table(args, bench) -> dict:
         row("decoder", "  + bf16 autocast (mmcap bf16)", best_time(bf16(ours)))
         with patched(generation, "_attend", _sdpa):
             row("decoder", "  bf16, fused SDPA kernel instead of matmul attention", best_time(bf16(ours)))
-        with patched(generation, "_GPT2Decoder", _UnfusedGelu):
-            row("decoder", "  bf16, transformers' gelu_new instead of fused gelu", best_time(bf16(ours)))
         dec16 = copy.deepcopy(model.decoder).to(torch.bfloat16)
         row("decoder", "  bf16 weights instead of autocast", best_time(lambda: ours(dec16, memory.bfloat16())))
         del dec16

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, fields
-from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -112,9 +111,6 @@ class _GPT2Decoder:
         self.width, self.heads = cfg.hidden_size, cfg.num_attention_heads
         self.memory, self.max_len = memory, max_len
         self.t, self.group = 0, 1  # tokens fed so far; consecutive rows (beams) per image
-        # gelu_new is the tanh approximation written out in Python; F.gelu fuses it into one kernel
-        tanh_gelu = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
-        self.act = partial(F.gelu, approximate="tanh") if tanh_gelu else self.body.h[0].mlp.act
         # self-attention cache, preallocated: keys [layers, rows, heads, head_dim, max_len] (stored
         # transposed, so q @ keys needs no copy) and values [layers, rows, heads, max_len, head_dim]
         self.keys: Optional[torch.Tensor] = None
@@ -154,7 +150,7 @@ class _GPT2Decoder:
             q = cross.q_attn(block.ln_cross_attn(x)).view(n // self.group, self.group, h, -1).transpose(1, 2)
             y = _attend(q, *self.cross[i], cross.scaling)
             x = x + cross.c_proj(y.transpose(1, 2).reshape(n, w))
-            x = x + mlp.c_proj(self.act(mlp.c_fc(block.ln_2(x))))
+            x = x + mlp(block.ln_2(x))
         self.t += 1
         return self.model.lm_head(body.ln_f(x)).float(), None
 
