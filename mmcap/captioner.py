@@ -112,7 +112,11 @@ class Captioner(nn.Module):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image tokens [B, H*W, D] for normalised pixels [B, 3, S, S]."""
-        return self.projection(self.encoder(pixels))
+        return self.project(self.encoder(pixels))
+
+    def project(self, grid: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, H*W, D] for encoder grids [B, C, H, W] (e.g. precomputed `mmcap.features`)."""
+        return self.projection(grid)
 
     def grid_shape(self, pixels: torch.Tensor) -> tuple[int, int]:
         h, w = pixels.shape[-2:]
@@ -126,10 +130,12 @@ class Captioner(nn.Module):
         logp = F.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
         return logp * attention_mask[:, 1:]
 
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                label_smoothing: float = 0.0) -> torch.Tensor:
-        """Teacher-forced cross-entropy per target token, padding ignored."""
-        memory = self.encode(pixels)
+    def forward(self, pixels: Optional[torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                label_smoothing: float = 0.0, memory: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Teacher-forced cross-entropy per target token, padding ignored. `memory` (image tokens
+        from `encode` or `project`) replaces `pixels` when given."""
+        if memory is None:
+            memory = self.encode(pixels)
         logits = self.decoder(
             input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], encoder_hidden_states=memory
         ).logits
@@ -139,16 +145,18 @@ class Captioner(nn.Module):
             label_smoothing=label_smoothing,
         )
 
-    def generate(self, pixels: torch.Tensor, output_attentions: bool = False, precision: str = "fp32",
-                 **generation_kwargs) -> GenerationOutput:
-        """Decode normalised pixels [B,3,S,S]; `precision` and the generation options as in `caption`."""
+    def generate(self, pixels: Optional[torch.Tensor], output_attentions: bool = False, precision: str = "fp32",
+                 memory: Optional[torch.Tensor] = None, **generation_kwargs) -> GenerationOutput:
+        """Decode normalised pixels [B,3,S,S] (or image tokens `memory`); `precision` and the
+        generation options as in `caption`."""
         cfg = GenerationConfig.from_kwargs(**generation_kwargs)
         dtype = compute_dtype(precision, self.device)
         with self._computing_in(dtype):
-            if dtype != torch.float32:
-                # channels-last convolutions are the fast ones in oneDNN/cuDNN for reduced precision
-                pixels = pixels.contiguous(memory_format=torch.channels_last)
-            memory = self.encode(pixels.to(self.device, next(self.encoder.parameters()).dtype))
+            if memory is None:
+                if dtype != torch.float32:
+                    # channels-last convolutions are the fast ones in oneDNN/cuDNN for reduced precision
+                    pixels = pixels.contiguous(memory_format=torch.channels_last)
+                memory = self.encode(pixels.to(self.device, next(self.encoder.parameters()).dtype))
             tok = self.tokenizer
             return generate(self.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions)
 

@@ -15,6 +15,7 @@ commands:
   eval       caption metrics of a saved model on shards
   export     write a save_pretrained directory from a Lightning checkpoint
   shards     write webdataset shards from COCO, CSV/JSONL or a folder
+  features   precompute a frozen encoder's grid features into shards (train the decoder fast)
   data       make datasets (`mmcap data demo --out data/demo`)
 """
 
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from .data.cli import shards_main
 
         return shards_main(rest)
+    if cmd == "features":
+        from .data.cli import features_main
+
+        return features_main(rest)
     if cmd == "data":
         from .data.cli import data_main
 

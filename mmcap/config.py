@@ -129,7 +129,12 @@ class CaptionerConfig:
         if "model" in data and isinstance(data["model"], dict):
             # a training recipe (configs/*.yaml): keep the model part, drop optimisation options
             model = data["model"].get("init_args", data["model"])
+            loader = data.get("data") if isinstance(data.get("data"), dict) else {}
+            loader = loader.get("init_args", loader)
             data = {k: v for k, v in model.items() if k in {f.name for f in dataclasses.fields(cls)}}
+            for name in ("image_size", "max_caption_tokens"):  # the CLI links these from data.*
+                if name not in data and name in loader:
+                    data[name] = loader[name]
         return cls.from_dict(data)
 
 

@@ -9,7 +9,7 @@ so the gradient flows through one ordinary forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Literal, Optional, Sequence
 
 import torch
 
@@ -45,11 +45,12 @@ def cider_rewards(scorer: CiderD, captions: Sequence[str], references: Sequence[
     return torch.as_tensor(scorer.score(cands, refs), dtype=torch.float32)
 
 
-def self_critical_loss(model, pixels: torch.Tensor, references: Sequence[Sequence[str]], scorer: CiderD,
-                       cfg: SCSTConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """SCST loss for one batch of images and their reference captions."""
+def self_critical_loss(model, pixels: Optional[torch.Tensor], references: Sequence[Sequence[str]], scorer: CiderD,
+                       cfg: SCSTConfig, memory: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """SCST loss for one batch of images (or their image tokens `memory`) and their reference captions."""
     tok, k = model.tokenizer, cfg.num_samples
-    memory = model.encode(pixels)
+    if memory is None:
+        memory = model.encode(pixels)
     sampling = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
                                 top_k=cfg.top_k)
     was_training = model.training
@@ -71,10 +72,10 @@ def self_critical_loss(model, pixels: torch.Tensor, references: Sequence[Sequenc
         baseline = cider_rewards(scorer, greedy_texts, references)[:, None].expand(-1, k)
     else:
         baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
-    advantage = (rewards - baseline).view(-1).to(pixels.device)
+    advantage = (rewards - baseline).view(-1).to(memory.device)
 
     # teacher-forced log p(sample | image), with gradients
-    ids = torch.cat([torch.full((len(refs_k), 1), tok.bos_id, device=pixels.device), samples.sequences], 1)
+    ids = torch.cat([torch.full((len(refs_k), 1), tok.bos_id, device=memory.device), samples.sequences], 1)
     mask = (torch.arange(ids.shape[1], device=ids.device)[None] <= samples.lengths[:, None]).long()
     log_probs = model.token_log_probs(memory.repeat_interleave(k, 0), ids, mask).sum(1)
     loss = -(advantage * log_probs).mean()

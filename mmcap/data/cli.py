@@ -1,4 +1,5 @@
-"""`mmcap shards ...` (write shards from COCO, Karpathy splits, tables, folders) and `mmcap data demo`."""
+"""`mmcap shards ...` (write shards from COCO, Karpathy splits, tables, folders), `mmcap features`
+(precomputed encoder grids) and `mmcap data demo`."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,48 @@ def shards_main(argv: list[str]) -> int:
         total.skipped.update(summary.skipped)
     print(f"total: {total}")
     return 0 if total.samples else 1
+
+
+def features_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="mmcap features",
+        description="Run a frozen encoder over shards once and store its grid features as shards "
+                    "(KEY.feat.npy + KEY.json), to train the projection and decoder without images: "
+                    "mmcap fit ... --data.features_dir OUT",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="DIR", help="take the encoder of this save_pretrained directory")
+    src.add_argument("--config", metavar="YAML",
+                     help="a model or recipe YAML: its encoder (e.g. ImageNet weights) and image size")
+    p.add_argument("--data", required=True, nargs="+", metavar="SHARDS",
+                   help="image shards: brace patterns, globs, or several paths")
+    p.add_argument("--out", required=True, metavar="DIR", help="features directory; shards named {split}-%%06d.tar")
+    p.add_argument("--split", default="train", help="split name of these shards (default train)")
+    p.add_argument("--image-size", "--image_size", type=int, default=None,
+                   help="resolution (default: the model's or config's image_size)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="storage type of the grids (float16/bfloat16 halve the size)")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=64)
+    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from ..features import encoder_for_features, extract_features
+
+    start = time.perf_counter()
+    try:
+        encoder, image_size = encoder_for_features(model_dir=args.model, config=args.config)
+        summary = extract_features(encoder, args.data, args.out, split=args.split,
+                                   image_size=args.image_size or image_size, batch_size=args.batch_size,
+                                   dtype=args.dtype, maxcount=args.maxcount, device=args.device,
+                                   progress=not args.quiet)
+    except (OSError, ValueError) as e:
+        print(f"mmcap features: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.split}: {summary} in {time.perf_counter() - start:.1f} s")
+    return 0 if summary.samples else 1
 
 
 def _source_splits(args: argparse.Namespace) -> dict:

@@ -83,27 +83,34 @@ class CaptionDataModule(L.LightningDataModule):
         samples_per_epoch: Optional[int] = None,
         max_caption_tokens: int = 40,
         hflip: bool = False,
+        augment: bool = True,
         seed: int = 0,
         demo_dir: Optional[str] = None,
+        features_dir: Optional[str] = None,
     ):
         """Shard patterns: brace ranges, globs, lists, URLs (see `shardlist.resolve_shards`).
 
         With `demo_dir` set, the demo dataset is generated there if it is not complete yet, and
         any shard pattern left unset defaults to the demo's split (`demo_dir/train-*.tar`, ...).
+        `features_dir` (made by `mmcap features`) trains from precomputed encoder grids: unset
+        patterns default to its splits, and the model takes its frozen encoder from there.
+        `augment=False` trains on the evaluation view of each image (no random crop), which is
+        what features hold.
         """
         super().__init__()
         self.save_hyperparameters()
-        if demo_dir is not None:
-            train_shards = train_shards or f"{demo_dir}/train-*.tar"
-            val_shards = val_shards or f"{demo_dir}/val-*.tar"
-            test_shards = test_shards or f"{demo_dir}/test-*.tar"
+        for default_dir in (features_dir, demo_dir):
+            if default_dir is not None:
+                train_shards = train_shards or f"{default_dir}/train-*.tar"
+                val_shards = val_shards or f"{default_dir}/val-*.tar"
+                test_shards = test_shards or f"{default_dir}/test-*.tar"
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
         self.image_size, self.batch_size = image_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.resampled, self.samples_per_epoch = resampled, samples_per_epoch
-        self.max_caption_tokens, self.hflip, self.seed = max_caption_tokens, hflip, seed
-        self.demo_dir = demo_dir
+        self.max_caption_tokens, self.hflip, self.augment, self.seed = max_caption_tokens, hflip, augment, seed
+        self.demo_dir, self.features_dir = demo_dir, features_dir
         if samples_per_epoch is not None and not resampled:
             log.warning("samples_per_epoch only applies with resampled=True; an epoch reads every shard once")
         # A picklable `tokenizer(captions, max_tokens) -> {"input_ids", "attention_mask"}`; when
@@ -141,6 +148,7 @@ class CaptionDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             image_size=self.image_size,
             hflip=self.hflip,
+            augment=self.augment,
             shuffle_buffer=self.shuffle_buffer,
             resampled=self.resampled,
             seed=self.seed,

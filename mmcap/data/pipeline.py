@@ -9,13 +9,14 @@ Train (one chain per DataLoader worker, open_clip style):
 Eval: samples in shard order, every sample in exactly one batch on exactly one rank, every rank
 the same number of batches (see `eval_chunks`).
 
-A batch is a dict: `pixels` float[B,3,S,S]; `captions` list[str] (train: one reference chosen at
+A batch is a dict: `pixels` float[B,3,S,S] (or, from `mmcap features` shards, `features`
+float[B,C,h,w] instead); `captions` list[str] (train: one reference chosen at
 random; eval: the first); `references` list[list[str]]; `keys` list[str]; `skipped` {reason:
 count} for samples this worker dropped since its previous batch; and, when a tokenizer is given,
 `input_ids` / `attention_mask` long[B,T] for `captions`.
 
 Skip reasons: missing_image, missing_caption, empty_caption, non_utf8, bad_json, empty_file,
-unreadable_image, too_large (bytes or pixels); shard-level: truncated_shard, unreadable_shard,
+unreadable_image, too_large (bytes or pixels), bad_features; shard-level: truncated_shard, unreadable_shard,
 unopenable_shard, duplicate_member, read_error.
 """
 from __future__ import annotations
@@ -38,9 +39,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..features import features_from_bytes
 from ..images import ImageError, eval_transform, open_image, train_transform
 from .shardlist import CAPTION_MEMBERS, SAMPLE_MEMBERS, ShardSpec, ends_cleanly, resolve_shards, wanted_member
-from .shards import IMAGE_MEMBERS, clean_caption
+from .shards import FEATURE_MEMBER, IMAGE_MEMBERS, clean_caption
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,9 @@ class Skip(Exception):
 @dataclass
 class Example:
     key: str
-    image: Image.Image  # RGB, upright
+    image: Optional[Image.Image]  # RGB, upright; None for a features sample
     captions: list[str]  # all references, in their stored order
+    features: Optional[torch.Tensor] = None  # a precomputed encoder grid [C, h, w] (`mmcap.features`)
 
 
 def truncate(text: str, max_chars: int) -> str:
@@ -114,11 +117,18 @@ def decode_sample(
     max_caption_chars: int = MAX_CAPTION_CHARS,
     max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> Example:
-    """Image and captions of a raw webdataset sample (member bytes by extension), or `Skip`.
+    """Image (or precomputed features) and captions of a raw webdataset sample (member bytes by
+    extension), or `Skip`.
 
     Captions are checked first: they are cheap and rule out a sample before its image is decoded.
     """
     key = str(raw.get("__key__", "?"))
+    if FEATURE_MEMBER in raw:
+        captions = read_captions(raw, max_caption_chars)
+        try:
+            return Example(key, None, captions, features_from_bytes(bytes(raw[FEATURE_MEMBER]), key))
+        except ValueError as e:
+            raise Skip("bad_features", str(e)) from None
     ext = next((e for e in IMAGE_MEMBERS if e in raw), None)
     if ext is None:
         raise Skip("missing_image")
@@ -142,11 +152,14 @@ def try_decode(raw: dict, **kw) -> Union[Example, str]:
 
 
 def to_item(example: Example, transform: Callable, rng: Optional[random.Random] = None) -> dict:
-    """What collate needs from one example: pixels, the caption to train on, all references."""
+    """What collate needs from one example: pixels (or features), the caption to train on, all references."""
     caption = rng.choice(example.captions) if rng is not None else example.captions[0]
+    item = {"caption": caption, "references": example.captions, "key": example.key}
+    if example.features is not None:
+        return {"features": example.features, **item}
     with one_torch_thread():
         pixels = transform(example.image)
-    return {"pixels": pixels, "caption": caption, "references": example.captions, "key": example.key}
+    return {"pixels": pixels, **item}
 
 
 @contextmanager
@@ -201,10 +214,15 @@ class Collate:
     def __call__(self, items: list[dict]) -> dict:
         s = self.image_size
         captions = [it["caption"] for it in items]
+        kinds = {"features" if "features" in it else "pixels" for it in items}
+        if len(kinds) > 1:
+            raise ValueError(f"a batch mixes image and features samples ({[it['key'] for it in items][:4]}...): "
+                             "train either from images or from one `mmcap features` directory")
+        kind = kinds.pop() if kinds else "pixels"
         with one_torch_thread():
-            pixels = torch.stack([it["pixels"] for it in items]) if items else torch.empty(0, 3, s, s)
+            inputs = torch.stack([it[kind] for it in items]) if items else torch.empty(0, 3, s, s)
         batch = {
-            "pixels": pixels,
+            kind: inputs,
             "captions": captions,
             "references": [it["references"] for it in items],
             "keys": [it["key"] for it in items],
@@ -347,6 +365,7 @@ class TrainStream(IterableDataset):
         batch_size: int,
         image_size: int = 224,
         hflip: bool = False,
+        augment: bool = True,
         shuffle_buffer: int = 1000,
         resampled: bool = False,
         seed: int = 0,
@@ -359,7 +378,7 @@ class TrainStream(IterableDataset):
     ):
         super().__init__()
         self.shards = list(shards)
-        self.batch_size, self.image_size, self.hflip = batch_size, image_size, hflip
+        self.batch_size, self.image_size, self.hflip, self.augment = batch_size, image_size, hflip, augment
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
         self.rank, self.world_size = rank, world_size
         self.counts = list(counts) if counts is not None else None
@@ -381,7 +400,7 @@ class TrainStream(IterableDataset):
         skips = SkipCounter()
         rng = random.Random(_seed(self.seed, self.epoch, reader, "captions"))
         collate = Collate(skips, self.image_size, self.tokenizer, self.max_caption_tokens)
-        transform = train_transform(self.image_size, hflip=self.hflip)
+        transform = train_transform(self.image_size, hflip=self.hflip) if self.augment else eval_transform(self.image_size)
         to_example = partial(decode_sample, min_image_size=self.image_size, max_caption_chars=self.max_caption_chars)
         to_batch_item = partial(to_item, transform=transform, rng=rng)
 

@@ -21,13 +21,13 @@ import braceexpand
 from webdataset import gopen
 from webdataset.tariterators import base_plus_ext
 
-from .shards import IMAGE_MEMBERS, indexed_count
+from .shards import FEATURE_MEMBER, IMAGE_MEMBERS, indexed_count
 
 log = logging.getLogger(__name__)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 CAPTION_MEMBERS = ("txt", "json")
-SAMPLE_MEMBERS = frozenset(IMAGE_MEMBERS + CAPTION_MEMBERS)  # everything else in a shard is ignored
+SAMPLE_MEMBERS = frozenset(IMAGE_MEMBERS + CAPTION_MEMBERS + (FEATURE_MEMBER,))  # everything else in a shard is ignored
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # what webdataset's tar iterator skips
 
 ShardSpec = Union[str, Sequence[str]]

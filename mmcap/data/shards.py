@@ -35,6 +35,7 @@ from ..images import ImageError, open_image
 log = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+FEATURE_MEMBER = "feat.npy"  # a precomputed encoder grid (`mmcap features`) in place of the image
 INDEX_NAME = "shards.json"
 INDEX_FORMAT = "mmcap-shards/1"
 TAR_MTIME = 0  # fixed member times make shards byte-for-byte reproducible
@@ -161,17 +162,36 @@ def write_shards(
     """
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
-    out_dir = Path(out_pattern % 0).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = WriteSummary()
-    keys = UniqueKeys()
-    shard: Optional[_ShardFile] = None
     total = len(samples) if hasattr(samples, "__len__") else None
     jobs = ((s, resize_max) for s in samples)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(_encode_job, jobs, chunksize=8) if pool else map(_encode_job, jobs)
-        for key, members in tqdm(results, total=total, unit="img", disable=not progress, desc="shards"):
+        return write_member_shards(results, out_pattern, maxcount, maxsize, progress=progress, total=total)
+    finally:
+        if pool:
+            pool.terminate()
+
+
+def write_member_shards(
+    items: Iterable[tuple[str, Union[dict, str]]],
+    out_pattern: str,
+    maxcount: int = 1000,
+    maxsize: Optional[int] = None,
+    *,
+    progress: bool = True,
+    total: Optional[int] = None,
+) -> WriteSummary:
+    """Write ready-made samples, `(key, {extension: bytes})` or `(key, skip reason)`, into shards
+    named `out_pattern % index`; each shard appears under its final name only when complete."""
+    if maxcount < 1:
+        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+    Path(out_pattern % 0).parent.mkdir(parents=True, exist_ok=True)
+    summary = WriteSummary()
+    keys = UniqueKeys()
+    shard: Optional[_ShardFile] = None
+    try:
+        for key, members in tqdm(items, total=total, unit="sample", disable=not progress, desc="shards"):
             if isinstance(members, str):
                 summary.skipped[members] += 1
                 log.info("skipped %s: %s", key, members)
@@ -187,8 +207,6 @@ def write_shards(
         if shard is not None:
             summary.shards.append(shard.close())
     finally:
-        if pool:
-            pool.terminate()
         if shard is not None and not shard.closed:
             shard.abort()
     _warn_about_leftovers(out_pattern, len(summary.shards))

@@ -167,6 +167,9 @@ def eval_main(argv: list[str]) -> int:
     batch: list = []
 
     def flush() -> None:
+        if any(ex.image is None for ex in batch):
+            raise ValueError(f"{batch[0].key}: mmcap eval reads image shards; these hold precomputed features "
+                             "(evaluate the model on the image shards they were made from)")
         pixels = torch.stack([transform(ex.image) for ex in batch]).to(args.device)
         captions = model.caption(pixels, batch_size=len(batch), **generation_kwargs(args))
         for ex, caption in zip(batch, captions):

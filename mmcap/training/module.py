@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import tempfile
 import time
@@ -26,6 +27,8 @@ from ..generation import GenerationConfig
 from ..scst import SCSTConfig, reward_scorer, self_critical_loss
 from ..tokenizer import CaptionTokenizer
 from .optim import build_optimizer
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "mmcap"  # checkpoint entry with the model config and tokenizer files (plain types)
 
@@ -120,14 +123,20 @@ class CaptionModule(L.LightningModule):
         self._eval_outputs: list[tuple[str, str, list[str]]] = []
         self._eval_loss = torch.zeros(2)
         self._grid: list[tuple[torch.Tensor, str, list[str]]] = []
+        self._features_dir: Optional[str] = None  # training from precomputed encoder grids
 
     # ------------------------------------------------------------------ building the model
     def setup(self, stage: str) -> None:
         """Build the captioner for training; evaluation waits for a checkpoint (see `_require_model`)."""
+        datamodule = self.trainer.datamodule
+        self._features_dir = getattr(datamodule, "features_dir", None)
         if self.captioner is None and stage == "fit":
-            self.set_captioner(self.build_captioner(self.trainer.datamodule))
+            captioner = self.build_captioner(datamodule)
+            if self._features_dir is not None:
+                use_feature_encoder(captioner, self._features_dir)
+            self.set_captioner(captioner)
         elif self.captioner is not None:
-            self._share_tokenizer()
+            self.set_captioner(self.captioner)
         if stage == "fit" and self.scst is not None and self._reward_scorer is None:
             datamodule = self.trainer.datamodule
             if datamodule is None or not hasattr(datamodule, "train_references"):
@@ -155,6 +164,8 @@ class CaptionModule(L.LightningModule):
         """Use `captioner` (e.g. one built in Python) and hand its tokenizer to the datamodule."""
         if self.hparams.channels_last:
             captioner.encoder.to(memory_format=torch.channels_last)
+        if self._features_dir is not None:  # the encoder never runs: keep it out of optimizer and DDP
+            captioner.encoder.set_freeze("all")
         self.captioner = captioner
         self._share_tokenizer()
 
@@ -209,7 +220,7 @@ class CaptionModule(L.LightningModule):
         return self.global_step < self.hparams.freeze_encoder_steps
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        pixels = self._pixels(batch)
+        pixels, memory = self._inputs(batch)
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         with contextlib.ExitStack() as stack:
             if self.encoder_frozen:
@@ -218,17 +229,18 @@ class CaptionModule(L.LightningModule):
                 stack.enter_context(self._token_dropout(self.hparams.token_dropout))
             if self.scst is not None:
                 loss, stats = self_critical_loss(self.captioner, pixels, batch["references"], self._reward_scorer,
-                                                 self.scst)
+                                                 self.scst, memory=memory)
                 for name, value in stats.items():
-                    self.log(f"train/scst_{name}", value, batch_size=pixels.shape[0])
+                    self.log(f"train/scst_{name}", value, batch_size=len(batch["keys"]))
             else:
-                loss = self.captioner(pixels, input_ids, attention_mask, label_smoothing=self.hparams.label_smoothing)
+                loss = self.captioner(pixels, input_ids, attention_mask, label_smoothing=self.hparams.label_smoothing,
+                                      memory=memory)
         if self.encoder_frozen and self.trainer.world_size > 1:
             # DDP expects a gradient for every parameter it registered: give the encoder zeros
             # (dropped again in on_before_optimizer_step).
             loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.captioner.encoder.parameters() if p.requires_grad)
         self._nonfinite_loss = self._nonfinite_loss.to(loss.device) | ~torch.isfinite(loss.detach())
-        n = pixels.shape[0]
+        n = len(batch["keys"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self._log_data_skips(batch)
         for group in self.trainer.optimizers[0].param_groups:
@@ -307,7 +319,7 @@ class CaptionModule(L.LightningModule):
         if self._last_step_time is not None:
             dt = now - self._last_step_time
             world = self.trainer.world_size
-            n = batch["pixels"].shape[0]
+            n = len(batch["keys"])
             self.log("train/samples_per_s", n * world / dt, on_step=True, on_epoch=False, batch_size=n)
             tokens = batch["attention_mask"][:, 1:].sum().float()  # predicted tokens
             self.log("train/tokens_per_s", tokens * world / dt, on_step=True, on_epoch=False, batch_size=n)
@@ -321,14 +333,20 @@ class CaptionModule(L.LightningModule):
         if not skipped and not self._skipped:
             return
         self._skipped.update({k: int(v) for k, v in skipped.items()})
-        n = batch["pixels"].shape[0]
+        n = len(batch["keys"])
         self.log("data/skipped", float(sum(self._skipped.values())), on_step=True, on_epoch=False, batch_size=n)
         for reason, count in self._skipped.items():
             self.log(f"data/skipped_{reason}", float(count), on_step=True, on_epoch=False, batch_size=n)
 
-    def _pixels(self, batch: dict) -> torch.Tensor:
+    def _inputs(self, batch: dict) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(pixels, None) for an image batch; (None, image tokens) for a batch of precomputed grids."""
+        if "features" in batch:
+            if self._features_dir is None:
+                raise ValueError("this batch holds precomputed features: set data.features_dir to the "
+                                 "`mmcap features` directory, so that the model uses the encoder that made them")
+            return None, self.captioner.project(batch["features"])
         pixels = batch["pixels"]
-        return pixels.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else pixels
+        return (pixels.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else pixels), None
 
     # ------------------------------------------------------------------ evaluation
     def on_validation_start(self) -> None:
@@ -343,9 +361,9 @@ class CaptionModule(L.LightningModule):
     on_test_epoch_start = on_validation_epoch_start
 
     @torch.no_grad()
-    def generate_captions(self, pixels: torch.Tensor) -> list[str]:
-        out = self.captioner.generate(pixels, **dataclasses.asdict(self.generation))
-        return [self.captioner.tokenizer.decode(out.sequences[i, : out.lengths[i]]) for i in range(len(pixels))]
+    def generate_captions(self, pixels: Optional[torch.Tensor], memory: Optional[torch.Tensor] = None) -> list[str]:
+        out = self.captioner.generate(pixels, memory=memory, **dataclasses.asdict(self.generation))
+        return [self.captioner.tokenizer.decode(out.sequences[i, : out.lengths[i]]) for i in range(len(out.lengths))]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -358,14 +376,15 @@ class CaptionModule(L.LightningModule):
         self._skipped.update({f"{stage}_{k}": int(v) for k, v in skipped.items()})
         if not batch["keys"]:  # every sample of this batch was unusable (the batch keeps ranks in step)
             return
-        pixels = self._pixels(batch)
+        pixels, memory = self._inputs(batch)
+        n = len(batch["keys"])
         if "input_ids" in batch:
-            loss = self.captioner(pixels, batch["input_ids"], batch["attention_mask"])
-            self._eval_loss += torch.stack([loss.detach().float() * len(pixels), loss.new_tensor(float(len(pixels)))])
-        captions = self.generate_captions(pixels)
+            loss = self.captioner(pixels, batch["input_ids"], batch["attention_mask"], memory=memory)
+            self._eval_loss += torch.stack([loss.detach().float() * n, loss.new_tensor(float(n))])
+        captions = self.generate_captions(pixels, memory)
         self._eval_outputs += list(zip(batch["keys"], captions, batch["references"]))
         room = self.hparams.grid_images - len(self._grid)
-        if room > 0 and self.global_rank == 0:
+        if room > 0 and self.global_rank == 0 and pixels is not None:
             self._grid += list(zip(batch["pixels"][:room].cpu(), captions, batch["references"]))[:room]
 
     def on_validation_epoch_end(self) -> None:
@@ -377,7 +396,7 @@ class CaptionModule(L.LightningModule):
         self._log_metrics("test", meteor=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, str]]:
-        captions = self.generate_captions(self._pixels(batch))
+        captions = self.generate_captions(*self._inputs(batch))
         return [{"key": k, "caption": c} for k, c in zip(batch["keys"], captions)]
 
     def _log_metrics(self, stage: str, meteor: bool) -> None:
@@ -408,6 +427,23 @@ class CaptionModule(L.LightningModule):
             if hasattr(experiment, "add_figure"):  # TensorBoard
                 experiment.add_figure(f"{stage}/captions", figure, global_step=self.global_step)
         self._grid = []
+
+
+def use_feature_encoder(captioner: Captioner, features_dir: str) -> None:
+    """Give `captioner` the frozen encoder (weights, config, image size) that made `features_dir`,
+    so that the model trained from those features captions images as it was trained."""
+    from ..features import load_encoder
+
+    encoder, info = load_encoder(features_dir)
+    if encoder.cfg.arch != captioner.config.encoder.arch:
+        raise ValueError(f"{features_dir} holds {info.encoder.arch} features but model.encoder.arch is "
+                         f"{captioner.config.encoder.arch}: set model.encoder.arch: {info.encoder.arch}")
+    captioner.encoder.load_state_dict(encoder.state_dict())
+    captioner.config.encoder = dataclasses.replace(info.encoder, freeze="all")
+    if captioner.config.image_size != info.image_size:
+        log.warning("features were made at %d px: the model's image_size %d is set to %d",
+                    info.image_size, captioner.config.image_size, info.image_size)
+        captioner.config.image_size = info.image_size
 
 
 def evaluate_captions(references: dict[str, list[str]], predictions: dict[str, str], meteor: bool = True) -> dict:
