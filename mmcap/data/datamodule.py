@@ -14,6 +14,7 @@ Distributed scheme (see `pipeline.TrainStream` and `pipeline.eval_chunks`):
 """
 from __future__ import annotations
 
+import glob
 import logging
 import sys
 from typing import Iterator, Optional, Union
@@ -99,11 +100,15 @@ class CaptionDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        for default_dir in (features_dir, demo_dir):
-            if default_dir is not None:
-                train_shards = train_shards or f"{default_dir}/train-*.tar"
-                val_shards = val_shards or f"{default_dir}/val-*.tar"
-                test_shards = test_shards or f"{default_dir}/test-*.tar"
+        if features_dir is not None:  # the splits extracted so far
+            splits = {split: f"{features_dir}/{split}-*.tar" for split in ("train", "val", "test")}
+            splits = {split: p if glob.glob(p) else None for split, p in splits.items()}
+            train_shards, val_shards = train_shards or splits["train"], val_shards or splits["val"]
+            test_shards = test_shards or splits["test"]
+        if demo_dir is not None:
+            train_shards = train_shards or f"{demo_dir}/train-*.tar"
+            val_shards = val_shards or f"{demo_dir}/val-*.tar"
+            test_shards = test_shards or f"{demo_dir}/test-*.tar"
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
         self.image_size, self.batch_size = image_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size

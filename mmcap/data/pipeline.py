@@ -39,7 +39,6 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..features import features_from_bytes
 from ..images import ImageError, eval_transform, open_image, train_transform
 from .shardlist import CAPTION_MEMBERS, SAMPLE_MEMBERS, ShardSpec, ends_cleanly, resolve_shards, wanted_member
 from .shards import FEATURE_MEMBER, IMAGE_MEMBERS, clean_caption
@@ -124,6 +123,8 @@ def decode_sample(
     """
     key = str(raw.get("__key__", "?"))
     if FEATURE_MEMBER in raw:
+        from ..features import features_from_bytes  # (mmcap.features imports this package)
+
         captions = read_captions(raw, max_caption_chars)
         try:
             return Example(key, None, captions, features_from_bytes(bytes(raw[FEATURE_MEMBER]), key))

@@ -345,6 +345,9 @@ class CaptionModule(L.LightningModule):
                 raise ValueError("this batch holds precomputed features: set data.features_dir to the "
                                  "`mmcap features` directory, so that the model uses the encoder that made them")
             return None, self.captioner.project(batch["features"])
+        if self._features_dir is not None:
+            raise ValueError(f"data.features_dir is {self._features_dir} but this batch holds images: point the "
+                             "shard options at that directory's feature shards (or leave them unset)")
         pixels = batch["pixels"]
         return (pixels.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else pixels), None
 
