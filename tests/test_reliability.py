@@ -195,6 +195,22 @@ def test_training_runs_through_bad_inputs_and_counts_each_by_reason(bad_shards, 
     assert int(trainer.logged_metrics["data/skipped"]) == sum(BAD_SKIPS.values())
 
 
+def test_validation_counts_unusable_samples_by_reason(bad_shards, tmp_path):
+    pattern, usable = bad_shards
+    torch.manual_seed(0)
+    module = tiny_module(total_steps=3)
+    data = CaptionDataModule(train_shards=pattern, val_shards=pattern, image_size=32, batch_size=4,
+                             num_workers=0, max_caption_tokens=16)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    for _ in range(2):  # counted per validation run, never carried over into the next one
+        metrics = trainer.validate(module, data, verbose=False)[0]
+        logged = {k.removeprefix("val/skipped_"): int(v) for k, v in metrics.items() if k.startswith("val/skipped_")}
+        assert logged == BAD_SKIPS
+        assert int(metrics["val/skipped"]) == sum(BAD_SKIPS.values())
+        assert int(metrics["val/samples"]) == len(usable)
+
+
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)

@@ -176,7 +176,8 @@ class CaptionModule(L.LightningModule):
 
     def _require_model(self) -> Captioner:
         if self.captioner is None:  # evaluation without a checkpoint: an untrained model
-            self.set_captioner(self.build_captioner(self.trainer.datamodule))
+            # in the mode Lightning already put this module in (eval, for validate/test)
+            self.set_captioner(self.build_captioner(self.trainer.datamodule).train(self.training))
         return self.captioner
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -419,6 +420,24 @@ class CaptionModule(L.LightningModule):
         for name, value in (metrics or {}).items():
             if value is not None:  # METEOR is None without Java
                 self.log(f"{stage}/{name}", float(value), sync_dist=True)
+        skipped = self._take_eval_skips(stage)
+        if skipped:
+            self.log(f"{stage}/skipped", float(sum(skipped.values())))
+            for reason, count in sorted(skipped.items()):
+                self.log(f"{stage}/skipped_{reason}", float(count))
+
+    def _take_eval_skips(self, stage: str) -> Counter:
+        """Unusable samples of this evaluation by reason, summed over ranks (the same on every rank,
+        so that each logs the same keys), and forgotten here so they are never logged twice."""
+        prefix = f"{stage}_"
+        mine = Counter({k[len(prefix):]: v for k, v in self._skipped.items() if k.startswith(prefix)})
+        for key in [k for k in self._skipped if k.startswith(prefix)]:
+            del self._skipped[key]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, dict(mine))
+            mine = sum((Counter(part) for part in gathered), Counter())
+        return mine
 
     def _log_grid(self, stage: str) -> None:
         from ..viz import caption_grid
