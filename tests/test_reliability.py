@@ -394,7 +394,9 @@ def test_sigkill_during_fit_then_resume_from_last(make_caption_shards, tmp_path,
     # and no killed save leaves a big file in the system temp directory (it is often a RAM disk)
     assert not [p for p in system_tmpdir.rglob("*") if p.is_file() and p.stat().st_size > 2**20]
 
-    # Resume: goes on from the saved step and ends where an uninterrupted run ends.
+    # Resume: goes on from the saved step and ends where an uninterrupted run ends. (A killed save
+    # of a best-score checkpoint, whose name never recurs, is planted too: it must go.)
+    (ckpts / "epoch=0-step=4-val-CIDEr=0.1000.ckpt.tmp").write_bytes(b"PK\x03\x04 half written")
     assert lightning_main([*fit_args(train, run, max_steps=12), "--ckpt_path", "last"]) == 0
     assert lightning_main(fit_args(train, straight, max_steps=12)) == 0
     steps = latest_csv_steps(run)

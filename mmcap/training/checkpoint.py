@@ -9,6 +9,7 @@ previous one already gone, and its temporary file stays behind in /tmp.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +19,8 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,3 +62,16 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.is_global_zero and self.dirpath:
+            remove_killed_saves(self.dirpath)
+
+
+def remove_killed_saves(dirpath: str) -> None:
+    """Delete the `*.ckpt.tmp` files that saves killed mid-write left in a local checkpoint directory
+    (a killed `last.ckpt` save is overwritten by the next one; a best-score save's name may never recur)."""
+    fs, local = url_to_fs(str(dirpath))
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(local):
+        return
+    for stray in Path(local).glob("*.ckpt.tmp"):
+        log.warning("removing %s: the incomplete file of a save that was killed", stray)
+        stray.unlink(missing_ok=True)
