@@ -191,6 +191,8 @@ def extract_features(
     encoder.to(device)
     skipped: Counter = Counter()
     samples = iter_samples(shards, skipped=skipped, min_image_size=image_size)
+    if compute_dtype(precision, device) != torch.float32:  # the fast layout for reduced-precision convolutions
+        encoder = encoder.to(memory_format=torch.channels_last)
     autocast = torch.autocast(torch.device(device).type, dtype=compute_dtype(precision, device),
                               enabled=compute_dtype(precision, device) != torch.float32)
     with autocast:
@@ -209,6 +211,8 @@ def _encoded(encoder: ResNetEncoder, examples: Iterable, transform, batch_size: 
 
     def flush():
         pixels = torch.stack([transform(ex.image) for ex in batch]).to(device)
+        if next(encoder.parameters()).is_contiguous(memory_format=torch.channels_last):
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         grids = encoder(pixels).to("cpu", dtype)
         for ex, grid in zip(batch, grids):
             meta = json.dumps({"captions": ex.captions}, ensure_ascii=False).encode()

@@ -195,3 +195,16 @@ def test_features_dir_with_image_shards_is_refused(tmp_path, saved_model):
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     with pytest.raises(ValueError, match="this batch holds images"):
         trainer.fit(module, datamodule=data)
+
+
+def test_bf16_extraction_is_close_to_fp32(tmp_path, saved_model):
+    model_dir, pattern, _ = saved_model
+    extract(model_dir, pattern, tmp_path / "fp32")
+    extract(model_dir, pattern, tmp_path / "bf16", "train", "--precision", "bf16")
+    full = {ex.key: ex.features for ex in iter_samples(str(tmp_path / "fp32" / "train-*.tar"))}
+    half = {ex.key: ex.features for ex in iter_samples(str(tmp_path / "bf16" / "train-*.tar"))}
+    assert full.keys() == half.keys()
+    for key in full:
+        assert not torch.equal(full[key], half[key])  # really computed in bf16
+        cosine = torch.nn.functional.cosine_similarity(full[key].flatten(), half[key].flatten(), dim=0)
+        assert cosine > 0.99, (key, float(cosine))
