@@ -241,4 +241,6 @@ def encoder_for_features(model_dir: Optional[str] = None, config: Optional[str] 
     from .config import CaptionerConfig
 
     cfg = CaptionerConfig.load(config)
-    return ResNetEncoder(cfg.encoder, load_weights=load_weights), cfg.image_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # an encoder without weights is the same random one for every split
+        return ResNetEncoder(cfg.encoder, load_weights=load_weights), cfg.image_size

@@ -128,3 +128,29 @@ def test_eval_counts_corrupt_samples_and_takes_several_patterns(shards, tmp_path
 
     assert eval_main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "nothing-*.tar")]) == 1
     assert "nothing" in capsys.readouterr().err
+
+
+def test_fit_from_features_through_the_cli(shards, tmp_path, capsys):
+    """`mmcap features --config` on each split, then `mmcap fit --data.features_dir`: trains, tests
+    on the test features, and exports a model that carries the features' encoder."""
+    from mmcap import Captioner
+    from mmcap.cli import main as mmcap_main
+    from mmcap.features import load_encoder
+
+    train, val, val_caps = shards
+    feats = tmp_path / "feats"
+    for split, pattern in (("train", train), ("val", val), ("test", val)):
+        assert mmcap_main(["features", "--config", str(CONFIGS / "demo.yaml"), "--image-size", "32", "--data",
+                           pattern, "--out", str(feats), "--split", split, "--quiet"]) == 0
+    args = ["--config", str(CONFIGS / "demo.yaml"), *tiny_overrides(tmp_path, train, val),
+            "--data.train_shards", "null", "--data.val_shards", "null", "--data.test_shards", "null",
+            "--data.features_dir", str(feats), "--model.decoder.hidden_size", "64",
+            "--test_after_fit", "true", "--export_dir", str(tmp_path / "model")]
+    capsys.readouterr()
+    assert lightning_main(["fit", *args]) == 0
+    final = json.loads(capsys.readouterr().out.split("mmcap: final test metrics: ")[1].splitlines()[0])
+    assert final["test/samples"] == len(val_caps)
+    model = Captioner.from_pretrained(tmp_path / "model")
+    encoder, info = load_encoder(feats)
+    assert (model.config.image_size, model.config.encoder.freeze) == (32, "all")
+    assert all(torch.equal(a, b) for a, b in zip(model.encoder.state_dict().values(), encoder.state_dict().values()))
