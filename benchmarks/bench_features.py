@@ -68,6 +68,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="take the encoder of this saved model (default: a new one)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--dtype", default="float32", help="storage type of the features")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="encoder precision while extracting (bf16-mixed training runs it in bf16 too)")
     p.add_argument("--root", default="runs/bench_features")
     p.add_argument("--train-shards", default=None, help="image shards to train on (default: the config's)")
     p.add_argument("extra", nargs="*", help="more --section.key value overrides for the config")
@@ -101,7 +103,8 @@ def main() -> None:
         shutil.rmtree(feature_dir)
     start = time.perf_counter()
     summaries = {split: extract_features(source.encoder, getattr(data, f"{split}_shards"), feature_dir, split=split,
-                                         image_size=data.image_size, dtype=args.dtype, progress=False)
+                                         image_size=data.image_size, dtype=args.dtype, precision=args.precision,
+                                         progress=False)
                  for split in ("train", "val")}
     extraction_s = time.perf_counter() - start
     steps = -(-summaries["train"].samples // data.batch_size) * args.epochs  # the schedule's length
@@ -121,6 +124,7 @@ def main() -> None:
         "load_avg_1min": round(os.getloadavg()[0], 2),
         "extraction_s_train_and_val": round(extraction_s, 1),
         "feature_dtype": args.dtype,
+        "extraction_precision": args.precision,
         "images_epoch_s": round(per_epoch_images, 2),
         "features_epoch_s": round(per_epoch_features, 2),
         "speedup_per_epoch": round(per_epoch_images / per_epoch_features, 2),
