@@ -117,15 +117,7 @@ class NaivePipeline:
         from transformers import GPT2LMHeadModel
 
         resnet = torchvision.models.resnet50()
-        names = {"stem.0": "conv1", "stem.1": "bn1"}
-        state = {}
-        for key, value in model.encoder.state_dict().items():
-            prefix, _, rest = key.partition(".")
-            if prefix == "stem":
-                index, _, rest = rest.partition(".")
-                prefix = names[f"stem.{index}"]
-            state[f"{prefix}.{rest}"] = value.clone()
-        missing, _ = resnet.load_state_dict(state, strict=False)
+        missing, _ = resnet.load_state_dict(model.encoder.torchvision_state_dict(), strict=False)
         assert set(missing) == {"fc.weight", "fc.bias"}, missing
         self.backbone = torch.nn.Sequential(*list(resnet.children())[:-2]).eval()  # grid, no pooling
         proj = model.projection

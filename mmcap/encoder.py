@@ -44,6 +44,19 @@ class ResNetEncoder(nn.Module):
             getattr(self, name).eval()
         return self
 
+    def torchvision_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under torchvision's ResNet names (`conv1`, `bn1`, `layer1`...; no `fc`), for
+        loading into `torchvision.models.resnetNN()`."""
+        names = {"0": "conv1", "1": "bn1"}  # stem = conv1, bn1, relu, maxpool
+        state = {}
+        for key, value in self.state_dict().items():
+            head, _, rest = key.partition(".")
+            if head == "stem":
+                index, _, rest = rest.partition(".")
+                head = names[index]
+            state[f"{head}.{rest}"] = value
+        return state
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.stem(pixels)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))

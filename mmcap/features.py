@@ -177,27 +177,25 @@ def extract_features(
     grids are stored (float16/bfloat16 halve the disk and read cost and round each value once).
     """
     from .captioner import compute_dtype
-
     from .data.pipeline import iter_samples
     from .data.shards import write_member_shards
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    encoder = encoder.to(device).eval()
-    probe = encoder(torch.zeros(1, 3, image_size, image_size, device=device))
+    encoder = encoder.cpu().eval()
+    probe = encoder(torch.zeros(1, 3, image_size, image_size))
     info = FeatureSetInfo(encoder=encoder.cfg, image_size=image_size, dtype=dtype,
                           channels=int(probe.shape[1]), grid=(int(probe.shape[2]), int(probe.shape[3])))
-    save_description(encoder.cpu(), info, out_dir)
-    encoder.to(device)
+    save_description(encoder, info, out_dir)
+    compute = compute_dtype(precision, device)
+    # channels-last is the fast layout for reduced-precision convolutions
+    layout = torch.channels_last if compute != torch.float32 else torch.contiguous_format
+    encoder = encoder.to(device, memory_format=layout)
     skipped: Counter = Counter()
     samples = iter_samples(shards, skipped=skipped, min_image_size=image_size)
-    if compute_dtype(precision, device) != torch.float32:  # the fast layout for reduced-precision convolutions
-        encoder = encoder.to(memory_format=torch.channels_last)
-    autocast = torch.autocast(torch.device(device).type, dtype=compute_dtype(precision, device),
-                              enabled=compute_dtype(precision, device) != torch.float32)
-    with autocast:
+    with torch.autocast(torch.device(device).type, dtype=compute, enabled=compute != torch.float32):
         summary = write_member_shards(
-            _encoded(encoder, samples, eval_transform(image_size), batch_size, DTYPES[dtype], device),
+            _encoded(encoder, samples, eval_transform(image_size), batch_size, DTYPES[dtype], device, layout),
             str(Path(out_dir) / f"{split}-%06d.tar"), maxcount=maxcount, progress=progress,
         )
     summary.skipped.update(skipped)
@@ -205,14 +203,12 @@ def extract_features(
 
 
 def _encoded(encoder: ResNetEncoder, examples: Iterable, transform, batch_size: int, dtype: torch.dtype,
-             device: str) -> Iterator[tuple[str, dict]]:
+             device: str, layout: torch.memory_format) -> Iterator[tuple[str, dict]]:
     """(key, shard members) per example, encoding `batch_size` images per forward pass."""
     batch: list = []
 
     def flush():
-        pixels = torch.stack([transform(ex.image) for ex in batch]).to(device)
-        if next(encoder.parameters()).is_contiguous(memory_format=torch.channels_last):
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        pixels = torch.stack([transform(ex.image) for ex in batch]).to(device, memory_format=layout)
         grids = encoder(pixels).to("cpu", dtype)
         for ex, grid in zip(batch, grids):
             meta = json.dumps({"captions": ex.captions}, ensure_ascii=False).encode()

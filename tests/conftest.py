@@ -25,6 +25,17 @@ def tiny_config(family: str = "gpt2", **overrides) -> dict:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
+    can make tiny training steps ten times slower. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_gpt2():
     from mmcap import Captioner
 

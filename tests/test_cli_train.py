@@ -15,12 +15,7 @@ RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 METRIC_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_training.one_thread
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -151,6 +146,6 @@ def test_fit_from_features_through_the_cli(shards, tmp_path, capsys):
     final = json.loads(capsys.readouterr().out.split("mmcap: final test metrics: ")[1].splitlines()[0])
     assert final["test/samples"] == len(val_caps)
     model = Captioner.from_pretrained(tmp_path / "model")
-    encoder, info = load_encoder(feats)
+    encoder, _ = load_encoder(feats)
     assert (model.config.image_size, model.config.encoder.freeze) == (32, "all")
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.state_dict().values(), encoder.state_dict().values()))

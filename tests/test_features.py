@@ -21,12 +21,7 @@ from mmcap.features import features_from_bytes, features_to_bytes, load_encoder,
 from mmcap.training import CaptionModule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -37,15 +37,8 @@ def naive_captions(model: Captioner, paths, **generation_kwargs) -> list[str]:
     """The same weights run the obvious way: PIL + torchvision transforms, a torchvision ResNet
     grid, linear projection, and transformers' `generate` with `encoder_hidden_states`."""
     resnet = torchvision.models.get_model(model.config.encoder.arch)
-    stem = {"stem.0": "conv1", "stem.1": "bn1"}
-    state = {}
-    for key, value in model.encoder.state_dict().items():
-        head, _, rest = key.partition(".")
-        if head == "stem":
-            index, _, rest = rest.partition(".")
-            head = stem[f"stem.{index}"]
-        state[f"{head}.{rest}"] = value
-    resnet.load_state_dict(state, strict=False)
+    missing, unexpected = resnet.load_state_dict(model.encoder.torchvision_state_dict(), strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
     backbone = torch.nn.Sequential(*list(resnet.children())[:-2]).eval()
     gpt2 = GPT2LMHeadModel(model.decoder.config).eval()
     gpt2.load_state_dict(model.decoder.state_dict())

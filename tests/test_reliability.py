@@ -40,12 +40,7 @@ from mmcap.training.cli import eval_main, export_main, lightning_main
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_training.one_thread
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- bad inputs, all in one set of shards ----------------------------------------------------

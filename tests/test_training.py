@@ -17,14 +17,7 @@ SCENES = [("red", "left"), ("blue", "right"), ("green", "left"), ("yellow", "rig
 CAPTIONS = [f"a {colour} circle on the {side}" for colour, side in SCENES]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
-    can make these tiny steps ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scene_pixels(colour: str, side: str, size: int = 64) -> torch.Tensor:

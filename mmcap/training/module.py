@@ -433,11 +433,7 @@ class CaptionModule(L.LightningModule):
         mine = Counter({k[len(prefix):]: v for k, v in self._skipped.items() if k.startswith(prefix)})
         for key in [k for k in self._skipped if k.startswith(prefix)]:
             del self._skipped[key]
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, dict(mine))
-            mine = sum((Counter(part) for part in gathered), Counter())
-        return mine
+        return sum((Counter(part) for part in gather_from_ranks(dict(mine))), Counter())
 
     def _log_grid(self, stage: str) -> None:
         from ..viz import caption_grid
@@ -486,13 +482,20 @@ def exact_match_rate(references: dict[str, list[str]], predictions: dict[str, st
     return hits / max(1, len(predictions))
 
 
+def gather_from_ranks(obj: Any) -> list:
+    """`obj` of every rank, in rank order (`[obj]` outside distributed runs)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return [obj]
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
 def gather_predictions(outputs: list[tuple[str, str, list[str]]]) -> tuple[dict[str, list[str]], dict[str, str]]:
     """(references, predictions) by sample key from all ranks; a key seen twice (a sample repeated
     to even out the ranks) counts once."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        gathered: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, outputs)
-        outputs = [item for part in gathered for item in part]
+    outputs = [item for part in gather_from_ranks(outputs) for item in part]
     references, predictions = {}, {}
     for key, caption, refs in outputs:
         if key not in predictions:
