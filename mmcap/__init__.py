@@ -1,5 +1,5 @@
 """mmcap: image captioning with a ResNet encoder and a GPT-2/BERT decoder."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .config import CaptionerConfig, DecoderConfig, EncoderConfig, ProjectionConfig, TokenizerConfig  # noqa: E402
 

@@ -5,10 +5,8 @@ A plain `nn.Module` (no Lightning): the training code wraps it, inference needs 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -20,30 +18,40 @@ from torch import nn
 from .config import CaptionerConfig
 from .decoder import build_decoder
 from .encoder import ResNetEncoder
-from .generation import GenerationConfig, GenerationOutput, generate
+from .generation import GenerationOutput, generate
+from .generation_config import GenerationConfig
 from .images import ImageSource, eval_transform, open_image
+from .precision import PRECISIONS, bf16_is_fast, compute_dtype  # noqa: F401  (re-exported)
 from .projection import GridProjection
 from .tokenizer import CaptionTokenizer
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 Images = Union[ImageSource, Sequence[ImageSource], torch.Tensor]
-PRECISIONS = ("fp32", "bf16", "auto")
 
 
 class Captioner(nn.Module):
-    def __init__(self, cfg: CaptionerConfig, tokenizer: CaptionTokenizer, load_pretrained: bool = True):
-        """Prefer `from_config` / `from_pretrained`; `load_pretrained=False` skips hub/torchvision weights."""
+    def __init__(self, cfg: CaptionerConfig, tokenizer: CaptionTokenizer, load_pretrained: bool = True,
+                 decoder_config: Optional[dict] = None, generation_config: Optional[GenerationConfig] = None):
+        """Prefer `from_config` / `from_pretrained`; `load_pretrained=False` skips hub/torchvision weights.
+
+        `decoder_config` is a resolved Hugging Face decoder config (a saved model's); the
+        resolved config of the built decoder is `self.decoder.config`. `cfg` is kept as given.
+        `generation_config` holds the model's default decoding options.
+        """
         super().__init__()
         self.config, self.tokenizer = cfg, tokenizer
+        self.generation_config = GenerationConfig.coerce(generation_config)
         self.encoder = ResNetEncoder(cfg.encoder, load_weights=load_pretrained)
-        self.decoder = build_decoder(cfg.decoder, tokenizer, pretrained=load_pretrained)
+        self.decoder = build_decoder(cfg.decoder, tokenizer, pretrained=load_pretrained, hf_config=decoder_config)
         self.projection = GridProjection(cfg.projection, self.encoder.out_channels, self.decoder.config.hidden_size)
 
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_config(cls, cfg, tokenizer: Optional[CaptionTokenizer] = None,
-                    captions: Optional[Iterable[str]] = None) -> "Captioner":
-        """A new model from a config (a `CaptionerConfig`, a dict, or a JSON/YAML file).
+                    captions: Optional[Iterable[str]] = None,
+                    generation_config: Optional[GenerationConfig] = None) -> "Captioner":
+        """A new model from a config (a `CaptionerConfig`, a dict, or a JSON/YAML preset such as
+        `configs/model/demo_gpt2.yaml`).
 
         The tokenizer is, in order: the one passed in, the pretrained decoder's own, or one
         trained from `captions`.
@@ -59,7 +67,7 @@ class Captioner(nn.Module):
                 tokenizer = CaptionTokenizer.train(captions, cfg.tokenizer)
             else:
                 raise ValueError("a decoder built from config needs `tokenizer=` or `captions=` to train one")
-        return cls(cfg, tokenizer)
+        return cls(cfg, tokenizer, generation_config=generation_config)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Captioner":
@@ -72,14 +80,18 @@ class Captioner(nn.Module):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} is missing: not a mmcap model directory")
         try:
-            cfg = CaptionerConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-        except (json.JSONDecodeError, ValueError, TypeError) as e:
+            saved = json.loads((path / CONFIG_FILE).read_text())
+            cfg = CaptionerConfig.from_dict(saved)
+            decoder_config = saved_decoder_config(saved)
+        except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{path / CONFIG_FILE} is not a valid mmcap config: {e}") from None
+        generation_config = GenerationConfig.load(path)
         try:
             tokenizer = CaptionTokenizer.load(path)
         except Exception as e:
             raise ValueError(f"{path}: cannot load the tokenizer files: {e}") from None
-        model = cls(cfg, tokenizer, load_pretrained=False)
+        model = cls(cfg, tokenizer, load_pretrained=False, decoder_config=decoder_config,
+                    generation_config=generation_config)
         try:
             missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device=str(map_location))
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
@@ -89,17 +101,23 @@ class Captioner(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write config, weights and tokenizer; each file appears only when complete."""
+        """Write config, generation defaults, weights and tokenizer; each file appears only when complete.
+
+        `config.json` is `self.config` plus, beside it, `mmcap_version` and `resolved.decoder`
+        (the decoder's full Hugging Face config, so that loading never needs the hub).
+        """
         from safetensors.torch import save_model
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.config.decoder.hf_config = self.decoder.config.to_dict()
+        saved = {"mmcap_version": _version(), **self.config.to_dict(),
+                 "resolved": {"decoder": self.decoder.config.to_dict()}}
         with tempfile.TemporaryDirectory(dir=path, prefix=".tmp-") as tmp:
             tmp = Path(tmp)
             self.tokenizer.save(tmp)
+            self.generation_config.save(tmp)
             save_model(self, str(tmp / WEIGHTS_FILE))
-            (tmp / CONFIG_FILE).write_text(json.dumps({"mmcap_version": _version(), **self.config.to_dict()}, indent=2))
+            (tmp / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
             # weights and tokenizer first, config last: a directory with config.json is complete
             names = sorted(p.name for p in tmp.iterdir() if p.name != CONFIG_FILE) + [CONFIG_FILE]
             for name in names:
@@ -149,7 +167,7 @@ class Captioner(nn.Module):
                  memory: Optional[torch.Tensor] = None, **generation_kwargs) -> GenerationOutput:
         """Decode normalised pixels [B,3,S,S] (or image tokens `memory`); `precision` and the
         generation options as in `caption`."""
-        cfg = GenerationConfig.from_kwargs(**generation_kwargs)
+        cfg = self.generation_options(**generation_kwargs)
         dtype = compute_dtype(precision, self.device)
         with self._computing_in(dtype):
             if memory is None:
@@ -159,6 +177,10 @@ class Captioner(nn.Module):
                 memory = self.encode(pixels.to(self.device, next(self.encoder.parameters()).dtype))
             tok = self.tokenizer
             return generate(self.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions)
+
+    def generation_options(self, **overrides) -> GenerationConfig:
+        """This model's generation defaults with a call's `overrides`, max_new_tokens resolved."""
+        return self.generation_config.updated(**overrides).resolved(self.config.max_caption_tokens)
 
     def _computing_in(self, dtype: torch.dtype) -> contextlib.AbstractContextManager:
         """Autocast to `dtype` unless fp32. Weights are cast once per outermost context (autocast
@@ -192,15 +214,17 @@ class Captioner(nn.Module):
 
         `return_scores=True` returns `(captions, log_probs)`; `return_attention=True` adds, per
         caption, the cross-attention per generated token shaped (tokens, H, W), mean over heads
-        and layers. Generation options follow transformers (`num_beams`, `max_new_tokens`, ...).
+        and layers. Generation options follow transformers (`num_beams`, `max_new_tokens`, ...);
+        those not given come from `self.generation_config` (a saved model's generation_config.json).
 
         `precision="fp32"` computes what the reference fp32 pipeline computes. `"bf16"` runs the
         encoder and decoder in bfloat16 (autocast) and lets large JPEGs decode at reduced scale:
         about twice as fast where the hardware has bf16 matmuls, with slightly different captions.
-        `"auto"` is bf16 on CUDA GPUs and CPUs with bf16 instructions (AVX512-BF16, AMX), else fp32.
+        `"auto"` is bf16 where it measured faster than fp32 on this machine (`mmcap.precision`),
+        else fp32. `mmcap caption --precision` means the same.
         """
         single = _is_single(images) or (isinstance(images, torch.Tensor) and images.dim() == 3)
-        generation_kwargs.setdefault("max_new_tokens", self.config.max_caption_tokens)
+        generation_kwargs = self.generation_options(**generation_kwargs).to_dict()
         dtype = compute_dtype(precision, self.device)
         was_training = self.training
         self.eval()
@@ -255,32 +279,11 @@ class Captioner(nn.Module):
         return result[0] if single else result
 
 
-def compute_dtype(precision: str, device: Union[str, torch.device] = "cpu") -> torch.dtype:
-    """The dtype that `precision` ("fp32", "bf16" or "auto") means on `device`."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def bf16_is_fast(device: Union[str, torch.device] = "cpu") -> bool:
-    """Whether bf16 matmuls run natively on `device` (elsewhere they are emulated, slower than fp32)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu" and _cpu_has_bf16()
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_has_bf16() -> bool:
-    if "AMX" in torch.backends.cpu.get_cpu_capability():
-        return True
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to tell, stay with fp32
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+def saved_decoder_config(saved: dict) -> Optional[dict]:
+    """The resolved decoder config of a saved `config.json`: `resolved.decoder` (0.2 on) or
+    `decoder.hf_config` (0.1)."""
+    resolved = (saved.get("resolved") or {}).get("decoder")
+    return resolved if resolved is not None else (saved.get("decoder") or {}).get("hf_config")
 
 
 def _is_single(images) -> bool:

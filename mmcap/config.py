@@ -63,9 +63,6 @@ class DecoderConfig:
     intermediate_size: Optional[int] = None  # default 4 * hidden_size
     max_positions: int = 64
     dropout: float = 0.1
-    # Filled in when a model is built or saved: the decoder's full Hugging Face config, so that
-    # loading a saved model never needs the hub.
-    hf_config: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if self.family not in ("gpt2", "bert"):
@@ -84,6 +81,10 @@ class TokenizerConfig:
 
 @dataclass
 class CaptionerConfig:
+    """The whole model: what `config.json` of a saved model holds and what a recipe's
+    `model.captioner` block (or a `configs/model/*.yaml` preset) sets. Inputs only: what a
+    build resolves (the decoder's Hugging Face config) lives on the built model, never here."""
+
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -96,19 +97,18 @@ class CaptionerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CaptionerConfig":
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - {"mmcap_version"}
+        """From plain data; a saved model's extra keys (`mmcap_version`, the resolved decoder
+        config, also where 0.1 kept it, under `decoder.hf_config`) are ignored here."""
+        d = {k: v for k, v in d.items() if k not in SAVED_ONLY_KEYS}
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown captioner config keys: {sorted(unknown)}")
-        parts = {
-            "encoder": EncoderConfig,
-            "projection": ProjectionConfig,
-            "decoder": DecoderConfig,
-            "tokenizer": TokenizerConfig,
-        }
+            raise ValueError(f"unknown captioner config keys: {sorted(unknown)}; known: "
+                             f"{sorted(f.name for f in dataclasses.fields(cls))}")
         kwargs = {}
-        for name, typ in parts.items():
+        for name, typ in PARTS.items():
             value = d.get(name) or {}
+            if isinstance(value, dict) and name == "decoder":
+                value = {k: v for k, v in value.items() if k != "hf_config"}
             kwargs[name] = value if isinstance(value, typ) else _build(typ, value, name)
         for name in ("image_size", "max_caption_tokens"):
             if name in d:
@@ -117,25 +117,57 @@ class CaptionerConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "CaptionerConfig":
-        """Read a JSON or YAML file; YAML files may nest the config under a `model:` key."""
+        """Read a JSON or YAML file holding this schema: a `configs/model/*.yaml` preset or a
+        saved model's `config.json`."""
         path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        if not path.is_file():
+            raise FileNotFoundError(f"no captioner config file at {path}")
+        data = read_config_file(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of captioner config keys, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        if "model" in data and isinstance(data["model"], dict):
-            # a training recipe (configs/*.yaml): keep the model part, drop optimisation options
-            model = data["model"].get("init_args", data["model"])
-            loader = data.get("data") if isinstance(data.get("data"), dict) else {}
-            loader = loader.get("init_args", loader)
-            data = {k: v for k, v in model.items() if k in {f.name for f in dataclasses.fields(cls)}}
-            for name in ("image_size", "max_caption_tokens"):  # the CLI links these from data.*
-                if name not in data and name in loader:
-                    data[name] = loader[name]
-        return cls.from_dict(data)
+    @classmethod
+    def from_recipe(cls, path: str | Path) -> "CaptionerConfig":
+        """The model of a training recipe (`configs/*.yaml`): its `model.captioner` block, inline
+        or a preset file path, with `data.image_size` / `data.max_caption_tokens` linked in as
+        `mmcap fit` links them."""
+        path = Path(path)
+        recipe = read_config_file(path)
+        model = (recipe.get("model") or {}) if isinstance(recipe, dict) else {}
+        block = model.get("captioner", {})
+        if isinstance(block, str):  # a preset file, relative to the working directory as on the CLI
+            preset = Path(block)
+            block = read_config_file(preset if preset.is_file() else path.parent / preset)
+        block = dict(block or {})
+        data = recipe.get("data") or {}
+        for name in ("image_size", "max_caption_tokens"):
+            if name in data:
+                block[name] = data[name]
+        try:
+            return cls.from_dict(block)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: model.captioner: {e}") from None
+
+
+PARTS = {"encoder": EncoderConfig, "projection": ProjectionConfig, "decoder": DecoderConfig,
+         "tokenizer": TokenizerConfig}
+# Written by `save_pretrained` beside the config proper: the version and the resolved decoder config.
+SAVED_ONLY_KEYS = ("mmcap_version", "resolved")
+
+
+def read_config_file(path: str | Path) -> Any:
+    """Plain data from a JSON or YAML file (YAML's safe loader: no Python objects)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
 
 
 def _build(typ, value: dict, name: str):

@@ -9,15 +9,18 @@ from .tokenizer import CaptionTokenizer
 FAMILIES = {"gpt2": (GPT2Config, GPT2LMHeadModel), "bert": (BertConfig, BertLMHeadModel)}
 
 
-def build_decoder(cfg: DecoderConfig, tokenizer: CaptionTokenizer | None = None, pretrained: bool = True) -> PreTrainedModel:
-    """Build the decoder from (in order) a saved `hf_config`, pretrained weights, or the size fields.
+def build_decoder(cfg: DecoderConfig, tokenizer: CaptionTokenizer | None = None, pretrained: bool = True,
+                  hf_config: dict | None = None) -> PreTrainedModel:
+    """Build the decoder from (in order) a resolved Hugging Face config (`hf_config`, as a saved
+    model stores it), pretrained weights, or the size fields. `cfg` is only read.
 
     `pretrained=False` builds the architecture of `cfg.pretrained` without fetching its weights
     (used when loading a saved captioner, whose weights come from its own safetensors file).
+    The resolved config is the returned model's `.config`.
     """
     config_cls, model_cls = FAMILIES[cfg.family]
-    if cfg.hf_config is not None:
-        hf_config = config_cls.from_dict(_decoder_flags(cfg.family, dict(cfg.hf_config)))
+    if hf_config is not None:
+        hf_config = config_cls.from_dict(_decoder_flags(cfg.family, dict(hf_config)))
         model = model_cls(hf_config)
     elif cfg.pretrained and pretrained:
         model = model_cls.from_pretrained(
@@ -32,7 +35,6 @@ def build_decoder(cfg: DecoderConfig, tokenizer: CaptionTokenizer | None = None,
         model = model_cls(_small_config(cfg, tokenizer))
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
-    cfg.hf_config = model.config.to_dict()
     return model
 
 

@@ -16,7 +16,6 @@ Arrays are stored as plain `.npy` and read with `allow_pickle=False`, so a shard
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from collections import Counter
@@ -24,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-import numpy as np
 import torch
 
 from .config import EncoderConfig
+from .data.samples import features_from_bytes, features_to_bytes  # noqa: F401  (re-exported)
 from .data.shards import FEATURE_MEMBER
 from .encoder import ResNetEncoder
 from .images import eval_transform
@@ -62,32 +61,6 @@ class FeatureSetInfo:
 
 
 # ---- one array <-> bytes ----
-
-
-def features_to_bytes(grid: torch.Tensor) -> bytes:
-    """A grid as `.npy` bytes; bfloat16 (which numpy lacks) is stored as its raw uint16 bits."""
-    if grid.dtype == torch.bfloat16:
-        array = grid.contiguous().view(torch.uint16).numpy()
-    else:
-        array = grid.contiguous().numpy()
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def features_from_bytes(data: bytes, name: str = "features") -> torch.Tensor:
-    """The float32 grid [C, h, w] stored by `features_to_bytes`; ValueError naming `name` if bad."""
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError/EOFError/OSError... for damaged data
-        raise ValueError(f"{name}: unreadable .npy features ({type(e).__name__}: {e})") from None
-    if array.ndim != 3:
-        raise ValueError(f"{name}: features must be a grid [C, h, w], got shape {array.shape}")
-    if array.dtype == np.uint16:  # bfloat16 bits
-        return torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16).float()
-    if array.dtype not in (np.float32, np.float16):
-        raise ValueError(f"{name}: features must be float32/float16/bfloat16, got {array.dtype}")
-    return torch.from_numpy(array).float()
 
 
 # ---- the directory ----
@@ -176,8 +149,8 @@ def extract_features(
     bf16-mixed training runs it; much faster on GPUs and bf16 CPUs). `dtype` only sets how the
     grids are stored (float16/bfloat16 halve the disk and read cost and round each value once).
     """
-    from .captioner import compute_dtype
-    from .data.pipeline import iter_samples
+    from .data.streams import iter_samples
+    from .precision import compute_dtype
     from .data.shards import write_member_shards
 
     if dtype not in DTYPES:
@@ -234,9 +207,29 @@ def encoder_for_features(model_dir: Optional[str] = None, config: Optional[str] 
 
         model = Captioner.from_pretrained(model_dir)
         return model.encoder, model.config.image_size
-    from .config import CaptionerConfig
+    from .config import CaptionerConfig, read_config_file
 
-    cfg = CaptionerConfig.load(config)
+    is_recipe = "model" in (read_config_file(config) or {})
+    cfg = CaptionerConfig.from_recipe(config) if is_recipe else CaptionerConfig.load(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # an encoder without weights is the same random one for every split
         return ResNetEncoder(cfg.encoder, load_weights=load_weights), cfg.image_size
+
+
+def use_feature_encoder(captioner, features_dir: str) -> None:
+    """Give `captioner` the frozen encoder (weights, config, image size) that made `features_dir`,
+    so that the model trained from those features captions images as it was trained."""
+    import logging
+
+    encoder, info = load_encoder(features_dir)
+    if encoder.cfg.arch != captioner.config.encoder.arch:
+        raise ValueError(f"{features_dir} holds {info.encoder.arch} features but model.captioner.encoder.arch is "
+                         f"{captioner.config.encoder.arch}: set model.captioner.encoder.arch: {info.encoder.arch}")
+    captioner.encoder.load_state_dict(encoder.state_dict())
+    captioner.config = dataclasses.replace(captioner.config, encoder=dataclasses.replace(info.encoder, freeze="all"))
+    captioner.encoder.set_freeze("all")
+    if captioner.config.image_size != info.image_size:
+        logging.getLogger(__name__).warning(
+            "features were made at %d px: the model's image_size %d is set to %d",
+            info.image_size, captioner.config.image_size, info.image_size)
+        captioner.config = dataclasses.replace(captioner.config, image_size=info.image_size)

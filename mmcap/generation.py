@@ -15,45 +15,17 @@ attention maps use the transformers forward (`_Decoder`).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from .generation_config import GenerationConfig  # noqa: F401  (re-exported: mmcap.generation.GenerationConfig)
+
 NEG = -1.0e9
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 30
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: Union[bool, str] = False
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    no_repeat_ngram_size: int = 0
-    use_cache: bool = True
-
-    @classmethod
-    def from_kwargs(cls, **kwargs) -> "GenerationConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(kwargs) - known
-        if unknown:
-            raise TypeError(f"unknown generation arguments {sorted(unknown)}; known: {sorted(known)}")
-        cfg = cls(**kwargs)
-        if cfg.num_beams < 1 or cfg.max_new_tokens < 1:
-            raise ValueError("num_beams and max_new_tokens must be >= 1")
-        if cfg.min_new_tokens > cfg.max_new_tokens:
-            raise ValueError("min_new_tokens cannot exceed max_new_tokens")
-        if cfg.do_sample and cfg.temperature <= 0:
-            raise ValueError("temperature must be > 0 when sampling")
-        return cfg
 
 
 @dataclass
@@ -220,6 +192,8 @@ def _process(scores: torch.Tensor, seqs: torch.Tensor, step: int, cfg: Generatio
 def generate(model, memory: torch.Tensor, bos: int, eos: int, pad: int, cfg: GenerationConfig,
              output_attentions: bool = False) -> GenerationOutput:
     """Decode captions for image tokens `memory` [B, M, D] with the HF decoder `model`."""
+    if cfg.max_new_tokens is None:
+        raise ValueError("generate() needs max_new_tokens: use cfg.resolved(max_caption_tokens)")
     if cfg.use_cache and _GPT2Decoder.supports(model, output_attentions):
         dec = _GPT2Decoder(model, memory, max_len=1 + cfg.max_new_tokens)
     else:

@@ -8,25 +8,34 @@ so the gradient flows through one ordinary forward pass.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Iterable, Literal, Optional, Sequence
 
 import torch
 
-from .generation import GenerationConfig, generate
+from .generation import generate
+from .generation_config import GenerationConfig
 from .metrics.cider import CiderD
 from .metrics.ptb import ptb_tokenize
+
+
+def _default_sampling() -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=20, do_sample=True, top_k=0)
 
 
 @dataclass
 class SCSTConfig:
     num_samples: int = 5
     baseline: Literal["greedy", "mean"] = "mean"
-    max_new_tokens: int = 20
-    temperature: float = 1.0
-    top_k: int = 0  # 0 samples from the full distribution
+    # How the K captions per image are drawn (a `GenerationConfig`; do_sample is always on, and
+    # the greedy baseline decodes greedily to the same max_new_tokens).
+    sampling: GenerationConfig = field(default_factory=_default_sampling)
 
     def __post_init__(self) -> None:
+        self.sampling = dataclasses.replace(GenerationConfig.coerce(self.sampling), do_sample=True, num_beams=1)
+        if self.sampling.max_new_tokens is None:
+            self.sampling = dataclasses.replace(self.sampling, max_new_tokens=20)
         if self.baseline not in ("greedy", "mean"):
             raise ValueError(f"scst baseline must be 'greedy' or 'mean', got {self.baseline!r}")
         if self.baseline == "mean" and self.num_samples < 2:
@@ -51,8 +60,7 @@ def self_critical_loss(model, pixels: Optional[torch.Tensor], references: Sequen
     tok, k = model.tokenizer, cfg.num_samples
     if memory is None:
         memory = model.encode(pixels)
-    sampling = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
-                                top_k=cfg.top_k)
+    sampling = cfg.sampling
     was_training = model.training
     model.eval()  # no dropout while sampling, as at test time
     with torch.no_grad():
@@ -61,7 +69,7 @@ def self_critical_loss(model, pixels: Optional[torch.Tensor], references: Sequen
         greedy = None
         if cfg.baseline == "greedy":
             greedy = generate(model.decoder, memory.detach(), tok.bos_id, tok.eos_id, tok.pad_id,
-                              GenerationConfig(max_new_tokens=cfg.max_new_tokens))
+                              GenerationConfig(max_new_tokens=sampling.max_new_tokens))
     model.train(was_training)
 
     refs_k = [r for r in references for _ in range(k)]

@@ -7,6 +7,7 @@ small and picklable, so DataLoader workers can tokenise in `collate`.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -76,6 +77,22 @@ class CaptionTokenizer:
     def load(cls, directory: str | Path) -> "CaptionTokenizer":
         """Load tokenizer files (JSON/text only; never remote code)."""
         return cls(AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False))
+
+    def to_files(self) -> dict[str, str]:
+        """The tokenizer's files as {name: text}: plain strings fit a weights_only checkpoint."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save(tmp)
+            return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+    @classmethod
+    def from_files(cls, files: dict[str, str]) -> "CaptionTokenizer":
+        """The inverse of `to_files`; file names with a directory part are refused."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in files.items():
+                if Path(name).name != name:
+                    raise ValueError(f"bad tokenizer file name: {name!r}")
+                (Path(tmp) / name).write_text(text, encoding="utf-8")
+            return cls.load(tmp)
 
     @classmethod
     def train(cls, captions: Iterable[str], cfg: TokenizerConfig = TokenizerConfig()) -> "CaptionTokenizer":

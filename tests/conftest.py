@@ -4,24 +4,11 @@ import warnings
 
 import pytest
 import torch
+from helpers import CAPTIONS, tiny_config, tiny_image_bytes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*attention_mask.*")
-
-CAPTIONS = ["a red circle", "a blue square on the left", "a green triangle above a red circle", "a small yellow star"]
-
-
-def tiny_config(family: str = "gpt2", **overrides) -> dict:
-    cfg = {
-        "encoder": {"arch": "resnet18"},
-        "projection": {"kind": "linear", "max_grid": 8},
-        "decoder": {"family": family, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_positions": 32, "dropout": 0.0},
-        "image_size": 64,
-        "max_caption_tokens": 16,
-    }
-    cfg.update(overrides)
-    return cfg
 
 
 @pytest.fixture
@@ -77,18 +64,6 @@ def minilm_dir():
 
 
 # ---- data: tiny images and shards (mmcap.data tests) ----------------------------------------
-
-
-def tiny_image_bytes(i: int = 0, fmt: str = "JPEG", size: tuple[int, int] = (20, 16)) -> bytes:
-    """A small image whose colour depends on `i`, encoded as `fmt`."""
-    import io
-
-    from PIL import Image
-
-    im = Image.new("RGB", size, ((40 * i) % 256, (90 * i + 30) % 256, (150 + 20 * i) % 256))
-    out = io.BytesIO()
-    im.save(out, fmt)
-    return out.getvalue()
 
 
 @pytest.fixture

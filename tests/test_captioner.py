@@ -5,11 +5,14 @@ import sys
 
 import pytest
 import torch
-from conftest import CAPTIONS, tiny_config
+from helpers import CAPTIONS, tiny_config
 from PIL import Image, ImageDraw
 
 from mmcap import Captioner, CaptionerConfig
 from mmcap.images import ImageError
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scenes():
@@ -165,11 +168,13 @@ def test_loading_reads_no_pickle(tiny_gpt2, tmp_path):
 
 def test_from_config_yaml_and_errors(tmp_path):
     path = tmp_path / "m.yaml"
-    path.write_text(
-        "model:\n  encoder: {arch: resnet18}\n  decoder: {family: bert, hidden_size: 32, num_layers: 1, num_heads: 2}\n"
-    )
+    path.write_text("encoder: {arch: resnet18}\ndecoder: {family: bert, hidden_size: 32, num_layers: 1, num_heads: 2}\n")
     model = Captioner.from_config(path, captions=CAPTIONS)
     assert model.config.decoder.family == "bert" and model.decoder.config.num_hidden_layers == 1
+    recipe = tmp_path / "recipe.yaml"  # a training recipe is not a model preset: a clear error
+    recipe.write_text("model:\n  captioner: {encoder: {arch: resnet18}}\n")
+    with pytest.raises(ValueError, match=r"recipe.yaml: unknown captioner config keys: \['model'\]"):
+        CaptionerConfig.load(recipe)
     with pytest.raises(ValueError, match="tokenizer"):
         Captioner.from_config(tiny_config())
     with pytest.raises(ValueError, match="arch"):
@@ -237,6 +242,7 @@ def test_caption_errors_name_the_file(tiny_gpt2, tmp_path):
         tiny_gpt2.caption(str(bad))
 
 
+@pytest.mark.slow
 def test_cli_caption(tiny_gpt2, image_files, tmp_path):
     tiny_gpt2.save_pretrained(tmp_path / "m")
     bad = tmp_path / "imgs" / "zzz_broken.png"
@@ -264,8 +270,8 @@ def _config_files():
 
 @pytest.mark.parametrize("path", _config_files(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_from_config_builds_every_architecture(path):
-    """Every model file and recipe builds (pretrained weights off: nothing can be downloaded)."""
-    cfg = CaptionerConfig.load(path)
+    """Every model preset and recipe builds (pretrained weights off: nothing can be downloaded)."""
+    cfg = CaptionerConfig.load(path) if path.parent.name == "model" else CaptionerConfig.from_recipe(path)
     expected_arch, expected_family = cfg.encoder.arch, cfg.decoder.family
     cfg.encoder.weights, cfg.decoder.pretrained = None, None
     cfg.decoder.hidden_size, cfg.decoder.num_layers, cfg.decoder.num_heads = 32, 1, 2

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmcap.training.cli import eval_main, export_main, lightning_main
+from mmcap.caption_cli import eval_main
+from mmcap.training.cli import export_main, lightning_main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
@@ -28,11 +29,12 @@ def shards(make_caption_shards):
 def tiny_overrides(tmp_path, train, val, max_steps=2) -> list[str]:
     """Recipe overrides: no pretrained weights, tiny sizes, CPU, tiny shards, quick decoding."""
     return [
-        "--model.encoder.arch", "resnet18", "--model.encoder.weights", "null",
-        "--model.decoder.pretrained", "null", "--model.decoder.hidden_size", "32",
-        "--model.decoder.num_layers", "2", "--model.decoder.num_heads", "2", "--model.projection.max_grid", "8",
-        "--model.generation.num_beams", "1", "--model.generation.max_new_tokens", "5", "--model.grid_images", "2",
-        "--model.init_from", "null",
+        "--model.captioner.encoder.arch", "resnet18", "--model.captioner.encoder.weights", "null",
+        "--model.captioner.decoder.pretrained", "null", "--model.captioner.decoder.hidden_size", "32",
+        "--model.captioner.decoder.num_layers", "2", "--model.captioner.decoder.num_heads", "2",
+        "--model.captioner.projection.max_grid", "8",
+        "--model.generation.num_beams", "1", "--model.generation.max_new_tokens", "5",
+        "--model.eval_generation", "null", "--model.training.grid_images", "2", "--model.training.init_from", "null",
         "--data.demo_dir", "null", "--data.train_shards", train, "--data.val_shards", val, "--data.test_shards", val,
         "--data.image_size", "32", "--data.batch_size", "2", "--data.eval_batch_size", "2",
         "--data.num_workers", "0", "--data.shuffle_buffer", "4", "--data.samples_per_epoch", "8",
@@ -51,12 +53,13 @@ def test_recipe_parses_builds_and_trains(recipe, shards, tmp_path):
     assert lightning_main(["fit", "--config", str(CONFIGS / recipe), *tiny_overrides(tmp_path, train, val)]) == 0
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
-    hp = ckpt["hyper_parameters"]
+    hp = ckpt["hyper_parameters"]["captioner"]
     assert hp["image_size"] == 32 and hp["max_caption_tokens"] == ckpt["datamodule_hyper_parameters"]["max_caption_tokens"]
     assert hp["decoder"]["family"] == ("bert" if "bert" in recipe else "gpt2")
     assert "val/CIDEr" in ckpt["callbacks"][next(k for k in ckpt["callbacks"] if "ModelCheckpoint" in k)]["monitor"]
 
 
+@pytest.mark.slow
 def test_demo_fit_test_export_resume_validate_and_eval(shards, tmp_path, capsys):
     train, val, val_caps = shards
     args = ["--config", str(CONFIGS / "demo.yaml"), *tiny_overrides(tmp_path, train, val),
@@ -100,7 +103,7 @@ def test_demo_fit_test_export_resume_validate_and_eval(shards, tmp_path, capsys)
 
 def test_eval_counts_corrupt_samples_and_takes_several_patterns(shards, tmp_path, capsys, tiny_image):
     from mmcap import Captioner
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     train, val, val_caps = shards
     model = Captioner.from_config(tiny_config(image_size=32), captions=["caption one", "another two"])
@@ -125,6 +128,7 @@ def test_eval_counts_corrupt_samples_and_takes_several_patterns(shards, tmp_path
     assert "nothing" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fit_from_features_through_the_cli(shards, tmp_path, capsys):
     """`mmcap features --config` on each split, then `mmcap fit --data.features_dir`: trains, tests
     on the test features, and exports a model that carries the features' encoder."""
@@ -139,7 +143,7 @@ def test_fit_from_features_through_the_cli(shards, tmp_path, capsys):
                            pattern, "--out", str(feats), "--split", split, "--quiet"]) == 0
     args = ["--config", str(CONFIGS / "demo.yaml"), *tiny_overrides(tmp_path, train, val),
             "--data.train_shards", "null", "--data.val_shards", "null", "--data.test_shards", "null",
-            "--data.features_dir", str(feats), "--model.decoder.hidden_size", "64",
+            "--data.features_dir", str(feats), "--model.captioner.decoder.hidden_size", "64",
             "--test_after_fit", "true", "--export_dir", str(tmp_path / "model")]
     capsys.readouterr()
     assert lightning_main(["fit", *args]) == 0
@@ -149,3 +153,25 @@ def test_fit_from_features_through_the_cli(shards, tmp_path, capsys):
     encoder, _ = load_encoder(feats)
     assert (model.config.image_size, model.config.encoder.freeze) == (32, "all")
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.state_dict().values(), encoder.state_dict().values()))
+
+
+def test_preset_file_as_the_model_exports_that_config(shards, tmp_path):
+    """`--model.captioner PRESET`: the exported config.json is the preset (defaults filled in,
+    without the version and the resolved decoder config)."""
+    from mmcap import CaptionerConfig
+
+    train, val, _ = shards
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("encoder: {arch: resnet18}\nprojection: {kind: mlp, max_grid: 8}\n"
+                      "decoder: {family: gpt2, hidden_size: 32, num_layers: 2, num_heads: 2, max_positions: 24}\n"
+                      "tokenizer: {kind: wordlevel, vocab_size: 100}\nimage_size: 32\nmax_caption_tokens: 12\n")
+    args = [a for a in tiny_overrides(tmp_path, train, val) if True]
+    cut = args.index("--model.generation.num_beams")  # drop the inline captioner overrides
+    args = args[cut:]
+    assert lightning_main(["fit", "--config", str(CONFIGS / "demo.yaml"), *args, "--model.captioner", str(preset),
+                           "--data.max_caption_tokens", "12", "--export_dir", str(tmp_path / "model")]) == 0
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved.pop("mmcap_version") and saved.pop("resolved")["decoder"]["n_embd"] == 32
+    assert saved == CaptionerConfig.load(preset).to_dict()
+    generation = json.loads((tmp_path / "model" / "generation_config.json").read_text())
+    assert generation["num_beams"] == 1 and generation["max_new_tokens"] == 5

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mmcap.data import CaptionDataModule, iter_samples, resolve_shards, try_decode
-from mmcap.data.pipeline import MAX_CAPTION_CHARS, batches_per_reader, eval_chunks, split_shards
+from mmcap.data.samples import MAX_CAPTION_CHARS
+from mmcap.data.streams import batches_per_reader, eval_chunks, split_shards
 
 # ---- helpers ----
 
@@ -418,6 +419,7 @@ class DDPProbe(Probe):
             json.dump({"train": self.train_keys, "val": self.val_keys}, f)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("MMCAP_SLOW_TESTS"), reason="real DDP, 2 processes, ~30 s: MMCAP_SLOW_TESTS=1")
 def test_real_ddp_with_uneven_shards_stays_in_step(make_caption_shards, tmp_path):
     train, captions = make_caption_shards(3, 10)

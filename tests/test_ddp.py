@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -48,7 +49,7 @@ class RecordRank(L.Callback):
 
 def run_ddp(out_dir: str, train: str, val: str) -> None:
     """Runs inside the subprocess: 2 epochs on 2 CPU ranks, validation after each."""
-    from conftest import tiny_config
+    from helpers import module_args, tiny_config
 
     from mmcap.data.datamodule import CaptionDataModule
     from mmcap.training import CaptionModule
@@ -56,8 +57,8 @@ def run_ddp(out_dir: str, train: str, val: str) -> None:
     L.seed_everything(0)
     cfg = tiny_config(decoder={"family": "gpt2", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
                                "max_positions": 32, "dropout": 0.0}, image_size=32)
-    module = CaptionModule(**cfg, lr=1e-3, warmup_steps=1, freeze_encoder_steps=2,
-                           generation={"num_beams": 1, "max_new_tokens": 6}, grid_images=0)
+    module = CaptionModule(**module_args(**cfg, lr=1e-3, warmup_steps=1, freeze_encoder_steps=2,
+                                       generation={"num_beams": 1, "max_new_tokens": 6}, grid_images=0))
     data = CaptionDataModule(train_shards=train, val_shards=val, image_size=32, batch_size=2, eval_batch_size=2,
                              num_workers=0, shuffle_buffer=4, max_caption_tokens=16)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, logger=False,
@@ -66,6 +67,7 @@ def run_ddp(out_dir: str, train: str, val: str) -> None:
     trainer.fit(module, datamodule=data)
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_uneven_shards(make_caption_shards, tmp_path):
     # 3 train shards of 4 samples on 2 ranks: rank 0 reads 2 shards, rank 1 one shard (and cycles it)
     train, train_caps = make_caption_shards(n_shards=3, per_shard=4, name="train")

@@ -10,7 +10,7 @@ from mmcap.data import CaptionDataModule, iter_samples
 from mmcap.data.cli import data_main
 from mmcap.data.demo import COLOURS, HELD_OUT, VOCABULARY, make_demo
 from mmcap.data.shardlist import SAMPLE_MEMBERS
-from mmcap.data.pipeline import SkipCounter, read_shards
+from mmcap.data.samples import SkipCounter, read_shards
 
 
 @pytest.fixture(scope="module")

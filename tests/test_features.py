@@ -10,12 +10,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import CAPTIONS, tiny_config
+from helpers import CAPTIONS, module_args, tiny_config
 
 from mmcap import Captioner
 from mmcap.cli import main as mmcap_main
 from mmcap.data.datamodule import CaptionDataModule
-from mmcap.data.pipeline import Collate, SkipCounter, iter_samples
+from mmcap.data.samples import Collate, SkipCounter
+from mmcap.data.streams import iter_samples
 from mmcap.data.shards import FEATURE_MEMBER, read_members, write_member_shards
 from mmcap.features import features_from_bytes, features_to_bytes, load_encoder, load_info
 from mmcap.training import CaptionModule
@@ -118,8 +119,8 @@ class LossLog(L.Callback):
 def fit(model_dir, tmp_path, name, steps=6, **data_kw):
     """Fine-tune `model_dir` for `steps` fp32 steps with the encoder frozen throughout."""
     torch.manual_seed(0)
-    module = CaptionModule(**tiny_config(), lr=3e-3, warmup_steps=1, init_from=str(model_dir),
-                           freeze_encoder_steps=10**6, generation={"num_beams": 1, "max_new_tokens": 8})
+    module = CaptionModule(**module_args(**tiny_config(), lr=3e-3, warmup_steps=1, init_from=str(model_dir),
+                                       freeze_encoder_steps=10**6, generation={"num_beams": 1, "max_new_tokens": 8}))
     data = CaptionDataModule(image_size=64, batch_size=3, num_workers=0, shuffle_buffer=5, seed=0,
                              max_caption_tokens=16, **data_kw)
     log = LossLog()
@@ -162,14 +163,14 @@ def test_encoder_mismatch_and_missing_features_dir_are_clear_errors(tmp_path, sa
     model_dir, pattern, _ = saved_model
     extract(model_dir, pattern, tmp_path / "feats")
     torch.manual_seed(0)
-    module = CaptionModule(**tiny_config(encoder={"arch": "resnet34"}), warmup_steps=1)
+    module = CaptionModule(**module_args(**tiny_config(encoder={"arch": "resnet34"}), warmup_steps=1))
     data = CaptionDataModule(features_dir=str(tmp_path / "feats"), image_size=64, batch_size=4, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    with pytest.raises(ValueError, match="resnet18 features but model.encoder.arch is resnet34"):
+    with pytest.raises(ValueError, match="resnet18 features but model.captioner.encoder.arch is resnet34"):
         trainer.fit(module, datamodule=data)
     # feature shards given as plain train_shards, without features_dir: refused, not trained on
-    module = CaptionModule(**tiny_config(), warmup_steps=1)
+    module = CaptionModule(**module_args(**tiny_config(), warmup_steps=1))
     data = CaptionDataModule(train_shards=str(tmp_path / "feats" / "train-*.tar"), image_size=64, batch_size=4,
                              num_workers=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
@@ -183,7 +184,7 @@ def test_features_dir_with_image_shards_is_refused(tmp_path, saved_model):
     run from images."""
     model_dir, pattern, _ = saved_model
     extract(model_dir, pattern, tmp_path / "feats")
-    module = CaptionModule(**tiny_config(), warmup_steps=1)
+    module = CaptionModule(**module_args(**tiny_config(), warmup_steps=1))
     data = CaptionDataModule(features_dir=str(tmp_path / "feats"), train_shards=pattern, image_size=64,
                              batch_size=4, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,

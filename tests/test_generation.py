@@ -18,6 +18,9 @@ SETTINGS = [
 ]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def peaky_decoder(family: str, seed: int):
     """A random decoder with sharp distributions, so EOS comes at different lengths."""
     torch.manual_seed(seed)

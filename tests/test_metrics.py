@@ -584,6 +584,7 @@ def test_cider_d_equals_pycocoevalcap(tokenized):
 
 
 @needs_java
+@pytest.mark.slow
 def test_meteor_equals_pycocoevalcap(tokenized):
     Meteor = _pycocoevalcap("Meteor")
     gts, res = _coco_inputs(tokenized)
@@ -594,6 +595,7 @@ def test_meteor_equals_pycocoevalcap(tokenized):
 
 
 @needs_java
+@pytest.mark.slow
 def test_caption_metrics_equals_the_coco_caption_pipeline():
     """Raw captions in; the same numbers as pycocoevalcap's Java tokenizer plus its scorers."""
     PTBTokenizer, Bleu, Meteor, Rouge, Cider = map(_pycocoevalcap, ["PTBTokenizer", "Bleu", "Meteor", "Rouge", "Cider"])

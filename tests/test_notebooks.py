@@ -43,6 +43,7 @@ def run_notebook(name: str, env: dict) -> nbformat.NotebookNode:
 
 
 # One test in order: 02 and 03 use the model that 01 trains and saves.
+@pytest.mark.slow
 def test_notebooks_run(small_settings):
     quick = run_notebook("01_quickstart.ipynb", small_settings)
     assert (Path(small_settings["MMCAP_NB_MODEL"]) / "model.safetensors").is_file()

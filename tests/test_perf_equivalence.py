@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import CAPTIONS, tiny_config
+from helpers import CAPTIONS, tiny_config
 from PIL import Image
 from transformers import GPT2LMHeadModel
 
@@ -18,6 +18,9 @@ from mmcap import Captioner
 from mmcap.captioner import bf16_is_fast, compute_dtype
 from mmcap.generation import GenerationConfig, generate
 from mmcap.images import eval_transform
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -115,6 +118,7 @@ def test_draft_decoding_changes_only_large_jpegs(peaky_gpt2, image_files, tmp_pa
     assert (full - drafted).abs().mean() < 0.05  # normalised units: a smooth photo looks the same
 
 
+@pytest.mark.slow
 def test_cli_precision_bf16(peaky_gpt2, image_files, tmp_path):
     peaky_gpt2.save_pretrained(tmp_path / "m")
     cmd = [sys.executable, "-m", "mmcap.cli", "caption", "--model", str(tmp_path / "m"), "--precision", "bf16",

@@ -25,17 +25,18 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import module_args, tiny_config
 from PIL import Image
 
 from mmcap import Captioner
 from mmcap.cli import main as mmcap_main
 from mmcap.data import CaptionDataModule, count_samples, iter_samples
-from mmcap.data.pipeline import MAX_CAPTION_CHARS
+from mmcap.data.samples import MAX_CAPTION_CHARS
 from mmcap.data.shardlist import ends_cleanly
 from mmcap.images import ImageError
 from mmcap.training import CaptionModule
-from mmcap.training.cli import eval_main, export_main, lightning_main
+from mmcap.caption_cli import eval_main
+from mmcap.training.cli import export_main, lightning_main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -161,7 +162,7 @@ class RecordBatches(L.Callback):
 def tiny_module(**overrides) -> CaptionModule:
     cfg = tiny_config(image_size=32)
     kw = dict(lr=1e-3, warmup_steps=1, generation={"num_beams": 1, "max_new_tokens": 5}, grid_images=0)
-    return CaptionModule(**{**cfg, **kw, **overrides})
+    return CaptionModule(**module_args(**{**cfg, **kw, **overrides}))
 
 
 def test_training_runs_through_bad_inputs_and_counts_each_by_reason(bad_shards, tmp_path):
@@ -299,10 +300,10 @@ def fit_args(train: str, run: Path, max_steps: int, every: int = 2) -> list[str]
     """`mmcap fit` without a config file: tiny model, tiny shards, checkpoints every `every` steps."""
     return [
         "fit", "--seed_everything", "0",
-        "--model.encoder.arch", "resnet18", "--model.encoder.weights", "null", "--model.encoder.freeze", "all",
-        "--model.decoder.hidden_size", "32", "--model.decoder.num_layers", "2", "--model.decoder.num_heads", "2",
-        "--model.decoder.max_positions", "32", "--model.decoder.dropout", "0.0", "--model.projection.max_grid", "8",
-        "--model.warmup_steps", "2", "--model.grid_images", "0",
+        "--model.captioner.encoder.arch", "resnet18", "--model.captioner.encoder.weights", "null", "--model.captioner.encoder.freeze", "all",
+        "--model.captioner.decoder.hidden_size", "32", "--model.captioner.decoder.num_layers", "2", "--model.captioner.decoder.num_heads", "2",
+        "--model.captioner.decoder.max_positions", "32", "--model.captioner.decoder.dropout", "0.0", "--model.captioner.projection.max_grid", "8",
+        "--model.optim.warmup_steps", "2", "--model.training.grid_images", "0",
         "--data.train_shards", train, "--data.image_size", "32", "--data.batch_size", "2",
         "--data.max_caption_tokens", "16", "--data.num_workers", "0", "--data.shuffle_buffer", "4",
         "--data.resampled", "true", "--data.samples_per_epoch", "8",
@@ -360,6 +361,7 @@ def latest_csv_steps(run: Path) -> list[int]:
         return sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")})
 
 
+@pytest.mark.slow
 def test_sigkill_during_fit_then_resume_from_last(make_caption_shards, tmp_path, system_tmpdir):
     train, _ = make_caption_shards(n_shards=2, per_shard=4)
     run, straight = tmp_path / "run", tmp_path / "straight"
@@ -406,6 +408,7 @@ def test_sigkill_during_fit_then_resume_from_last(make_caption_shards, tmp_path,
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"]  # a killed save's leftover is gone too
 
 
+@pytest.mark.slow
 def test_sigkill_during_mmcap_shards_leaves_only_complete_shards(tmp_path):
     source, out = tmp_path / "folder", tmp_path / "shards"
     source.mkdir()
@@ -462,7 +465,7 @@ def test_model_directory_asking_for_remote_code_runs_none(saved_model, tmp_path)
     (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
                                    "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
     config = json.loads((model / "config.json").read_text())
-    config["decoder"]["hf_config"]["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
+    config["resolved"]["decoder"]["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
     (model / "config.json").write_text(json.dumps(config))
     tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
     remote = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}

@@ -1,7 +1,7 @@
 """Self-critical training: the reward is mmcap's CIDEr-D, and the update favours better captions."""
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import module_args, tiny_config
 from PIL import Image, ImageDraw
 
 from mmcap import Captioner
@@ -11,6 +11,9 @@ from mmcap.scst import SCSTConfig, cider_rewards, reward_scorer, self_critical_l
 
 GOOD, BAD = "a red circle on the left", "a blue square"
 CORPUS = [[GOOD, "a red circle"], [BAD, "a blue square on the right"], ["a green triangle"], ["a small yellow star"]]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reward_equals_metrics_cider():
@@ -48,7 +51,7 @@ def test_scst_moves_the_model_toward_the_higher_reward_caption():
 
     before = margin()
     scorer = reward_scorer(CORPUS)
-    cfg = SCSTConfig(num_samples=8, baseline="mean", max_new_tokens=8)
+    cfg = SCSTConfig(num_samples=8, baseline="mean", sampling={"max_new_tokens": 8})
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     first_loss = None
     for step in range(15):
@@ -66,7 +69,7 @@ def test_greedy_baseline_cancels_samples_equal_to_greedy():
     torch.manual_seed(1)
     model = Captioner.from_config(tiny_config("bert"), captions=[c for refs in CORPUS for c in refs]).eval()
     pixels = torch.randn(2, 3, 64, 64)
-    cfg = SCSTConfig(num_samples=3, baseline="greedy", temperature=1e-4)
+    cfg = SCSTConfig(num_samples=3, baseline="greedy", sampling={"temperature": 1e-4})
     loss, stats = self_critical_loss(model, pixels, [[GOOD], [BAD]], reward_scorer(CORPUS), cfg)
     assert stats["advantage_abs"] == 0.0 and loss.item() == 0.0
     loss.backward()
@@ -86,8 +89,8 @@ def test_scst_stage_runs_in_lightning_from_a_saved_model(tmp_path, make_caption_
     torch.manual_seed(0)
     start = Captioner.from_config(tiny_config("gpt2", image_size=32), captions=["caption a", "another b"])
     start.save_pretrained(tmp_path / "start")
-    module = CaptionModule(init_from=str(tmp_path / "start"), scst=SCSTConfig(num_samples=2, max_new_tokens=4),
-                           lr=1e-3, warmup_steps=1, image_size=32)
+    module = CaptionModule(**module_args(init_from=str(tmp_path / "start"), image_size=32, lr=1e-3, warmup_steps=1,
+                                       scst=SCSTConfig(num_samples=2, sampling={"max_new_tokens": 4})))
     data = CaptionDataModule(train_shards=pattern, image_size=32, batch_size=4, num_workers=0, shuffle_buffer=4)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
@@ -97,4 +100,5 @@ def test_scst_stage_runs_in_lightning_from_a_saved_model(tmp_path, make_caption_
     before = Captioner.from_pretrained(tmp_path / "start").state_dict()
     after = module.captioner.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-    assert module.hparams.scst["num_samples"] == 2 and module.hparams.init_from == str(tmp_path / "start")
+    assert module.hparams.training["scst"]["num_samples"] == 2
+    assert module.hparams.training["init_from"] == str(tmp_path / "start")

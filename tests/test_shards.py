@@ -13,7 +13,7 @@ from PIL import Image
 
 from mmcap.data import count_samples, iter_samples, write_shards
 from mmcap.data.cli import shards_main
-from mmcap.data.pipeline import SkipCounter, read_shards
+from mmcap.data.samples import SkipCounter, read_shards
 from mmcap.data.shards import Sample, indexed_count, read_members, sanitize_key
 from mmcap.data.sources import coco_samples, folder_samples, karpathy_samples, table_samples
 
@@ -117,6 +117,7 @@ def test_a_failed_run_leaves_only_complete_shards(tmp_path, tiny_image):
     assert sorted(os.listdir(tmp_path)) == ["s-000000.tar", "s-000001.tar", "shards.json"]
 
 
+@pytest.mark.slow
 def test_sigkill_never_leaves_a_partial_shard_and_rerun_completes(tmp_path, tiny_image):
     out, started = tmp_path / "out", tmp_path / "second-shard-started"
 

@@ -5,7 +5,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import CAPTIONS, module_args, tiny_config
 
 from mmcap import Captioner
 from mmcap.images import IMAGENET_MEAN, IMAGENET_STD
@@ -71,8 +71,8 @@ def tiny_module(**overrides) -> CaptionModule:
     kw = dict(lr=3e-3, warmup_steps=2, weight_decay=0.01, encoder_lr_mult=1.0,
               generation={"num_beams": 1, "max_new_tokens": 10})
     kw.update(overrides)
-    module = CaptionModule(**cfg, **kw)
-    module.set_captioner(Captioner.from_config(module.model_config, captions=CAPTIONS))
+    module = CaptionModule(**module_args(**cfg, **kw))
+    module.set_captioner(Captioner.from_config(module.captioner_config, captions=CAPTIONS))
     return module
 
 
@@ -87,9 +87,10 @@ def trainer(tmp_path, max_steps, **kw) -> L.Trainer:
 def fake_metrics(monkeypatch):
     """Metrics without Java or the metrics package: exact match only."""
     import mmcap.training.module as module_mod
+    from mmcap.metrics import exact_match_rate
 
     def evaluate(references, predictions, meteor=True):
-        em = module_mod.exact_match_rate(references, predictions)
+        em = exact_match_rate(references, predictions)
         return {"BLEU-4": em, "METEOR": None, "CIDEr": em, "exact_match": em}
 
     monkeypatch.setattr(module_mod, "evaluate_captions", evaluate)
@@ -268,7 +269,7 @@ def test_load_from_checkpoint_and_export_round_trip(tmp_path, monkeypatch):
     t.fit(module, loader(batches))
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     raw = torch.load(ckpt, weights_only=True)  # plain types only
-    assert raw["hyper_parameters"]["decoder"]["family"] == "gpt2"
+    assert raw["hyper_parameters"]["captioner"]["decoder"]["family"] == "gpt2"
     assert "tokenizer.json" in raw["mmcap"]["tokenizer"]
 
     loaded = CaptionModule.load_from_checkpoint(ckpt, weights_only=True)
@@ -310,7 +311,7 @@ def module_exact_match(module, batches):
 
 
 def test_gather_predictions_dedupes_keys():
-    from mmcap.training.module import gather_predictions
+    from mmcap.training.distributed import gather_predictions
 
     refs, preds = gather_predictions([("a", "x", ["r1"]), ("b", "y", ["r2"]), ("a", "x", ["r1"])])
     assert preds == {"a": "x", "b": "y"} and refs == {"a": ["r1"], "b": ["r2"]}
@@ -322,7 +323,8 @@ def test_hyperparameters_are_plain():
         assert isinstance(value, (dict, list, str, int, float, bool, type(None))), type(value)
     again = CaptionModule(**{k: v for k, v in module.hparams.items()})
     assert again.hparams == module.hparams
-    assert not math.isnan(again.hparams.lr)
+    assert again.optim == module.optim and again.captioner_config == module.captioner_config
+    assert not math.isnan(again.hparams.optim["lr"])
 
 
 def test_token_dropout_hides_input_words_not_targets():

@@ -1,6 +1,7 @@
 """Data: writing shards (`shards`, `sources`), reading them (`shardlist`, `pipeline`), the Lightning
 `CaptionDataModule` (`datamodule`) and the synthetic demo set (`demo`)."""
-from .pipeline import Example, Skip, decode_sample, iter_captions, iter_samples, try_decode
+from .samples import Example, Skip, decode_sample, try_decode
+from .streams import iter_captions, iter_samples
 from .shardlist import count_samples, resolve_shards
 from .shards import Sample, WriteSummary, write_shards
 from .sources import coco_samples, folder_samples, karpathy_samples, table_samples

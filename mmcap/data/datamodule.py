@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Union
 import lightning as L
 import webdataset as wds
 
-from .pipeline import EvalStream, TrainStream, iter_captions, iter_references
+from .streams import EvalStream, TrainStream, iter_captions, iter_references
 from .shardlist import resolve_shards, shard_counts
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,11 @@ class CaptionDataModule(L.LightningDataModule):
     def test_dataloader(self) -> Union[CaptionLoader, list]:
         return self._eval_loader("test")
 
-    # ---- helpers for the training code ----
+    # ---- what the training code needs (mmcap.data.interface.TrainingData) ----
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Batches made from now on carry token ids (`tokenizer` must be picklable for workers)."""
+        self.tokenizer = tokenizer
 
     def train_captions(self, limit: Optional[int] = None) -> Iterator[str]:
         """Every training caption (images are not read): for training a tokenizer."""

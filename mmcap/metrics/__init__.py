@@ -18,6 +18,8 @@ from .rouge import rouge_l
 
 __all__ = [
     "caption_metrics",
+    "evaluate_captions",
+    "exact_match_rate",
     "bleu_scores",
     "rouge_l",
     "cider_d",
@@ -75,3 +77,20 @@ def caption_metrics(
         "ROUGE_L": rouge_l(preds, refs)[0],
         "CIDEr": cider_d(preds, refs)[0],
     }
+
+
+def evaluate_captions(references: Mapping[Hashable, Sequence[str]], predictions: Mapping[Hashable, str],
+                      meteor: bool = True) -> dict[str, float | None]:
+    """`caption_metrics` plus `exact_match`: the share of predictions equal to one of their
+    references (case and spacing ignored). What `mmcap eval` and the test split report."""
+    metrics = dict(caption_metrics(references, predictions, meteor=meteor))
+    metrics["exact_match"] = exact_match_rate(references, predictions)
+    return metrics
+
+
+def exact_match_rate(references: Mapping[Hashable, Sequence[str]], predictions: Mapping[Hashable, str]) -> float:
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split())
+
+    hits = sum(norm(p) in {norm(r) for r in references[k]} for k, p in predictions.items())
+    return hits / max(1, len(predictions))

@@ -1,7 +1,9 @@
-"""Training with Lightning: `CaptionModule` (the LightningModule), optimiser and schedule, checkpoints, CLI."""
+"""Training with Lightning: `CaptionModule` (the LightningModule) and its config blocks, callbacks,
+optimiser and schedule, checkpoints, CLI."""
+from .callbacks import NonFiniteGuard, NonFiniteLossError, ThroughputLogger
 from .checkpoint import AtomicCheckpointIO, AtomicModelCheckpoint
-from .module import CaptionModule, NonFiniteLossError
-from .optim import WarmupCosine, param_groups
+from .module import CaptionModule, TrainingConfig
+from .optim import OptimConfig, WarmupCosine, param_groups
 
-__all__ = ["AtomicCheckpointIO", "AtomicModelCheckpoint", "CaptionModule", "NonFiniteLossError", "WarmupCosine",
-           "param_groups"]
+__all__ = ["AtomicCheckpointIO", "AtomicModelCheckpoint", "CaptionModule", "NonFiniteGuard", "NonFiniteLossError",
+           "OptimConfig", "ThroughputLogger", "TrainingConfig", "WarmupCosine", "param_groups"]

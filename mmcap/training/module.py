@@ -1,9 +1,18 @@
 """`CaptionModule`: the LightningModule that trains and evaluates a `Captioner`.
 
-It holds the training step, the optimiser and the caption metrics; the model itself is the plain
-`Captioner` in `self.captioner`, built in `setup()` (its tokenizer may need the training captions)
-or from a checkpoint, which carries the full model config and the tokenizer files, so that
-`load_from_checkpoint`, resuming and `mmcap export` never need the data or the hub.
+It holds the training step, the optimiser and the caption metrics only. Its arguments are typed
+blocks, each the config of one concern (a recipe's `model:` section has the same shape):
+
+    captioner   CaptionerConfig: the model, exactly a saved model's config.json (or a preset file)
+    optim       OptimConfig: learning rates, decay, warm-up and schedule, encoder freezing
+    training    TrainingConfig: training-only options (label smoothing, SCST, init_from, ...)
+    generation  GenerationConfig: the model's decoding defaults (saved with it, used by `test`)
+    eval_generation  cheaper decoding for validation and test runs (default: `generation`)
+
+The model itself is the plain `Captioner` in `self.captioner`, built in `setup()` (its tokenizer
+may need the training captions) or from a checkpoint, which carries the model config and the
+tokenizer files, so that `load_from_checkpoint`, resuming and `mmcap export` never need the
+data or the hub. The datamodule is reached only through `TrainingData` (`mmcap.data.interface`).
 """
 from __future__ import annotations
 
@@ -11,180 +20,182 @@ import contextlib
 import dataclasses
 import logging
 import math
-import tempfile
-import time
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import lightning as L
 import torch
-from torch import nn
 
 from ..captioner import Captioner
-from ..config import CaptionerConfig, DecoderConfig, EncoderConfig, ProjectionConfig, TokenizerConfig
-from ..generation import GenerationConfig
+from ..config import CaptionerConfig
+from ..data.interface import TrainingData
+from ..generation_config import GenerationConfig
+from ..metrics import evaluate_captions
 from ..scst import SCSTConfig, reward_scorer, self_critical_loss
 from ..tokenizer import CaptionTokenizer
-from .optim import build_optimizer
+from .callbacks import NonFiniteGuard, NonFiniteLossError, ThroughputLogger  # noqa: F401  (re-exported)
+from .distributed import gather_from_ranks, gather_predictions
+from .optim import OptimConfig, build_optimizer
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "mmcap"  # checkpoint entry with the model config and tokenizer files (plain types)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised after `max_bad_steps` consecutive steps with a non-finite loss or gradient."""
+@dataclass
+class TrainingConfig:
+    """A recipe's `model.training` block: options that exist only while training."""
+
+    label_smoothing: float = 0.0
+    # Share of the decoder's input words (teacher forcing; never BOS) shown as UNK, so that each
+    # word is predicted more from the image than from the words before it.
+    token_dropout: float = 0.0
+    max_bad_steps: int = 20  # consecutive non-finite steps (skipped) tolerated before raising
+    tokenizer_max_captions: Optional[int] = None  # training captions read to train a tokenizer
+    val_meteor: bool = False  # METEOR (Java, slow to start) at validation too; test always has it
+    grid_images: int = 8  # images in the caption grid logged at each validation (0: none)
+    channels_last: bool = False  # encoder in channels-last memory format (faster on CPUs, tensor cores)
+    # Start from this save_pretrained directory (its config replaces model.captioner), e.g. for SCST.
+    init_from: Optional[str] = None
+    # Self-critical sequence training (CIDEr-D rewards) instead of cross-entropy.
+    scst: Optional[SCSTConfig] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scst, dict):
+            self.scst = SCSTConfig(**self.scst)
+
+
+def _coerce(typ, value):
+    """A config dataclass from an instance, a dict (YAML/JSON, checkpoint hparams) or None."""
+    if value is None or isinstance(value, typ):
+        return value if value is not None else typ()
+    if typ is CaptionerConfig:
+        return CaptionerConfig.from_dict(value if isinstance(value, dict) else dataclasses.asdict(value))
+    if typ is GenerationConfig:
+        return GenerationConfig.coerce(value)
+    return typ(**(value if isinstance(value, dict) else dataclasses.asdict(value)))
 
 
 class CaptionModule(L.LightningModule):
     def __init__(
         self,
-        encoder: EncoderConfig = EncoderConfig(),
-        projection: ProjectionConfig = ProjectionConfig(),
-        decoder: DecoderConfig = DecoderConfig(),
-        tokenizer: TokenizerConfig = TokenizerConfig(),
-        image_size: int = 224,
-        max_caption_tokens: int = 40,
-        lr: float = 1e-4,
-        encoder_lr_mult: float = 0.1,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 1000,
-        min_lr_ratio: float = 0.0,
-        total_steps: Optional[int] = None,
-        freeze_encoder_steps: int = 0,
-        label_smoothing: float = 0.0,
-        token_dropout: float = 0.0,
-        max_bad_steps: int = 20,
-        generation: GenerationConfig = GenerationConfig(num_beams=3),
-        tokenizer_max_captions: Optional[int] = None,
-        val_meteor: bool = False,
-        grid_images: int = 8,
-        channels_last: bool = False,
-        init_from: Optional[str] = None,
-        scst: Optional[SCSTConfig] = None,
+        captioner: CaptionerConfig = CaptionerConfig(),
+        optim: OptimConfig = OptimConfig(),
+        training: TrainingConfig = TrainingConfig(),
+        generation: GenerationConfig = GenerationConfig(),
+        eval_generation: Optional[GenerationConfig] = None,
     ):
         """
         Args:
-            encoder, projection, decoder, tokenizer, image_size, max_caption_tokens: the `CaptionerConfig`
-                parts (`image_size` is the resolution `Captioner.caption` uses; the CLI links it and
-                `max_caption_tokens` to the data options of the same name).
-            lr: peak learning rate of the decoder and projection.
-            encoder_lr_mult: the encoder's learning rate is `lr * encoder_lr_mult`.
-            weight_decay: AdamW decay of weight matrices (never biases, norms or embeddings).
-            betas: AdamW betas.
-            warmup_steps: linear warm-up length in optimizer steps, then cosine decay.
-            min_lr_ratio: the cosine ends at `lr * min_lr_ratio`.
-            total_steps: schedule length; default `trainer.max_steps` (or the trainer's estimate).
-            freeze_encoder_steps: optimizer steps during which the whole encoder (BatchNorm
-                statistics included) stays fixed before it trains too.
-            label_smoothing: cross-entropy label smoothing.
-            token_dropout: share of the decoder's input words (teacher forcing; never BOS) shown as
-                UNK during training, so that each word is predicted more from the image than from
-                the words before it: helps word combinations the training captions never had.
-            max_bad_steps: consecutive non-finite steps (skipped) tolerated before raising.
-            generation: decoding for validation/test/predict (transformers names: num_beams, ...).
-            tokenizer_max_captions: training captions read to train a tokenizer (None: all).
-            val_meteor: compute METEOR (Java, slow to start) at validation too; test always does.
-            grid_images: images in the caption grid logged at each validation (0: none).
-            channels_last: run the encoder in channels-last memory format (faster on CPUs and
-                tensor cores).
-            init_from: start from this `save_pretrained` directory instead of a new model (its
-                config replaces the model options above), e.g. to fine-tune with SCST.
-            scst: train with self-critical sequence training (CIDEr-D rewards, document
-                frequencies from the training references) instead of cross-entropy.
+            captioner: the model (`CaptionerConfig`; the CLI also takes a preset file path). Its
+                `image_size` and `max_caption_tokens` are linked from `data.*` by the CLI.
+            optim: learning rates, weight decay, warm-up + cosine schedule, encoder freezing.
+            training: training-only options (see `TrainingConfig`).
+            generation: the model's decoding defaults: used by `test`, saved with the model as
+                generation_config.json, so `Captioner.caption` and `mmcap caption` start from them.
+            eval_generation: decoding for validation and test inside training runs, when it should be
+                cheaper than `generation` (greedy against beam 3, say). `mmcap eval` uses `generation`.
         """
         super().__init__()
-        cfg = CaptionerConfig.from_dict(dict(
-            encoder=_plain(encoder), projection=_plain(projection), decoder=_plain(decoder),
-            tokenizer=_plain(tokenizer), image_size=image_size, max_caption_tokens=max_caption_tokens,
-        ))
-        self.model_config = cfg
-        self.scst = scst if scst is None or isinstance(scst, SCSTConfig) else SCSTConfig(**_plain(scst))
-        self._reward_scorer = None
-        self.generation = generation if isinstance(generation, GenerationConfig) else GenerationConfig(**_plain(generation))
+        self.captioner_config: CaptionerConfig = _coerce(CaptionerConfig, captioner)
+        self.optim: OptimConfig = _coerce(OptimConfig, optim)
+        self.training_config: TrainingConfig = _coerce(TrainingConfig, training)
+        self.generation: GenerationConfig = _coerce(GenerationConfig, generation)
+        self.eval_generation: GenerationConfig = (self.generation if eval_generation is None
+                                                 else _coerce(GenerationConfig, eval_generation))
         # Plain types only: checkpoints are read back with torch.load(weights_only=True).
         self.save_hyperparameters(dict(
-            cfg.to_dict(), lr=lr, encoder_lr_mult=encoder_lr_mult, weight_decay=weight_decay, betas=list(betas),
-            warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, total_steps=total_steps,
-            freeze_encoder_steps=freeze_encoder_steps, label_smoothing=label_smoothing, token_dropout=token_dropout,
-            max_bad_steps=max_bad_steps,
-            generation=dataclasses.asdict(self.generation), tokenizer_max_captions=tokenizer_max_captions,
-            val_meteor=val_meteor, grid_images=grid_images, channels_last=channels_last, init_from=init_from,
-            scst=dataclasses.asdict(self.scst) if self.scst is not None else None,
+            captioner=self.captioner_config.to_dict(), optim=dataclasses.asdict(self.optim),
+            training=dataclasses.asdict(self.training_config), generation=self.generation.to_dict(),
+            eval_generation=None if eval_generation is None else self.eval_generation.to_dict(),
         ))
         self.captioner: Optional[Captioner] = None
-        self.bad_steps = 0  # skipped non-finite steps in this run
-        self._consecutive_bad = 0
-        self._nonfinite_loss = torch.zeros((), dtype=torch.bool)
+        self._reward_scorer = None
+        self._guard = NonFiniteGuard(self.training_config.max_bad_steps)
         self._skipped: Counter = Counter()
-        self._last_step_time: Optional[float] = None
         self._eval_outputs: list[tuple[str, str, list[str]]] = []
         self._eval_loss = torch.zeros(2)
         self._grid: list[tuple[torch.Tensor, str, list[str]]] = []
         self._features_dir: Optional[str] = None  # training from precomputed encoder grids
 
+    @property
+    def model_config(self) -> CaptionerConfig:  # the 0.1 name
+        return self.captioner_config
+
+    @property
+    def bad_steps(self) -> int:
+        """Training steps skipped for a non-finite loss or gradient in this run."""
+        return self._guard.bad_steps
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [self._guard, ThroughputLogger()]
+
     # ------------------------------------------------------------------ building the model
+    def _data(self) -> Optional[TrainingData]:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and not isinstance(datamodule, TrainingData):
+            raise TypeError(f"{type(datamodule).__name__} does not provide what CaptionModule needs from its data "
+                            "(mmcap.data.interface.TrainingData): use CaptionDataModule or implement that interface")
+        return datamodule
+
     def setup(self, stage: str) -> None:
         """Build the captioner for training; evaluation waits for a checkpoint (see `_require_model`)."""
-        datamodule = self.trainer.datamodule
-        self._features_dir = getattr(datamodule, "features_dir", None)
+        data = self._data()
+        self._features_dir = data.features_dir if data is not None else None
         if self.captioner is None and stage == "fit":
-            captioner = self.build_captioner(datamodule)
+            captioner = self.build_captioner(data)
             if self._features_dir is not None:
+                from ..features import use_feature_encoder
+
                 use_feature_encoder(captioner, self._features_dir)
             self.set_captioner(captioner)
         elif self.captioner is not None:
             self.set_captioner(self.captioner)
-        if stage == "fit" and self.scst is not None and self._reward_scorer is None:
-            datamodule = self.trainer.datamodule
-            if datamodule is None or not hasattr(datamodule, "train_references"):
-                raise ValueError("SCST takes CIDEr document frequencies from the training references: use "
-                                 "a datamodule with `train_references()` (CaptionDataModule)")
-            self._reward_scorer = reward_scorer(datamodule.train_references())
+        if stage == "fit" and self.training_config.scst is not None and self._reward_scorer is None:
+            if data is None:
+                raise ValueError("SCST takes CIDEr document frequencies from the training references: "
+                                 "train with a datamodule (CaptionDataModule)")
+            self._reward_scorer = reward_scorer(data.train_references())
 
-    def build_captioner(self, datamodule=None) -> Captioner:
+    def build_captioner(self, data: Optional[TrainingData] = None) -> Captioner:
         """A new `Captioner` from this module's config. A decoder built from config trains its
-        tokenizer from `datamodule.train_captions()`; a pretrained one brings its own."""
-        if self.hparams.init_from:
-            return Captioner.from_pretrained(self.hparams.init_from)
-        cfg = CaptionerConfig.from_dict(self.model_config.to_dict())
+        tokenizer from `data.train_captions()`; a pretrained one brings its own."""
+        if self.training_config.init_from:
+            captioner = Captioner.from_pretrained(self.training_config.init_from)
+            captioner.generation_config = self.generation
+            return captioner
+        cfg = self.captioner_config
         captions = None
         if not cfg.decoder.pretrained:
-            if datamodule is None or not hasattr(datamodule, "train_captions"):
+            if data is None:
                 raise ValueError(
                     "a decoder built from config trains its tokenizer from the training captions: use a "
-                    "datamodule with `train_captions()` (CaptionDataModule), a checkpoint, or decoder.pretrained"
+                    "datamodule (CaptionDataModule), a checkpoint, or model.captioner.decoder.pretrained"
                 )
-            captions = datamodule.train_captions(limit=self.hparams.tokenizer_max_captions)
-        return Captioner.from_config(cfg, captions=captions)
+            captions = data.train_captions(limit=self.training_config.tokenizer_max_captions)
+        return Captioner.from_config(cfg, captions=captions, generation_config=self.generation)
 
     def set_captioner(self, captioner: Captioner) -> None:
         """Use `captioner` (e.g. one built in Python) and hand its tokenizer to the datamodule."""
-        if self.hparams.channels_last:
+        if self.training_config.channels_last:
             captioner.encoder.to(memory_format=torch.channels_last)
         if self._features_dir is not None:  # the encoder never runs: keep it out of optimizer and DDP
             captioner.encoder.set_freeze("all")
+        captioner.generation_config = self.generation
         self.captioner = captioner
-        self._share_tokenizer()
-
-    def _share_tokenizer(self) -> None:
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "tokenizer"):
-            datamodule.tokenizer = self.captioner.tokenizer
+        data = self._data()
+        if data is not None:
+            data.set_tokenizer(captioner.tokenizer)
 
     def _require_model(self) -> Captioner:
         if self.captioner is None:  # evaluation without a checkpoint: an untrained model
             # in the mode Lightning already put this module in (eval, for validate/test)
-            self.set_captioner(self.build_captioner(self.trainer.datamodule).train(self.training))
+            self.set_captioner(self.build_captioner(self._data()).train(self.training))
         return self.captioner
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "config": self.captioner.config.to_dict(),  # includes the decoder's full HF config
-            "tokenizer": tokenizer_to_files(self.captioner.tokenizer),
-        }
+        checkpoint[CHECKPOINT_KEY] = checkpoint_entry(self.captioner)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, weights_only: bool = True, **kwargs) -> "CaptionModule":
@@ -194,23 +205,17 @@ class CaptionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the captioner exactly as saved (Lightning loads the weights right after)."""
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is None:
-            raise ValueError("this checkpoint was not written by mmcap's CaptionModule: it has no model config/tokenizer")
-        cfg = CaptionerConfig.from_dict(saved["config"])
-        self.model_config = CaptionerConfig.from_dict(saved["config"])
-        self.set_captioner(Captioner(cfg, tokenizer_from_files(saved["tokenizer"]), load_pretrained=False))
+        captioner = captioner_from_entry(checkpoint)
+        self.captioner_config = captioner.config
+        self.set_captioner(captioner)
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
-        hp = self.hparams
-        total = hp.total_steps or self.trainer.estimated_stepping_batches
+        total = self.optim.total_steps or self.trainer.estimated_stepping_batches
         if not total or total < 0 or math.isinf(total):
-            raise ValueError("the learning-rate schedule needs a length: set trainer.max_steps or model.total_steps")
-        optimizer, scheduler = build_optimizer(
-            self.captioner, hp.lr, hp.weight_decay, hp.encoder_lr_mult, tuple(hp.betas), hp.warmup_steps,
-            int(total), hp.min_lr_ratio,
-        )
+            raise ValueError("the learning-rate schedule needs a length: set trainer.max_steps or "
+                             "model.optim.total_steps")
+        optimizer, scheduler = build_optimizer(self.captioner, self.optim, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
@@ -218,29 +223,29 @@ class CaptionModule(L.LightningModule):
 
     @property
     def encoder_frozen(self) -> bool:
-        return self.global_step < self.hparams.freeze_encoder_steps
+        return self.global_step < self.optim.freeze_encoder_steps
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         pixels, memory = self._inputs(batch)
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        opts = self.training_config
         with contextlib.ExitStack() as stack:
             if self.encoder_frozen:
                 stack.enter_context(self._frozen_encoder())
-            if self.hparams.token_dropout > 0:
-                stack.enter_context(self._token_dropout(self.hparams.token_dropout))
-            if self.scst is not None:
+            if opts.token_dropout > 0:
+                stack.enter_context(self._token_dropout(opts.token_dropout))
+            if opts.scst is not None:
                 loss, stats = self_critical_loss(self.captioner, pixels, batch["references"], self._reward_scorer,
-                                                 self.scst, memory=memory)
+                                                 opts.scst, memory=memory)
                 for name, value in stats.items():
                     self.log(f"train/scst_{name}", value, batch_size=len(batch["keys"]))
             else:
-                loss = self.captioner(pixels, input_ids, attention_mask, label_smoothing=self.hparams.label_smoothing,
+                loss = self.captioner(pixels, input_ids, attention_mask, label_smoothing=opts.label_smoothing,
                                       memory=memory)
         if self.encoder_frozen and self.trainer.world_size > 1:
             # DDP expects a gradient for every parameter it registered: give the encoder zeros
             # (dropped again in on_before_optimizer_step).
             loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in self.captioner.encoder.parameters() if p.requires_grad)
-        self._nonfinite_loss = self._nonfinite_loss.to(loss.device) | ~torch.isfinite(loss.detach())
         n = len(batch["keys"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self._log_data_skips(batch)
@@ -288,46 +293,11 @@ class CaptionModule(L.LightningModule):
             handle.remove()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip (drop all gradients of) a step whose loss or gradients are not finite, on every rank."""
+        """While the encoder is frozen, drop the zero gradients DDP gave it (see training_step).
+        (Non-finite steps are skipped by the `NonFiniteGuard` callback, which runs first.)"""
         if self.encoder_frozen:
             for p in self.captioner.encoder.parameters():
                 p.grad = None
-        bad = bool(self._nonfinite_loss)
-        # Under a GradScaler (16-mixed) overflowing gradients are routine: the scaler skips those.
-        if not _uses_grad_scaler(self.trainer):
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            bad = bad or not bool(torch.isfinite(grad_norm))
-            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
-        bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)  # the same decision on every rank
-        self._nonfinite_loss = torch.zeros((), dtype=torch.bool)
-        if not bad:
-            self._consecutive_bad = 0
-            return
-        optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without .grad untouched
-        self.bad_steps += 1
-        self._consecutive_bad += 1
-        self.log("train/bad_steps", float(self.bad_steps), on_step=True, on_epoch=False)
-        if self._consecutive_bad >= self.hparams.max_bad_steps:
-            raise NonFiniteLossError(
-                f"{self._consecutive_bad} consecutive training steps had a non-finite loss or gradient (step "
-                f"{self.global_step}); the run is diverging or the data is broken. Try a lower model.lr, "
-                "gradient clipping (trainer.gradient_clip_val), bf16-mixed instead of 16-mixed, or check the data."
-            )
-
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            dt = now - self._last_step_time
-            world = self.trainer.world_size
-            n = len(batch["keys"])
-            self.log("train/samples_per_s", n * world / dt, on_step=True, on_epoch=False, batch_size=n)
-            tokens = batch["attention_mask"][:, 1:].sum().float()  # predicted tokens
-            self.log("train/tokens_per_s", tokens * world / dt, on_step=True, on_epoch=False, batch_size=n)
-        self._last_step_time = now
-
-    def on_train_epoch_start(self) -> None:
-        self._last_step_time = None
 
     def _log_data_skips(self, batch: dict) -> None:
         skipped = batch.get("skipped") or {}
@@ -350,7 +320,7 @@ class CaptionModule(L.LightningModule):
             raise ValueError(f"data.features_dir is {self._features_dir} but this batch holds images: point the "
                              "shard options at that directory's feature shards (or leave them unset)")
         pixels = batch["pixels"]
-        return (pixels.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else pixels), None
+        return (pixels.contiguous(memory_format=torch.channels_last) if self.training_config.channels_last else pixels), None
 
     # ------------------------------------------------------------------ evaluation
     def on_validation_start(self) -> None:
@@ -365,8 +335,10 @@ class CaptionModule(L.LightningModule):
     on_test_epoch_start = on_validation_epoch_start
 
     @torch.no_grad()
-    def generate_captions(self, pixels: Optional[torch.Tensor], memory: Optional[torch.Tensor] = None) -> list[str]:
-        out = self.captioner.generate(pixels, memory=memory, **dataclasses.asdict(self.generation))
+    def generate_captions(self, pixels: Optional[torch.Tensor], memory: Optional[torch.Tensor] = None,
+                          generation: Optional[GenerationConfig] = None) -> list[str]:
+        generation = generation or self.generation
+        out = self.captioner.generate(pixels, memory=memory, **generation.to_dict())
         return [self.captioner.tokenizer.decode(out.sequences[i, : out.lengths[i]]) for i in range(len(out.lengths))]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -385,14 +357,14 @@ class CaptionModule(L.LightningModule):
         if "input_ids" in batch:
             loss = self.captioner(pixels, batch["input_ids"], batch["attention_mask"], memory=memory)
             self._eval_loss += torch.stack([loss.detach().float() * n, loss.new_tensor(float(n))])
-        captions = self.generate_captions(pixels, memory)
+        captions = self.generate_captions(pixels, memory, self.eval_generation)
         self._eval_outputs += list(zip(batch["keys"], captions, batch["references"]))
-        room = self.hparams.grid_images - len(self._grid)
+        room = self.training_config.grid_images - len(self._grid)
         if room > 0 and self.global_rank == 0 and pixels is not None:
             self._grid += list(zip(batch["pixels"][:room].cpu(), captions, batch["references"]))[:room]
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", meteor=self.hparams.val_meteor)
+        self._log_metrics("val", meteor=self.training_config.val_meteor)
         if not self.trainer.sanity_checking and self._grid:
             self._log_grid("val")
 
@@ -447,83 +419,24 @@ class CaptionModule(L.LightningModule):
         self._grid = []
 
 
-def use_feature_encoder(captioner: Captioner, features_dir: str) -> None:
-    """Give `captioner` the frozen encoder (weights, config, image size) that made `features_dir`,
-    so that the model trained from those features captions images as it was trained."""
-    from ..features import load_encoder
-
-    encoder, info = load_encoder(features_dir)
-    if encoder.cfg.arch != captioner.config.encoder.arch:
-        raise ValueError(f"{features_dir} holds {info.encoder.arch} features but model.encoder.arch is "
-                         f"{captioner.config.encoder.arch}: set model.encoder.arch: {info.encoder.arch}")
-    captioner.encoder.load_state_dict(encoder.state_dict())
-    captioner.config.encoder = dataclasses.replace(info.encoder, freeze="all")
-    if captioner.config.image_size != info.image_size:
-        log.warning("features were made at %d px: the model's image_size %d is set to %d",
-                    info.image_size, captioner.config.image_size, info.image_size)
-        captioner.config.image_size = info.image_size
+def checkpoint_entry(captioner: Captioner) -> dict[str, Any]:
+    """What a checkpoint needs besides the weights to rebuild `captioner` offline (plain types)."""
+    return {
+        "config": captioner.config.to_dict(),
+        "decoder_config": captioner.decoder.config.to_dict(),  # resolved: loading never needs the hub
+        "generation": captioner.generation_config.to_dict(),
+        "tokenizer": captioner.tokenizer.to_files(),
+    }
 
 
-def evaluate_captions(references: dict[str, list[str]], predictions: dict[str, str], meteor: bool = True) -> dict:
-    """`mmcap.metrics.caption_metrics` plus `exact_match`: the share of predictions equal to one of
-    their references (case and spacing ignored)."""
-    from ..metrics import caption_metrics
+def captioner_from_entry(checkpoint: dict[str, Any]) -> Captioner:
+    """An (untrained) `Captioner` shaped as a checkpoint's model; 0.1 checkpoints included."""
+    from ..captioner import saved_decoder_config
 
-    metrics = dict(caption_metrics(references, predictions, meteor=meteor))
-    metrics["exact_match"] = exact_match_rate(references, predictions)
-    return metrics
-
-
-def exact_match_rate(references: dict[str, list[str]], predictions: dict[str, str]) -> float:
-    def norm(text: str) -> str:
-        return " ".join(text.lower().split())
-
-    hits = sum(norm(p) in {norm(r) for r in references[k]} for k, p in predictions.items())
-    return hits / max(1, len(predictions))
-
-
-def gather_from_ranks(obj: Any) -> list:
-    """`obj` of every rank, in rank order (`[obj]` outside distributed runs)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1):
-        return [obj]
-    gathered: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, obj)
-    return gathered
-
-
-def gather_predictions(outputs: list[tuple[str, str, list[str]]]) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """(references, predictions) by sample key from all ranks; a key seen twice (a sample repeated
-    to even out the ranks) counts once."""
-    outputs = [item for part in gather_from_ranks(outputs) for item in part]
-    references, predictions = {}, {}
-    for key, caption, refs in outputs:
-        if key not in predictions:
-            predictions[key], references[key] = caption, list(refs)
-    return references, predictions
-
-
-def tokenizer_to_files(tokenizer: CaptionTokenizer) -> dict[str, str]:
-    """The tokenizer's files as {name: text}: plain strings fit a weights_only checkpoint."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save(tmp)
-        return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir()) if p.is_file()}
-
-
-def tokenizer_from_files(files: dict[str, str]) -> CaptionTokenizer:
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in files.items():
-            if Path(name).name != name:
-                raise ValueError(f"bad tokenizer file name in checkpoint: {name!r}")
-            (Path(tmp) / name).write_text(text, encoding="utf-8")
-        return CaptionTokenizer.load(tmp)
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return dict(value) if isinstance(value, dict) else value
-
-
-def _uses_grad_scaler(trainer: "L.Trainer") -> bool:
-    return getattr(trainer.precision_plugin, "scaler", None) is not None
+    saved = checkpoint.get(CHECKPOINT_KEY)
+    if saved is None:
+        raise ValueError("this checkpoint was not written by mmcap's CaptionModule: it has no model config/tokenizer")
+    decoder_config = saved.get("decoder_config") or saved_decoder_config(saved["config"])
+    return Captioner(CaptionerConfig.from_dict(saved["config"]), CaptionTokenizer.from_files(saved["tokenizer"]),
+                     load_pretrained=False, decoder_config=decoder_config,
+                     generation_config=saved.get("generation"))

@@ -1,10 +1,35 @@
-"""AdamW parameter groups and the warm-up + cosine learning-rate schedule."""
+"""`OptimConfig`, AdamW parameter groups and the warm-up + cosine learning-rate schedule."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
+
+@dataclass
+class OptimConfig:
+    """A recipe's `model.optim` block: how the parameters are updated."""
+
+    lr: float = 1e-4  # peak learning rate of the decoder and projection
+    encoder_lr_mult: float = 0.1  # the encoder's rate is lr * encoder_lr_mult
+    weight_decay: float = 0.05  # AdamW decay of weight matrices (never biases, norms or embeddings)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 1000  # linear warm-up in optimizer steps, then cosine decay
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    # Schedule length in optimizer steps; default trainer.max_steps (or the trainer's estimate).
+    total_steps: Optional[int] = None
+    # Optimizer steps during which the whole encoder (BatchNorm statistics too) stays fixed.
+    freeze_encoder_steps: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.lr <= 0 or self.warmup_steps < 0 or self.freeze_encoder_steps < 0:
+            raise ValueError("optim: lr must be > 0, warmup_steps and freeze_encoder_steps >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
 
 # Modules whose weights are scales, offsets or lookup tables rather than projections: decaying
 # them towards zero only hurts (norm gains, token/position tables).
@@ -59,9 +84,9 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, encoder_lr_mult: float,
-                    betas: tuple[float, float], warmup_steps: int, total_steps: int, min_lr_ratio: float):
+def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int):
     """AdamW over `param_groups` and a per-step `LambdaLR(WarmupCosine)`."""
-    optimizer = torch.optim.AdamW(param_groups(model, lr, weight_decay, encoder_lr_mult), lr=lr, betas=tuple(betas))
-    schedule = WarmupCosine(warmup_steps, total_steps, min_lr_ratio)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.encoder_lr_mult), lr=cfg.lr,
+                                  betas=tuple(cfg.betas))
+    schedule = WarmupCosine(cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

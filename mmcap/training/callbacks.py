@@ -1,0 +1,76 @@
+"""Cross-cutting training concerns as Lightning Callbacks: the non-finite-step guard and
+throughput logging. `CaptionModule.configure_callbacks` adds both to every run."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import lightning as L
+import torch
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after `max_bad_steps` consecutive steps with a non-finite loss or gradient."""
+
+
+class NonFiniteGuard(L.Callback):
+    """Skips (drops all gradients of) an optimizer step whose loss or gradients are not finite,
+    the same decision on every rank, and raises `NonFiniteLossError` after `max_bad_steps` in a row.
+
+    Logs `train/grad_norm` each step and `train/bad_steps` when a step is skipped. Under a
+    GradScaler (16-mixed) overflowing gradients are routine and the scaler skips those itself.
+    """
+
+    def __init__(self, max_bad_steps: int = 20):
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps = 0  # skipped steps in this run
+        self._consecutive = 0
+        self._nonfinite_loss = False
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        self._nonfinite_loss |= not bool(torch.isfinite(loss.detach()))
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        bad = self._nonfinite_loss
+        self._nonfinite_loss = False
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            bad = bad or not bool(torch.isfinite(grad_norm))
+            pl_module.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            self._consecutive = 0
+            return
+        optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without .grad untouched
+        self.bad_steps += 1
+        self._consecutive += 1
+        pl_module.log("train/bad_steps", float(self.bad_steps), on_step=True, on_epoch=False)
+        if self._consecutive >= self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self._consecutive} consecutive training steps had a non-finite loss or gradient (step "
+                f"{trainer.global_step}); the run is diverging or the data is broken. Try a lower model.optim.lr, "
+                "gradient clipping (trainer.gradient_clip_val), bf16-mixed instead of 16-mixed, or check the data."
+            )
+
+
+class ThroughputLogger(L.Callback):
+    """`train/samples_per_s` and `train/tokens_per_s` (predicted tokens), over all ranks,
+    measured between consecutive training batches."""
+
+    def __init__(self) -> None:
+        self._last: Optional[float] = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict,
+                           batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last is not None and batch.get("keys"):
+            dt, world, n = now - self._last, trainer.world_size, len(batch["keys"])
+            pl_module.log("train/samples_per_s", n * world / dt, on_step=True, on_epoch=False, batch_size=n)
+            if "attention_mask" in batch:
+                tokens = batch["attention_mask"][:, 1:].sum().float()
+                pl_module.log("train/tokens_per_s", tokens * world / dt, on_step=True, on_epoch=False, batch_size=n)
+        self._last = now

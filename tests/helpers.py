@@ -1,0 +1,54 @@
+"""Plain (non-fixture) test helpers, importable from any test module as `from helpers import ...`
+(tests/ is on sys.path: pytest puts it there for tests/conftest.py, which has no package above it).
+Fixtures stay in conftest.py."""
+
+CAPTIONS = ["a red circle", "a blue square on the left", "a green triangle above a red circle", "a small yellow star"]
+
+
+def tiny_config(family: str = "gpt2", **overrides) -> dict:
+    cfg = {
+        "encoder": {"arch": "resnet18"},
+        "projection": {"kind": "linear", "max_grid": 8},
+        "decoder": {"family": family, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_positions": 32, "dropout": 0.0},
+        "image_size": 64,
+        "max_caption_tokens": 16,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_image_bytes(i: int = 0, fmt: str = "JPEG", size: tuple[int, int] = (20, 16)) -> bytes:
+    """A small image whose colour depends on `i`, encoded as `fmt`."""
+    import io
+
+    from PIL import Image
+
+    im = Image.new("RGB", size, ((40 * i) % 256, (90 * i + 30) % 256, (150 + 20 * i) % 256))
+    out = io.BytesIO()
+    im.save(out, fmt)
+    return out.getvalue()
+
+
+OPTIM_KEYS = {"lr", "encoder_lr_mult", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "total_steps",
+              "freeze_encoder_steps"}
+TRAINING_KEYS = {"label_smoothing", "token_dropout", "max_bad_steps", "tokenizer_max_captions", "val_meteor",
+                 "grid_images", "channels_last", "init_from", "scst"}
+CAPTIONER_KEYS = {"encoder", "projection", "decoder", "tokenizer", "image_size", "max_caption_tokens"}
+
+
+def module_args(**flat) -> dict:
+    """`CaptionModule` arguments (captioner/optim/training/generation blocks) from one flat dict
+    such as `tiny_config()` plus options: tests stay short."""
+    out = {"captioner": {}, "optim": {}, "training": {}}
+    for key, value in flat.items():
+        if key in CAPTIONER_KEYS:
+            out["captioner"][key] = value
+        elif key in OPTIM_KEYS:
+            out["optim"][key] = value
+        elif key in TRAINING_KEYS:
+            out["training"][key] = value
+        elif key in ("generation", "eval_generation"):
+            out[key] = value
+        else:
+            raise TypeError(f"unknown CaptionModule option {key!r}")
+    return out
