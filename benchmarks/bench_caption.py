@@ -1,17 +1,19 @@
 """Captions per second, end to end (JPEG files in, strings out), for a captioner of real size.
 
     python benchmarks/bench_caption.py                 # one JSON line (about 3-5 minutes on 2 cores)
-    python benchmarks/bench_caption.py --levers        # adds the table of what each speed lever gives
+    python benchmarks/bench_caption.py --levers        # adds what each speed lever gives (table + JSON)
     python benchmarks/bench_caption.py --quality runs/demo/model --data 'data/demo/test-*.tar'
 
-The model: ResNet-50 at 224 px, a linear projection and a decoder of GPT-2 small's shape (12
-layers, width 768, 12 heads, vocabulary 50,257) with random weights and a stand-in word-level
-tokenizer, since nothing can be downloaded. Every system decodes with beam 3 and exactly 20 new
-tokens, batch 16, over JPEG photos (640x480) written here, all in one process:
+The model (`common.build_mmcap`): ResNet-50 at 224 px, a linear projection and a decoder of
+GPT-2 small's shape (12 layers, width 768, 12 heads, vocabulary 50,257) with random weights and a
+stand-in word-level tokenizer, since nothing can be downloaded. Every system decodes with beam 3
+and exactly 20 new tokens, batch 16, over JPEG photos (640x480) written here, all in one process:
 
-- ``mmcap``: ``Captioner.caption(paths, precision="auto")`` (bf16 on CPUs with bf16 instructions);
-- ``naive`` (a): the same weights run the obvious way: fp32, PIL + torchvision transforms, a
-  torchvision ResNet-50 grid -> Linear -> ``GPT2LMHeadModel.generate(encoder_hidden_states=...)``;
+- ``mmcap``: ``Captioner.caption(paths, precision="auto")`` (bf16 where bf16 matmuls measured
+  faster than fp32 on this machine: ``mmcap.precision``; ``bf16_matmul_speedup`` says by how much);
+- ``naive`` (a): the same weights run the obvious way (``common.NaivePipeline``): fp32, PIL +
+  torchvision transforms, a torchvision ResNet-50 grid -> Linear ->
+  ``GPT2LMHeadModel.generate(encoder_hidden_states=...)``;
 - ``vit_gpt2`` (b): transformers' ``VisionEncoderDecoderModel`` with ViT-B/16 and GPT-2 small
   (random init), ``ViTImageProcessor`` and ``generate``: the shape of the most downloaded
   captioning checkpoint.
@@ -22,15 +24,16 @@ over the rounds, so that load from other processes hits all systems alike; ``oth
 how many cores other processes used meanwhile (on a shared machine, trust runs where it is ~0).
 ``peak_rss_mb`` is the process's peak resident memory while mmcap captions (model included),
 before the other systems are built. ``machine_fraction`` = mmcap's FLOPs per caption (counted
-with torch.utils.flop_counter) x its captions/s / the bf16 matmul FLOP/s measured in the run.
+with torch.utils.flop_counter) x its captions/s / the bf16 matmul FLOP/s measured in the run
+(``mmcap.precision.measure_matmuls`` on 2048x2048 matrices). ``cpu_model`` names the processor.
+
+``--quality MODEL --data SHARDS`` instead compares caption quality: CIDEr-D of a trained model's
+bf16 and fp32 captions; the exit status is 1 when bf16's CIDEr is not within 1 % of fp32's.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -39,116 +42,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*attention_mask.*")
 
+from common import (BEAMS, GENERATION, VOCAB, NaivePipeline, build_mmcap, emit, log, make_photos,  # noqa: E402
+                    peak_rss_mb, reset_peak_rss)
+
 from mmcap import Captioner  # noqa: E402
-from mmcap.captioner import compute_dtype  # noqa: E402
-from mmcap.images import eval_transform  # noqa: E402
+from mmcap.precision import compute_dtype, cpu_bf16_speedup, measure_matmuls  # noqa: E402
 from mmcap.tokenizer import CaptionTokenizer  # noqa: E402
 
-VOCAB, BEAMS, NEW_TOKENS, IMAGE_SIZE = 50257, 3, 20, 224
-GENERATION = dict(num_beams=BEAMS, min_new_tokens=NEW_TOKENS, max_new_tokens=NEW_TOKENS)
 
-
-# ----------------------------------------------------------------------------- inputs and models
-def make_photos(folder: Path, n: int, size=(640, 480), seed: int = 0) -> list[Path]:
-    """Photo-like JPEGs: smooth colour fields, a few shapes and sensor-like noise, quality 90."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        im = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
-        draw = ImageDraw.Draw(im)
-        for _ in range(int(rng.integers(3, 8))):
-            x, y = rng.integers(0, size[0]), rng.integers(0, size[1])
-            r = int(rng.integers(20, 160))
-            box = [int(x - r), int(y - r * rng.uniform(0.5, 1.5)), int(x + r), int(y + r)]
-            fill = tuple(int(c) for c in rng.integers(0, 256, 3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
-        pixels = np.asarray(im, dtype=np.float32) + rng.normal(0, 8, (size[1], size[0], 3))
-        path = folder / f"photo_{i:04d}.jpg"
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
-        paths.append(path)
-    return paths
-
-
-def stand_in_tokenizer(vocab_size: int = VOCAB) -> CaptionTokenizer:
-    """A word-level tokenizer over made-up words, GPT-2's size, `<|endoftext|>` as BOS/EOS/PAD."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    rng = np.random.default_rng(0)
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    words: set[str] = set()
-    while len(words) < vocab_size - 1:
-        words.add("".join(rng.choice(letters, int(rng.integers(2, 10)))))
-    vocab = {w: i for i, w in enumerate(sorted(words))}
-    vocab["<|endoftext|>"] = vocab_size - 1
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    special = "<|endoftext|>"
-    return CaptionTokenizer(PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special,
-                                                    unk_token=special))
-
-
-def build_mmcap(tokenizer: CaptionTokenizer) -> Captioner:
-    torch.manual_seed(0)
-    cfg = {
-        "encoder": {"arch": "resnet50"},
-        "projection": {"kind": "linear", "max_grid": 16},
-        "decoder": {"family": "gpt2", "hidden_size": 768, "num_layers": 12, "num_heads": 12,
-                    "max_positions": 1024, "dropout": 0.1},
-        "image_size": IMAGE_SIZE,
-        "max_caption_tokens": NEW_TOKENS,
-    }
-    return Captioner.from_config(cfg, tokenizer=tokenizer).eval()
-
-
-class NaivePipeline:
-    """(a) mmcap's architecture and weights, written the obvious way in fp32."""
-
-    def __init__(self, model: Captioner):
-        import torchvision
-        from transformers import GPT2LMHeadModel
-
-        resnet = torchvision.models.resnet50()
-        missing, _ = resnet.load_state_dict(model.encoder.torchvision_state_dict(), strict=False)
-        assert set(missing) == {"fc.weight", "fc.bias"}, missing
-        self.backbone = torch.nn.Sequential(*list(resnet.children())[:-2]).eval()  # grid, no pooling
-        proj = model.projection
-        self.linear, self.norm = copy.deepcopy(proj.proj), copy.deepcopy(proj.norm)
-        self.row_embed, self.col_embed = proj.row_embed.detach().clone(), proj.col_embed.detach().clone()
-        self.gpt2 = GPT2LMHeadModel(model.decoder.config).eval()
-        self.gpt2.load_state_dict(model.decoder.state_dict())
-        self.transform = eval_transform(IMAGE_SIZE)  # the same pixels as mmcap's reference path
-        self.tokenizer = model.tokenizer.hf
-        self.bos, self.eos = model.tokenizer.bos_id, model.tokenizer.eos_id
-
-    @torch.no_grad()
-    def caption(self, paths, batch_size: int) -> list[str]:
-        out = []
-        for start in range(0, len(paths), batch_size):
-            images = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
-            pixels = torch.stack([self.transform(im) for im in images])
-            grid = self.backbone(pixels)  # [B, 2048, 7, 7]
-            b, _, h, w = grid.shape
-            memory = self.norm(self.linear(grid.flatten(2).transpose(1, 2)))
-            memory = memory + (self.row_embed[:h, None] + self.col_embed[None, :w]).reshape(h * w, -1)
-            ids = self.gpt2.generate(
-                input_ids=torch.full((b, 1), self.bos), attention_mask=torch.ones(b, 1, dtype=torch.long),
-                encoder_hidden_states=memory, do_sample=False, bos_token_id=self.bos, eos_token_id=self.eos,
-                pad_token_id=self.eos, **GENERATION,
-            )
-            out += [self.tokenizer.decode(row[1:], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
-                    for row in ids]
-        return out
-
-
+# ----------------------------------------------------------------------------- the other system
 class VitGpt2Pipeline:
     """(b) transformers' VisionEncoderDecoderModel: ViT-B/16 + GPT-2 small, random init."""
 
@@ -205,17 +113,6 @@ class CpuShare:
         return float(np.mean(self.samples)) if self.samples else 0.0
 
 
-def bf16_matmul_flops(size: int = 2048, reps: int = 10) -> float:
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
-
-
 def flops_per_caption(model: Captioner, paths, batch_size: int) -> float:
     """FLOPs (matmuls, convolutions, attention) mmcap executes per caption for one batch."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -226,32 +123,13 @@ def flops_per_caption(model: Captioner, paths, batch_size: int) -> float:
     return counter.get_total_flops() / len(pixels)
 
 
-def reset_peak_rss() -> None:
-    """Start a new peak-memory window (Linux: writing 5 to clear_refs resets VmHWM)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 # ----------------------------------------------------------------------------- main benchmark
 def run(args) -> dict:
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     paths = [str(p) for p in make_photos(Path(tempfile.mkdtemp(prefix="mmcap-bench-")), args.n)]
     batches = [paths[i : i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
     precision = args.precision
 
-    model = build_mmcap(stand_in_tokenizer())
+    model = build_mmcap()
     systems = {
         "mmcap": lambda batch: model.caption(batch, batch_size=args.batch_size, precision=precision, **GENERATION),
         "mmcap_fp32": lambda batch: model.caption(batch, batch_size=args.batch_size, precision="fp32", **GENERATION),
@@ -266,7 +144,7 @@ def run(args) -> dict:
 
     naive = NaivePipeline(model)
     vit = VitGpt2Pipeline(model.tokenizer)
-    systems["naive"] = lambda batch: naive.caption(batch, args.batch_size)
+    systems["naive"] = lambda batch: naive.caption(batch, args.batch_size, **GENERATION)
     systems["vit_gpt2"] = lambda batch: vit.caption(batch, args.batch_size)
     for name in ("mmcap_fp32", "naive", "vit_gpt2"):
         systems[name](batches[0])  # warm-up
@@ -295,7 +173,8 @@ def run(args) -> dict:
 
     rate = {name: args.n / sum(times) for name, times in best.items()}
     flops = flops_per_caption(model, paths, args.batch_size)
-    peak = max(bf16_matmul_flops() for _ in range(2))
+    matmuls = measure_matmuls(size=2048, repeats=10)
+    peak = matmuls["bf16_gflops"] * 1e9
     return {
         "mmcap": round(rate["mmcap"], 3),
         "naive": round(rate["naive"], 3),
@@ -307,13 +186,43 @@ def run(args) -> dict:
         "mmcap_fp32": round(rate["mmcap_fp32"], 3),
         "mmcap_fp32_equals_naive": not mismatches,
         "precision": str(compute_dtype(precision)).replace("torch.", ""),
+        "bf16_matmul_speedup": round(cpu_bf16_speedup(), 2),
         "gflops_per_caption": round(flops / 1e9, 2),
-        "bf16_matmul_gflops": round(peak / 1e9, 1),
+        "bf16_matmul_gflops": round(matmuls["bf16_gflops"], 1),
+        "fp32_matmul_gflops": round(matmuls["fp32_gflops"], 1),
         "others_cpu": round(share.mean(), 2),
         "n": args.n,
         "batch_size": args.batch_size,
-        "threads": torch.get_num_threads(),
     }
+
+
+def quality_check(model_dir: str, data: str, num_beams: int = BEAMS, batch_size: int = 32) -> dict:
+    """CIDEr-D of `model_dir`'s fp32 and bf16 captions of `data`, and how much they agree."""
+    from mmcap.data.streams import iter_samples
+    from mmcap.metrics import caption_metrics
+
+    if not data:
+        raise SystemExit("--quality needs --data (test shards)")
+    model = Captioner.from_pretrained(model_dir)
+    examples = list(iter_samples(data, min_image_size=model.config.image_size))
+    if not examples:
+        raise SystemExit(f"no usable samples in {data}")
+    references = {ex.key: ex.captions for ex in examples}
+    images = [ex.image for ex in examples]
+    result: dict = {"model": str(model_dir), "images": len(examples), "num_beams": num_beams}
+    captions = {}
+    for precision in ("fp32", "bf16"):
+        t0 = time.perf_counter()
+        captions[precision] = model.caption(images, batch_size=batch_size, precision=precision, num_beams=num_beams)
+        result[f"seconds_{precision}"] = round(time.perf_counter() - t0, 2)
+        predictions = {ex.key: c for ex, c in zip(examples, captions[precision])}
+        result[f"cider_{precision}"] = round(caption_metrics(references, predictions, meteor=False)["CIDEr"], 4)
+    same = sum(a == b for a, b in zip(captions["fp32"], captions["bf16"]))
+    result["same_captions"] = round(same / len(examples), 4)
+    change = (result["cider_bf16"] - result["cider_fp32"]) / max(abs(result["cider_fp32"]), 1e-12)
+    result["cider_relative_change"] = round(change, 5)
+    result["within_1_percent"] = abs(change) <= 0.01
+    return result
 
 
 def main(argv=None) -> int:
@@ -333,16 +242,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     if args.quality:
-        from precision_check import quality_check
-
-        result = quality_check(args.quality, args.data, num_beams=args.num_beams)
-        print(json.dumps(result))
+        result = emit(quality_check(args.quality, args.data, num_beams=args.num_beams))
         return 0 if result["within_1_percent"] else 1
+    levers = {}
     if args.levers:
-        from levers import lever_table
+        from _caption_levers import lever_table
 
-        lever_table(args, sys.modules[__name__])
-    print(json.dumps(run(args)))
+        levers = {"levers": lever_table(args.batch_size, compile=args.compile)}
+    emit({**run(args), **levers})
     return 0
 
 

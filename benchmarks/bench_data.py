@@ -3,7 +3,8 @@
     python benchmarks/bench_data.py [--demo-dir data/demo] [--samples 3000] [--workers 0 1 2]
 
 Two datasets: the demo shards (128 px JPEGs; generated into a temp dir unless --demo-dir holds
-them) and shards of 256 x 256 photo-like JPEGs made here. Each is read through
+them) and shards of 256 x 256 photo-like JPEGs made here (`common.photo_jpeg`, the photos of
+bench_caption at a smaller size). Each is read through
 `CaptionDataModule.train_dataloader()` (decode, random crop, normalise, batch) with 0, 1 and 2
 DataLoader workers. `--train-step` adds what `bench_train_step` reports: the hook where the
 training code measures the samples/s a demo training step consumes.
@@ -11,32 +12,22 @@ training code measures the samples/s a demo training step consumes.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image
+from common import emit, photo_jpeg
 
 from mmcap.data import CaptionDataModule, Sample, write_shards
 from mmcap.data.demo import demo_is_complete, make_demo
 
 
 def photo_shards(out: Path, n: int, side: int = 256, per_shard: int = 500) -> str:
-    """JPEGs with smooth gradients plus texture: about the size and decode cost of real photos."""
+    """Shards of photo-like JPEGs: about the size and decode cost of real photos."""
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    samples = []
-    for i in range(n):
-        a, b, c = rng.uniform(0, 255, 3)
-        base = np.stack([a * xx, b * yy, c * (1 - xx * yy)], -1)
-        pixels = np.clip(base + rng.normal(0, 18, base.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-        samples.append(Sample(f"photo{i:06d}", buf.getvalue(), [f"a photo number {i}"]))
+    samples = [Sample(f"photo{i:06d}", photo_jpeg(rng, (side, side)), [f"a photo number {i}"]) for i in range(n)]
     write_shards(samples, str(out / "photo-%06d.tar"), maxcount=per_shard, progress=False)
     return str(out / "photo-*.tar")
 
@@ -93,8 +84,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 result[name][f"workers_{w}"] = samples_per_second(shards, size, args.batch_size, w, args.samples)
         if args.train_step:
             result["train_step"] = bench_train_step(datasets["demo"][0], args)
-    print(json.dumps(result))
-    return result
+    return emit(result)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ the same encoder frozen. Prints one JSON line.
 
     python benchmarks/bench_features.py [--config configs/demo.yaml] [--model runs/demo/model] [--epochs 1]
     python benchmarks/bench_features.py --train-shards 'data/demo/train-00000[01].tar' \
-        -- --model.encoder.arch resnet50 --data.image_size 224      # a frozen ResNet-50 at 224 px
+        -- --model.captioner.encoder.arch resnet50 --data.image_size 224      # a frozen ResNet-50 at 224 px
 
 Both runs are `mmcap fit` as the CLI builds it from the same config, start from the same weights
 (a new projection and decoder, seeded alike; the encoder of `--model`, or of a new model from the
@@ -11,21 +11,22 @@ config when it is not given), read the same samples in the same order with the e
 of each image (`data.augment false`, which is what features hold), and keep the encoder frozen.
 Reported: wall seconds per training epoch (data loading included), the speed-up, the one-off
 extraction time and after how many epochs it has paid for itself, and the result of each run
-(final training loss, validation metrics with greedy decoding).
+(final training loss, validation metrics with greedy decoding). `trainer_precision` is the
+recipe's `trainer.precision` as resolved (`auto` -> bf16-mixed or 32-true on this machine).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import shutil
 import time
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
+from common import build_fit, emit, quiet_fit_overrides
 
-from bench_train import build
+from mmcap.features import extract_features, use_feature_encoder
 
 
 class EpochTimer(L.Callback):
@@ -43,11 +44,9 @@ class EpochTimer(L.Callback):
 
 
 def run(config: str, overrides: list[str], feature_dir: str, from_features: bool, train_shards: list[str]) -> dict:
-    from mmcap.training.module import use_feature_encoder
-
     data_args = (["--data.features_dir", feature_dir] if from_features
                  else ["--data.augment", "false", *train_shards])
-    model, data, trainer = build(config, [*overrides, *data_args])
+    model, data, trainer = build_fit(config, [*overrides, *data_args])
     data.prepare_data()
     torch.manual_seed(0)  # the same new projection and decoder in both runs
     captioner = model.build_captioner(data)
@@ -58,7 +57,8 @@ def run(config: str, overrides: list[str], feature_dir: str, from_features: bool
     trainer.fit(model, datamodule=data)
     trainer.limit_val_batches = 1.0
     metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
-    return {"epoch_s": timer.seconds, "final_loss": sum(timer.losses[-10:]) / len(timer.losses[-10:]),
+    return {"epoch_s": timer.seconds, "precision": trainer.precision,
+            "final_loss": sum(timer.losses[-10:]) / len(timer.losses[-10:]),
             "val": {k.removeprefix("val/"): round(v, 4) for k, v in metrics.items()}}
 
 
@@ -77,17 +77,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     root = Path(args.root)
     overrides = [
-        "--trainer.max_epochs", str(args.epochs), "--trainer.max_steps", "-1",
-        "--trainer.limit_val_batches", "0",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.logger", "false", "--trainer.default_root_dir", str(root),
-        "--checkpoint.dirpath", str(root / "checkpoints"), "--test_after_fit", "false", "--export_dir", "null",
-        "--model.freeze_encoder_steps", str(10**9), *args.extra,
+        "--trainer.max_epochs", str(args.epochs), "--trainer.max_steps", "-1", *quiet_fit_overrides(root),
+        "--model.optim.freeze_encoder_steps", str(10**9), *args.extra,
     ]
-    from mmcap.features import extract_features
-
     train_shards = ["--data.train_shards", args.train_shards] if args.train_shards else []
-    model, data, _ = build(args.config, [*overrides, *train_shards])
+    model, data, _ = build_fit(args.config, [*overrides, *train_shards])
     data.prepare_data()
     if args.model:
         from mmcap import Captioner
@@ -98,8 +92,6 @@ def main() -> None:
         source = model.build_captioner(data)
     feature_dir = str(root / "features")
     if Path(feature_dir).exists():  # features of another run's encoder would be refused
-        import shutil
-
         shutil.rmtree(feature_dir)
     start = time.perf_counter()
     summaries = {split: extract_features(source.encoder, getattr(data, f"{split}_shards"), feature_dir, split=split,
@@ -108,20 +100,19 @@ def main() -> None:
                  for split in ("train", "val")}
     extraction_s = time.perf_counter() - start
     steps = -(-summaries["train"].samples // data.batch_size) * args.epochs  # the schedule's length
-    overrides += ["--model.total_steps", str(steps)]
+    overrides += ["--model.optim.total_steps", str(steps)]
 
     images = run(args.config, overrides, feature_dir, from_features=False, train_shards=train_shards)
     features = run(args.config, overrides, feature_dir, from_features=True, train_shards=train_shards)
     per_epoch_images = sum(images["epoch_s"]) / len(images["epoch_s"])
     per_epoch_features = sum(features["epoch_s"]) / len(features["epoch_s"])
     saved = per_epoch_images - per_epoch_features
-    print(json.dumps({
+    emit({
         "config": args.config,
         "encoder_from": args.model or "new model",
         "train_samples": summaries["train"].samples,
         "epochs": args.epochs,
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "trainer_precision": images["precision"],
         "extraction_s_train_and_val": round(extraction_s, 1),
         "feature_dtype": args.dtype,
         "extraction_precision": args.precision,
@@ -133,7 +124,7 @@ def main() -> None:
         "features_final_loss": round(features["final_loss"], 4),
         "images_val": images["val"],
         "features_val": features["val"],
-    }))
+    })
 
 
 if __name__ == "__main__":

@@ -7,32 +7,22 @@ Both loops do the same work per step on the same model and batches: forward unde
 autocast, backward, gradient clipping, AdamW step, LR-schedule step, zero_grad. Only steps after
 the warm-up are timed (data loading included); each measurement is repeated and the best kept,
 so that other processes on a shared machine disturb the result less. Rates are reported per wall
-second and per CPU second of the process; on a busy machine trust the CPU-second ones.
+second and per CPU second of the process; on a busy machine trust the CPU-second ones. The
+recipe's `trainer.precision` is overridden (bf16-mixed and 32-true are both measured);
+`auto_precision` says what `trainer.precision: auto` chooses on this machine. Extra arguments are
+`mmcap fit` overrides, e.g. `-- --model.training.channels_last false`.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import time
+import warnings
 
 import lightning as L
 import torch
+from common import build_fit, clocks, emit, quiet_fit_overrides
 
-
-def build(config: str, overrides: list[str]):
-    """Model, datamodule and trainer exactly as `mmcap fit --config ...` builds them."""
-    from mmcap.training.cli import build_cli
-
-    cli = build_cli(["--config", config, *overrides], run=False)
-    return cli.model, cli.datamodule, cli.trainer
-
-
-def clocks() -> tuple[float, float]:
-    """Wall time, and CPU time of this process (all its threads): the CPU time hardly moves when
-    other processes compete for the cores, so overheads compare fairly on a busy machine too."""
-    return time.perf_counter(), time.process_time()
+from mmcap.precision import lightning_precision
 
 
 class StepTimer(L.Callback):
@@ -54,8 +44,8 @@ class StepTimer(L.Callback):
 
 
 def lightning_rate(config: str, overrides: list[str], steps: int, warmup: int, precision: str) -> tuple[float, float]:
-    model, data, trainer = build(config, [*overrides, "--trainer.precision", precision,
-                                          "--trainer.max_steps", str(warmup + steps)])
+    model, data, trainer = build_fit(config, [*overrides, "--trainer.precision", precision,
+                                              "--trainer.max_steps", str(warmup + steps)])
     timer = StepTimer(warmup)
     trainer.callbacks.append(timer)
     trainer.fit(model, datamodule=data)
@@ -66,16 +56,15 @@ def plain_rate(config: str, overrides: list[str], steps: int, warmup: int, preci
     """The same step in a hand-written loop (no Lightning in the timed region)."""
     from mmcap.training.optim import build_optimizer
 
-    model, data, trainer = build(config, [*overrides, "--trainer.precision", precision])
+    model, data, trainer = build_fit(config, [*overrides, "--trainer.precision", precision])
     data.prepare_data()
     data.setup("fit")
+    opts = model.training_config
     captioner = model.build_captioner(data).train()
-    if model.hparams.channels_last:
+    if opts.channels_last:
         captioner.encoder.to(memory_format=torch.channels_last)
-    data.tokenizer = captioner.tokenizer
-    hp = model.hparams
-    optimizer, scheduler = build_optimizer(captioner, hp.lr, hp.weight_decay, hp.encoder_lr_mult, tuple(hp.betas),
-                                           hp.warmup_steps, warmup + steps, hp.min_lr_ratio)
+    data.set_tokenizer(captioner.tokenizer)
+    optimizer, scheduler = build_optimizer(captioner, model.optim, warmup + steps)
     clip = trainer.gradient_clip_val
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
     start, samples = None, 0
@@ -83,10 +72,10 @@ def plain_rate(config: str, overrides: list[str], steps: int, warmup: int, preci
         if step == warmup:
             start = clocks()
         pixels = batch["pixels"]
-        if hp.channels_last:
+        if opts.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         with autocast:
-            loss = captioner(pixels, batch["input_ids"], batch["attention_mask"], label_smoothing=hp.label_smoothing)
+            loss = captioner(pixels, batch["input_ids"], batch["attention_mask"], label_smoothing=opts.label_smoothing)
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(captioner.parameters(), clip)
@@ -110,19 +99,11 @@ def main() -> None:
     p.add_argument("--root", default="runs/bench_train")
     p.add_argument("extra", nargs="*", help="more --section.key value overrides for the config")
     args = p.parse_args()
-    overrides = [
-        "--trainer.val_check_interval", "1000000", "--trainer.limit_val_batches", "0",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.logger", "false",
-        "--trainer.default_root_dir", args.root, "--checkpoint.dirpath", f"{args.root}/checkpoints",
-        "--test_after_fit", "false", "--export_dir", "null", *args.extra,
-    ]
-    import warnings
-
+    overrides = ["--trainer.val_check_interval", "1000000", *quiet_fit_overrides(args.root), *args.extra]
     warnings.filterwarnings("ignore")
     runs = {"lightning_bf16": [], "plain_bf16": [], "lightning_fp32": [], "plain_fp32": []}
     for _ in range(args.repeats):  # interleaved, so slow phases of a shared machine hit all alike
-        for precision, tag in (("bf16-mixed", "bf16"), ("32", "fp32")):
+        for precision, tag in (("bf16-mixed", "bf16"), ("32-true", "fp32")):
             runs[f"lightning_{tag}"].append(lightning_rate(args.config, overrides, args.steps, args.warmup, precision))
             runs[f"plain_{tag}"].append(plain_rate(args.config, overrides, args.steps, args.warmup, precision))
     wall = {k: max(r[0] for r in v) for k, v in runs.items()}
@@ -130,8 +111,7 @@ def main() -> None:
     result = {
         "config": args.config,
         "timed_steps": args.steps,
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "auto_precision": lightning_precision("auto"),
         **{f"{k}_samples_per_s": round(v, 2) for k, v in wall.items()},
         **{f"{k}_samples_per_cpu_s": round(v, 2) for k, v in cpu.items()},
         "lightning_overhead_bf16_pct": round(100 * (1 - wall["lightning_bf16"] / wall["plain_bf16"]), 2),
@@ -143,7 +123,7 @@ def main() -> None:
         "wall_spread_pct": round(100 * max(statistics.pstdev(r[0] for r in v) / statistics.mean(r[0] for r in v)
                                            for v in runs.values()), 2),
     }
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from common import emit
+
 from mmcap import Captioner
-from mmcap.data.pipeline import iter_samples
 from mmcap.data.shardlist import resolve_shards
 from mmcap.data.shards import read_members
-from mmcap.training.module import exact_match_rate
+from mmcap.data.streams import iter_samples
+from mmcap.metrics import exact_match_rate
 
 
 def held_out_keys(shards: str) -> set[str]:
@@ -21,22 +23,22 @@ def held_out_keys(shards: str) -> set[str]:
             if name.endswith(".json") and json.loads(data).get("held_out")}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="runs/demo/model")
     p.add_argument("--data", default="data/demo/test-*.tar")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     model = Captioner.from_pretrained(args.model)
     examples = list(iter_samples(args.data))
     captions = model.caption([ex.image for ex in examples], batch_size=50, num_beams=1)
     held = held_out_keys(args.data)
-    result = {}
+    result = {"model": args.model, "data": args.data}
     for name, wanted in (("held_out", True), ("seen", False)):
         chosen = [(ex, c) for ex, c in zip(examples, captions) if (ex.key in held) == wanted]
         result[f"{name}_images"] = len(chosen)
         result[f"{name}_exact_match"] = round(exact_match_rate({ex.key: ex.captions for ex, _ in chosen},
                                                                {ex.key: c for ex, c in chosen}), 4)
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

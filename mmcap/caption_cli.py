@@ -21,64 +21,119 @@ PRECISION_HELP = ("fp32: the reference results (default); bf16: bfloat16 compute
                   "faster than fp32 on this machine, else fp32")
 
 
-def _image_paths(inputs: list[str]) -> list[Path]:
-    from .images import IMAGE_EXTENSIONS
-
-    paths = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            paths.append(p)
-    return paths
-
-
 def caption_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mmcap caption", description="Caption images with a saved mmcap model.")
-    p.add_argument("--model", required=True, help="a save_pretrained directory")
-    p.add_argument("--format", choices=["text", "jsonl"], default="text")
+    p = argparse.ArgumentParser(
+        prog="mmcap caption", description="Caption image files, folders and webdataset shards with a saved mmcap model, "
+        "streaming: images are decoded in worker processes while the model works, and memory stays flat.")
+    p.add_argument("--model", required=True, help="a save_pretrained directory or a Hugging Face Hub repo id")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
+    p.add_argument("--output", default=None,
+                   help="write results here (JSON Lines unless --format says otherwise; a directory for shards) "
+                        "instead of stdout")
+    p.add_argument("--format", choices=["text", "jsonl", "coco", "shards"], default=None,
+                   help="stdout: text (default) or jsonl; --output: jsonl (default), coco (results JSON) or "
+                        "shards (new shards: every input member plus KEY.mmcap.json)")
+    p.add_argument("--resume", action="store_true",
+                   help="complete the --output of an earlier run, skipping the images it holds")
     p.add_argument("--batch-size", "--batch_size", type=int, default=16)
+    p.add_argument("--num-workers", "--num_workers", type=int, default=2,
+                   help="processes decoding images while the model works (0: in the main process)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     add_generation_arguments(p)
-    p.add_argument("images", nargs="+", help="image files or directories")
+    p.add_argument("images", nargs="+",
+                   help="image files, folders (read recursively) and shards (brace patterns, globs, URLs, pipe:)")
     args = p.parse_args(argv)
+    fmt = args.format or ("jsonl" if args.output else "text")
+    if args.output is None and fmt in ("coco", "shards"):
+        p.error(f"--format {fmt} needs --output")
+    if args.output is not None and fmt == "text":
+        p.error("--format text is for stdout: use jsonl, coco or shards with --output")
+    if args.resume and args.output is None:
+        p.error("--resume completes an --output file")
 
-    import torch
-
+    from .caption_writers import open_writer
     from .captioner import Captioner
-    from .images import ImageError, eval_transform, open_image
-    from .precision import compute_dtype
+    from .streaming import plan_inputs
 
-    model = Captioner.from_pretrained(args.model).to(args.device)
-    draft = compute_dtype(args.precision, args.device) != torch.float32
-    size = model.config.image_size
-    transform = eval_transform(size)
-    paths = _image_paths(args.images)
-    failures = 0
-    good: list[tuple[Path, object]] = []
-    for path in paths:
-        try:
-            good.append((path, transform(open_image(path, min_size=size if draft else None))))
-        except ImageError as e:
-            failures += 1
-            print(f"mmcap caption: error: {e}", file=sys.stderr)
-    kw = generation_overrides(args)
-    for start in range(0, len(good), args.batch_size):
-        chunk = good[start : start + args.batch_size]
-        pixels = torch.stack([t for _, t in chunk])
-        captions, scores = model.caption(pixels, batch_size=args.batch_size, return_scores=True,
-                                         precision=args.precision, **kw)
-        for (path, _), text, score in zip(chunk, captions, scores.tolist()):
-            if args.format == "jsonl":
-                print(json.dumps({"image": str(path), "caption": text, "log_prob": score}), flush=True)
-            else:
-                print(f"{path}\t{text}", flush=True)
-    if not paths:
-        print("mmcap caption: error: no images given", file=sys.stderr)
+    try:
+        inputs = plan_inputs(args.images)
+        if not inputs.files and not inputs.shards:
+            raise ValueError("no images given")
+        if fmt == "shards" and inputs.files:
+            raise ValueError(f"--format shards re-captions shards; {inputs.files[0]} is not one")
+        model = Captioner.from_pretrained(args.model, revision=args.revision).to(args.device)
+        writer = open_writer(fmt, args.output, inputs.shards, args.resume) if args.output else None
+    except (OSError, ValueError) as e:
+        print(f"mmcap caption: error: {e}", file=sys.stderr)
         return 1
-    return 1 if failures else 0
+    done = writer.done if writer else ()
+    stream = model.caption_stream(inputs, batch_size=args.batch_size, num_workers=args.num_workers,
+                                  precision=args.precision, done=done, keep_members=fmt == "shards",
+                                  **generation_overrides(args))
+    tally = run_stream(stream, writer, fmt)
+    return report(tally, stream.shard_errors, writer.earlier if writer else Counter())
+
+
+def run_stream(stream, writer, fmt: str) -> Counter:
+    """Write every result (stdout or `writer`) batch by batch, with a progress bar; the tally by outcome."""
+    import time
+
+    from tqdm import tqdm
+
+    from .caption_writers import outcome
+
+    tally: Counter = Counter()
+    started = time.perf_counter()
+    bar = tqdm(total=stream.total, unit="img", desc="mmcap caption", file=sys.stderr, dynamic_ncols=True,
+               disable=None)  # on a terminal only: logs stay clean
+    try:
+        for batch in stream.batches():
+            for record in batch.records:
+                tally[outcome(record)] += 1
+                if "error" in record:
+                    detail = f" ({record['detail']})" if "detail" in record else ""
+                    where = f"{record['shard']}:" if "shard" in record else ""
+                    bar.write(f"mmcap caption: error: {where}{record['image']}: {record['error']}{detail}", file=sys.stderr)
+            if writer is not None:
+                writer.write(batch.records)
+                for url in batch.finished_shards:
+                    writer.finish_shard(url)
+            else:
+                print_records(batch.records, fmt)
+            bar.update(len(batch.records))
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    tally["seconds"] = time.perf_counter() - started
+    return tally
+
+
+def print_records(records: list[dict], fmt: str) -> None:
+    for r in records:
+        if fmt == "jsonl":
+            print(json.dumps({k: r[k] for k in ("image", "shard", "caption", "log_prob", "error") if k in r}))
+        elif "caption" in r:
+            print(f"{r['shard']}:{r['image']}\t{r['caption']}" if "shard" in r else f"{r['image']}\t{r['caption']}")
+    sys.stdout.flush()
+
+
+def report(tally: Counter, shard_errors: Counter, earlier: Counter) -> int:
+    """The summary line on stderr; exit status 1 if any image (of this run or the earlier one) failed."""
+    from .caption_writers import earlier_failures
+
+    seconds = tally.pop("seconds")
+    captioned = tally.pop("captioned", 0)
+    failed = tally + shard_errors
+    line = f"mmcap caption: {captioned} captioned, {sum(failed.values())} failed"
+    if failed:
+        line += " (" + ", ".join(f"{k}={v}" for k, v in sorted(failed.items())) + ")"
+    line += f" in {seconds:.1f} s ({(captioned + sum(tally.values())) / max(seconds, 1e-9):.1f} images/s)"
+    if earlier:
+        line += "; already written: " + ", ".join(f"{k}={v}" for k, v in sorted(earlier.items()))
+    print(line, file=sys.stderr)
+    return 1 if failed or earlier_failures(earlier) else 0
 
 
 def eval_main(argv: list[str]) -> int:

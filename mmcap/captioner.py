@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -29,6 +30,29 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 Images = Union[ImageSource, Sequence[ImageSource], torch.Tensor]
 
 
+@dataclass
+class CaptionResult:
+    """One image's caption and what decoding knows about it (`Captioner.caption_details`)."""
+
+    caption: str
+    log_prob: float  # the model's log-probability of the generated tokens, EOS included
+    words: list[str]  # one display string per generated token, "" for the end token
+    attention: Optional[torch.Tensor] = None  # (words, H, W) cross-attention, mean over heads and layers
+    # beam search: every finished caption with its log-prob, best first ([0] is `caption`)
+    alternatives: list[tuple[str, float]] = field(default_factory=list)
+
+
+class Captions(tuple):
+    """What `caption(..., return_scores=True or return_attention=True)` returns: the same tuple as
+    always, `(captions[, log_probs][, attention])`, which also carries `.words`: per caption, the
+    generated words, one per attention map (`plot_attention(image, result)` takes it whole)."""
+
+    def __new__(cls, items: tuple, words, attention=None):
+        out = super().__new__(cls, items)
+        out.words, out.attention = words, attention
+        return out
+
+
 class Captioner(nn.Module):
     def __init__(self, cfg: CaptionerConfig, tokenizer: CaptionTokenizer, load_pretrained: bool = True,
                  decoder_config: Optional[dict] = None, generation_config: Optional[GenerationConfig] = None):
@@ -41,9 +65,11 @@ class Captioner(nn.Module):
         super().__init__()
         self.config, self.tokenizer = cfg, tokenizer
         self.generation_config = GenerationConfig.coerce(generation_config)
-        self.encoder = ResNetEncoder(cfg.encoder, load_weights=load_pretrained)
+        self.encoder = ResNetEncoder(cfg.encoder, load_weights=load_pretrained, image_size=cfg.image_size)
         self.decoder = build_decoder(cfg.decoder, tokenizer, pretrained=load_pretrained, hf_config=decoder_config)
-        self.projection = GridProjection(cfg.projection, self.encoder.out_channels, self.decoder.config.hidden_size)
+        grid = -(-cfg.image_size // self.encoder.stride)
+        self.projection = GridProjection(cfg.projection, self.encoder.out_channels, self.decoder.config.hidden_size,
+                                         max_grid=cfg.projection.max_grid or grid)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -70,12 +96,17 @@ class Captioner(nn.Module):
         return cls(cfg, tokenizer, generation_config=generation_config)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Captioner":
-        """Load a `save_pretrained` directory. Reads only JSON, safetensors and tokenizer files."""
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        revision: Optional[str] = None) -> "Captioner":
+        """Load a `save_pretrained` directory, or a Hugging Face Hub repo id (`org/name`, at `revision`;
+        only the model files are downloaded, and HF_HUB_OFFLINE=1 reads the Hub cache only).
+        Reads only JSON, safetensors and tokenizer files."""
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 
-        path = Path(path)
+        from .hub import model_dir
+
+        path = model_dir(path, revision)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} is missing: not a mmcap model directory")
@@ -123,6 +154,14 @@ class Captioner(nn.Module):
             for name in names:
                 os.replace(tmp / name, path / name)
 
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload the `save_pretrained` files and a generated model card (README.md) to the Hub;
+        `revision`, `private`, `token`, `commit_message`, and `datasets` and `metrics` for the card
+        (see `mmcap.hub.push`). Returns the commit URL."""
+        from .hub import push
+
+        return push(self, repo_id, **kwargs)
+
     # ----------------------------------------------------------------- model
     @property
     def device(self) -> torch.device:
@@ -138,7 +177,8 @@ class Captioner(nn.Module):
 
     def grid_shape(self, pixels: torch.Tensor) -> tuple[int, int]:
         h, w = pixels.shape[-2:]
-        return (h + 31) // 32, (w + 31) // 32
+        s = self.encoder.stride
+        return -(-h // s), -(-w // s)
 
     def token_log_probs(self, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """log P(w_n | image, w_<n) of each target token [B, T-1]; 0 at padding."""
@@ -214,7 +254,8 @@ class Captioner(nn.Module):
 
         `return_scores=True` returns `(captions, log_probs)`; `return_attention=True` adds, per
         caption, the cross-attention per generated token shaped (tokens, H, W), mean over heads
-        and layers. Generation options follow transformers (`num_beams`, `max_new_tokens`, ...);
+        and layers; such a tuple is a `Captions`, whose `.words` holds each caption's generated words,
+        one per attention map. Generation options follow transformers (`num_beams`, `max_new_tokens`, ...);
         those not given come from `self.generation_config` (a saved model's generation_config.json).
 
         `precision="fp32"` computes what the reference fp32 pipeline computes. `"bf16"` runs the
@@ -224,11 +265,33 @@ class Captioner(nn.Module):
         else fp32. `mmcap caption --precision` means the same.
         """
         single = _is_single(images) or (isinstance(images, torch.Tensor) and images.dim() == 3)
+        results = self.caption_details(images, batch_size, return_attention, precision, **generation_kwargs)
+        captions = [r.caption for r in results]
+        if not (return_scores or return_attention):
+            return captions[0] if single else captions
+
+        def shaped(per_image):
+            return per_image[0] if single else per_image
+
+        items = [shaped(captions)]
+        if return_scores:
+            items.append(shaped(torch.tensor([r.log_prob for r in results])))
+        attention = shaped([r.attention for r in results]) if return_attention else None
+        if return_attention:
+            items.append(attention)
+        return Captions(tuple(items), shaped([r.words for r in results]), attention)
+
+    @torch.no_grad()
+    def caption_details(self, images: Images, batch_size: int = 16, return_attention: bool = False,
+                        precision: str = "fp32", **generation_kwargs) -> list[CaptionResult]:
+        """A `CaptionResult` per image: caption, log-prob, words, attention maps (when asked) and,
+        with beam search, the other finished captions. Arguments as in `caption`, which is this
+        result in its familiar shape."""
         generation_kwargs = self.generation_options(**generation_kwargs).to_dict()
         dtype = compute_dtype(precision, self.device)
         was_training = self.training
         self.eval()
-        captions, scores, attentions = [], [], []
+        results = []
         seq = [images] if _is_single(images) else images
         try:
             with self._computing_in(dtype):  # one context for all batches: weights are cast once
@@ -238,22 +301,30 @@ class Captioner(nn.Module):
                     pixels = pixels.to(self.device)
                     out = self.generate(pixels, output_attentions=return_attention, precision=precision,
                                         **generation_kwargs)
-                    for i in range(len(pixels)):
-                        ids = out.sequences[i, : out.lengths[i]]
-                        captions.append(self.tokenizer.decode(ids))
-                    scores.append(out.scores.cpu())
-                    if return_attention:
-                        h, w = self.grid_shape(pixels)
-                        attentions += [a.reshape(len(a), h, w).cpu() for a in out.cross_attentions]
+                    results += self._results(out, self.grid_shape(pixels) if return_attention else None)
         finally:
             self.train(was_training)
-        score_t = torch.cat(scores) if scores else torch.zeros(0)
-        result = [captions[0] if single else captions]
-        if return_scores:
-            result.append(score_t[0] if single else score_t)
-        if return_attention:
-            result.append(attentions[0] if single else attentions)
-        return result[0] if len(result) == 1 else tuple(result)
+        return results
+
+    def _results(self, out: GenerationOutput, grid: Optional[tuple[int, int]]) -> list[CaptionResult]:
+        tok = self.tokenizer
+        results = []
+        for i, n in enumerate(out.lengths.tolist()):
+            ids = out.sequences[i, :n].tolist()
+            words = ["" if t == tok.eos_id else w for t, w in zip(ids, tok.tokens(ids))]
+            attention = out.cross_attentions[i].reshape(n, *grid).cpu() if grid else None
+            alternatives = [(tok.decode(seq), logp) for seq, logp in out.hypotheses[i]] if out.hypotheses else []
+            results.append(CaptionResult(tok.decode(ids), float(out.scores[i]), words, attention, alternatives))
+        return results
+
+    def caption_stream(self, inputs, **kwargs):
+        """Results of captioning image files, folders and webdataset shards, streamed with flat
+        memory (decoding in `num_workers` DataLoader workers): an iterable of dicts `{"image",
+        "caption", "log_prob"}` (plus `"shard"`; `"error"` for an unusable image). Captions equal
+        `caption`'s for the same images and options. See `mmcap.streaming.CaptionStream`."""
+        from .streaming import CaptionStream
+
+        return CaptionStream(self, inputs, **kwargs)
 
     @torch.no_grad()
     def score(self, images: Images, captions: Union[str, Sequence[str]], batch_size: int = 16) -> torch.Tensor:

@@ -9,6 +9,7 @@ USAGE = """usage: mmcap COMMAND [options]
 
 commands:
   caption    caption images with a saved model
+  serve      an HTTP captioning service with a page to try it (`mmcap serve --model DIR`)
   fit, validate, test, predict
              Lightning training/evaluation driven by YAML configs (LightningCLI)
   eval       caption metrics of a saved model on shards
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import caption_cli
 
         return getattr(caption_cli, f"{cmd}_main")(rest)
+    if cmd == "serve":
+        from .serve.cli import serve_main
+
+        return serve_main(rest)
     if cmd in ("fit", "validate", "test", "predict"):
         from .training.cli import lightning_main
 

@@ -9,10 +9,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 FREEZE_POINTS = ("none", "stem", "layer1", "layer2", "layer3", "layer4", "all")
+OUTPUT_STRIDES = (32, 16, 8, "auto")
+LAST_STAGES = ("layer4", "layer3")
 
 
 @dataclass
@@ -25,12 +27,26 @@ class EncoderConfig:
     weights: Optional[str] = None
     # Freeze nothing, everything, or every stage up to and including the named one.
     freeze: str = "none"
+    # Pixels per grid cell: 32 (torchvision's ResNet), 16 or 8 (the last stages dilated instead of
+    # strided, so pretrained weights stay valid), or "auto": the largest that still gives at least
+    # a 4x4 grid at the model's image_size (a 2x2 grid cannot tell fine detail apart).
+    output_stride: Union[int, str] = 32
+    # "layer3" ends the trunk a stage early: a finer grid (stride 16) for much less compute.
+    last_stage: str = "layer4"
 
     def __post_init__(self) -> None:
         if self.arch not in RESNETS:
             raise ValueError(f"encoder.arch must be one of {RESNETS}, got {self.arch!r}")
         if self.freeze not in FREEZE_POINTS:
             raise ValueError(f"encoder.freeze must be one of {FREEZE_POINTS}, got {self.freeze!r}")
+        if isinstance(self.output_stride, str) and self.output_stride.isdigit():
+            self.output_stride = int(self.output_stride)
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"encoder.output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r}")
+        if self.last_stage not in LAST_STAGES:
+            raise ValueError(f"encoder.last_stage must be one of {LAST_STAGES}, got {self.last_stage!r}")
+        if self.last_stage == "layer3" and self.output_stride == 32:
+            raise ValueError("encoder.last_stage layer3 gives stride 16 (or 8): set output_stride 16, 8 or auto")
 
 
 @dataclass
@@ -38,8 +54,9 @@ class ProjectionConfig:
     """Maps grid features to the decoder width and adds learned 2-D positions."""
 
     kind: Literal["linear", "mlp"] = "linear"
-    # Largest grid (rows and columns) the position table covers: 16 fits 512 px for ResNets.
-    max_grid: int = 16
+    # Largest grid (rows and columns) the position table covers; None: the encoder's grid at the
+    # model's image_size (the table follows the grid).
+    max_grid: Optional[int] = None
     dropout: float = 0.0
 
     def __post_init__(self) -> None:

@@ -81,7 +81,8 @@ def load_encoder(directory: str | os.PathLike) -> tuple[ResNetEncoder, FeatureSe
     from safetensors.torch import load_model
 
     info = load_info(directory)
-    encoder = ResNetEncoder(dataclasses.replace(info.encoder, weights=None), load_weights=False)
+    encoder = ResNetEncoder(dataclasses.replace(info.encoder, weights=None), load_weights=False,
+                            image_size=info.image_size)
     path = Path(directory) / ENCODER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the features directory is incomplete")
@@ -157,7 +158,9 @@ def extract_features(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     encoder = encoder.cpu().eval()
     probe = encoder(torch.zeros(1, 3, image_size, image_size))
-    info = FeatureSetInfo(encoder=encoder.cfg, image_size=image_size, dtype=dtype,
+    # the stride as resolved ("auto" depends on the image size): the description is exact
+    info = FeatureSetInfo(encoder=dataclasses.replace(encoder.cfg, output_stride=encoder.stride),
+                          image_size=image_size, dtype=dtype,
                           channels=int(probe.shape[1]), grid=(int(probe.shape[2]), int(probe.shape[3])))
     save_description(encoder, info, out_dir)
     compute = compute_dtype(precision, device)
@@ -213,7 +216,7 @@ def encoder_for_features(model_dir: Optional[str] = None, config: Optional[str] 
     cfg = CaptionerConfig.from_recipe(config) if is_recipe else CaptionerConfig.load(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # an encoder without weights is the same random one for every split
-        return ResNetEncoder(cfg.encoder, load_weights=load_weights), cfg.image_size
+        return ResNetEncoder(cfg.encoder, load_weights=load_weights, image_size=cfg.image_size), cfg.image_size
 
 
 def use_feature_encoder(captioner, features_dir: str) -> None:
@@ -225,6 +228,9 @@ def use_feature_encoder(captioner, features_dir: str) -> None:
     if encoder.cfg.arch != captioner.config.encoder.arch:
         raise ValueError(f"{features_dir} holds {info.encoder.arch} features but model.captioner.encoder.arch is "
                          f"{captioner.config.encoder.arch}: set model.captioner.encoder.arch: {info.encoder.arch}")
+    if encoder.stride != captioner.encoder.stride:
+        raise ValueError(f"{features_dir} holds stride-{encoder.stride} grids but the model's encoder has output "
+                         f"stride {captioner.encoder.stride}: set model.captioner.encoder.output_stride: {encoder.stride}")
     captioner.encoder.load_state_dict(encoder.state_dict())
     captioner.config = dataclasses.replace(captioner.config, encoder=dataclasses.replace(info.encoder, freeze="all"))
     captioner.encoder.set_freeze("all")

@@ -34,6 +34,8 @@ class GenerationOutput:
     lengths: torch.Tensor  # [B] generated tokens, EOS included
     scores: torch.Tensor  # [B] sum of the model's log-probs of the generated tokens
     cross_attentions: Optional[list[torch.Tensor]] = None  # per item [lengths[i], N]
+    # beam search: per item, every finished hypothesis as (ids, log-prob), best first ([0] is the result)
+    hypotheses: Optional[list[list[tuple[torch.Tensor, float]]]] = None
 
 
 class _Decoder:
@@ -358,4 +360,7 @@ def _beam_search(dec: _Decoder, b: int, bos: int, eos: int, pad: int, cfg: Gener
     t = int(lengths.max())
     sequences = fin_seqs[:, 0, 1 : 1 + t]
     cross = [fin_att[i, 0, : lengths[i]] for i in range(b)] if track_att else None
-    return GenerationOutput(sequences, lengths, fin_logp[:, 0], cross)
+    found = (fin_scores > NEG / 2).tolist()  # slots never filled keep a score near NEG
+    hypotheses = [[(fin_seqs[i, j, 1 : 1 + fin_len[i, j]], float(fin_logp[i, j])) for j in range(k) if found[i][j]]
+                  for i in range(b)]
+    return GenerationOutput(sequences, lengths, fin_logp[:, 0], cross, hypotheses)

@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 
@@ -147,19 +147,27 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         dashed, underscored = f"--{f.name.replace('_', '-')}", f"--{f.name}"
         names = [dashed] if dashed == underscored else [dashed, underscored]
         default = GenerationConfig.__dataclass_fields__[f.name].default
-        if f.name == "early_stopping":
-            kind = _parse_early_stopping
-        elif isinstance(default, bool):
+        kind = option_type(f.name)
+        if kind is _parse_bool:
             # `--do-sample` alone means true, as before; `--do-sample false` is accepted too
-            group.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None,
+            group.add_argument(*names, dest=f.name, type=kind, nargs="?", const=True, default=None,
                                help=_HELP.get(f.name, f"default {default}"))
             continue
-        elif f.name == "max_new_tokens" or isinstance(default, int):
-            kind = int
-        else:
-            kind = float
         group.add_argument(*names, dest=f.name, type=kind, default=None,
                            help=_HELP.get(f.name, f"transformers' {f.name}"))
+
+
+def option_type(name: str) -> Callable[[str], Any]:
+    """The parser of one generation option's text (a command-line value, a form field); it
+    raises `argparse.ArgumentTypeError` or `ValueError` for text that does not parse."""
+    default = GenerationConfig.__dataclass_fields__[name].default
+    if name == "early_stopping":
+        return _parse_early_stopping
+    if isinstance(default, bool):
+        return _parse_bool
+    if name == "max_new_tokens" or isinstance(default, int):
+        return int
+    return float
 
 
 def generation_overrides(args: argparse.Namespace) -> dict[str, Any]:

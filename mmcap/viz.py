@@ -55,16 +55,22 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def plot_attention(image, tokens: Sequence[str], attention: torch.Tensor, columns: int = 5, alpha: float = 0.6):
+def plot_attention(image, tokens, attention: Optional[torch.Tensor] = None, columns: int = 5, alpha: float = 0.6):
     """The *Show, Attend and Tell* figure: a panel per token with its attention over the image.
 
-    `image` is a PIL image (or an HWC array in [0, 1]); `attention` is `(tokens, H, W)` as
-    `Captioner.caption(..., return_attention=True)` returns it. Each map is upsampled to the
+    `image` is a PIL image (or an HWC array in [0, 1]). Pass one image's result of
+    `Captioner.caption(..., return_attention=True)` (or a `caption_details` item) as `tokens`,
+    or the words and their `(tokens, H, W)` attention separately. Each map is upsampled to the
     image size (bilinear) and laid over it.
     """
     import numpy as np
     from matplotlib.figure import Figure
 
+    if attention is None:
+        tokens, attention = tokens.words, tokens.attention
+        if attention is None or isinstance(attention, (list, tuple)):
+            raise ValueError("plot_attention takes the attention of one image: caption one image with "
+                             "return_attention=True, or pass result.words[i], result.attention[i]")
     if len(tokens) != len(attention):
         raise ValueError(f"{len(tokens)} tokens but {len(attention)} attention maps")
     picture = np.asarray(image, dtype=np.float32)

@@ -64,6 +64,7 @@ def test_resnet50_grid_is_7x7x2048_at_224():
         assert model.encoder(torch.randn(1, 3, 224, 224)).shape == (1, 2048, 7, 7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 def test_overfits_four_pairs_exactly(family):
     torch.manual_seed(0)
@@ -98,6 +99,7 @@ def test_caption_inputs_scores_and_attention(tiny_gpt2, image_files):
     torch.testing.assert_close(direct, scores, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_score_ranks_true_caption_first():
     torch.manual_seed(0)
     cfg = tiny_config("gpt2")
@@ -205,6 +207,7 @@ def test_encoder_weights_from_local_state_dict(tmp_path):
         Captioner.from_config(tiny_config(encoder={"arch": "resnet18", "weights": "NOT_A_WEIGHT"}), captions=CAPTIONS)
 
 
+@pytest.mark.slow
 def test_pretrained_minilm_decoder_trains_and_generates(minilm_dir, image_files):
     """A real pretrained BERT-family checkpoint: only cross-attention and projection are new."""
     from transformers import BertModel

@@ -47,7 +47,8 @@ def tiny_overrides(tmp_path, train, val, max_steps=2) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+# demo.yaml stays in the quick run (-m "not slow"); the other recipes are marked slow
+@pytest.mark.parametrize("recipe", [r if r == "demo.yaml" else pytest.param(r, marks=pytest.mark.slow) for r in RECIPES])
 def test_recipe_parses_builds_and_trains(recipe, shards, tmp_path):
     train, val, _ = shards
     assert lightning_main(["fit", "--config", str(CONFIGS / recipe), *tiny_overrides(tmp_path, train, val)]) == 0
@@ -155,6 +156,7 @@ def test_fit_from_features_through_the_cli(shards, tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.state_dict().values(), encoder.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_preset_file_as_the_model_exports_that_config(shards, tmp_path):
     """`--model.captioner PRESET`: the exported config.json is the preset (defaults filled in,
     without the version and the resolved decoder config)."""

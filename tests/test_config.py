@@ -19,6 +19,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def _images():
     images = []
     for i, colour in enumerate(["red", "blue", "green", "yellow"]):
@@ -116,6 +119,8 @@ model = Captioner.from_pretrained(sys.argv[1])
 model.caption(sys.argv[2], max_new_tokens=3)
 assert main(["caption", "--model", sys.argv[1], "--max-new-tokens", "3", sys.argv[2]]) == 0
 assert main(["eval", "--model", sys.argv[1], "--data", sys.argv[3], "--no-meteor", "--max-new-tokens", "3"]) == 0
+from mmcap.serve.app import create_app
+create_app(model)
 loaded = sorted(m for m in sys.modules if m == "lightning" or m.startswith(("lightning.", "pytorch_lightning")))
 print("LOADED", loaded)
 """

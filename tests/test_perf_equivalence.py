@@ -1,24 +1,23 @@
 """The fast paths compute what the obvious ones do: fp32 captions equal a plain torchvision +
 transformers pipeline's, the lean GPT-2 decoding equals the transformers forward, and bf16 is an
 opt-in that only changes precision."""
-import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-import torchvision
 from helpers import CAPTIONS, tiny_config
 from PIL import Image
-from transformers import GPT2LMHeadModel
 
-import mmcap.generation as generation
 from mmcap import Captioner
-from mmcap.captioner import bf16_is_fast, compute_dtype
 from mmcap.generation import GenerationConfig, generate
-from mmcap.images import eval_transform
+from mmcap.precision import bf16_is_fast, compute_dtype
 
+# The naive reference pipeline is the benchmarks' (benchmarks/common.py), so that the test and
+# bench_caption hold mmcap to the same reference.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import NaivePipeline, TransformersForward  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,53 +35,32 @@ def peaky_gpt2():
     return model
 
 
-def naive_captions(model: Captioner, paths, **generation_kwargs) -> list[str]:
-    """The same weights run the obvious way: PIL + torchvision transforms, a torchvision ResNet
-    grid, linear projection, and transformers' `generate` with `encoder_hidden_states`."""
-    resnet = torchvision.models.get_model(model.config.encoder.arch)
-    missing, unexpected = resnet.load_state_dict(model.encoder.torchvision_state_dict(), strict=False)
-    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
-    backbone = torch.nn.Sequential(*list(resnet.children())[:-2]).eval()
-    gpt2 = GPT2LMHeadModel(model.decoder.config).eval()
-    gpt2.load_state_dict(model.decoder.state_dict())
-    transform = eval_transform(model.config.image_size)
-    proj, tok = model.projection, model.tokenizer
-    with torch.no_grad():
-        grid = backbone(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]))
-        b, _, h, w = grid.shape
-        memory = proj.norm(F.linear(grid.flatten(2).transpose(1, 2), proj.proj.weight, proj.proj.bias))
-        memory = memory + (proj.row_embed[:h, None] + proj.col_embed[None, :w]).reshape(h * w, -1)
-        ids = gpt2.generate(input_ids=torch.full((b, 1), tok.bos_id), attention_mask=torch.ones(b, 1, dtype=torch.long),
-                            encoder_hidden_states=memory, do_sample=False, bos_token_id=tok.bos_id,
-                            eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **generation_kwargs)
-    return [tok.hf.decode(row[1:], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip() for row in ids]
-
-
 @pytest.mark.parametrize("kw", [{"num_beams": 3, "max_new_tokens": 8},
                                 {"num_beams": 3, "min_new_tokens": 6, "max_new_tokens": 6},
                                 {"max_new_tokens": 8}], ids=["beam3", "beam3-exact-length", "greedy"])
 def test_fp32_captions_equal_the_naive_pipeline(peaky_gpt2, image_files, kw):
     ours = peaky_gpt2.caption([str(p) for p in image_files], precision="fp32", **kw)
-    assert ours == naive_captions(peaky_gpt2, image_files, **kw)
+    assert ours == NaivePipeline(peaky_gpt2).caption(image_files, **kw)
     assert len(set(ours)) > 1  # the images really steer the captions
 
 
 @pytest.mark.parametrize("kw", [{}, {"num_beams": 3}, {"num_beams": 4, "length_penalty": 0.5, "early_stopping": True},
                                 {"num_beams": 2, "no_repeat_ngram_size": 2, "min_new_tokens": 3}])
 def test_gpt2_path_equals_transformers_forward(peaky_gpt2, kw):
-    """The lean GPT-2 decoding against the generic one (transformers' forward with its caches)."""
+    """The lean GPT-2 decoding against the generic one (transformers' forward with its caches),
+    which `generate` takes for any decoder that is not a GPT2LMHeadModel itself."""
     torch.manual_seed(1)
     memory = torch.randn(5, 4, 32) * 5
     tok, cfg = peaky_gpt2.tokenizer, GenerationConfig.from_kwargs(max_new_tokens=10, **kw)
-    run = lambda: generate(peaky_gpt2.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg)  # noqa: E731
-    assert generation._GPT2Decoder.supports(peaky_gpt2.decoder, attentions=False)
-    lean = run()
-    original = generation._GPT2Decoder.supports
-    generation._GPT2Decoder.supports = staticmethod(lambda model, attentions: False)
+    forward_calls = []
+    hook = peaky_gpt2.decoder.register_forward_hook(lambda *args: forward_calls.append(1))
     try:
-        generic = run()
+        lean = generate(peaky_gpt2.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg)
+        assert not forward_calls  # the lean path never runs the transformers forward
+        generic = generate(TransformersForward(peaky_gpt2.decoder), memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg)
+        assert forward_calls  # ... and the generic path does
     finally:
-        generation._GPT2Decoder.supports = original
+        hook.remove()
     assert torch.equal(lean.sequences, generic.sequences) and torch.equal(lean.lengths, generic.lengths)
     assert len(set(lean.lengths.tolist())) > 1 or kw.get("min_new_tokens")
     torch.testing.assert_close(lean.scores, generic.scores, atol=1e-5, rtol=1e-5)

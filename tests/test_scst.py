@@ -27,6 +27,7 @@ def test_reward_equals_metrics_cider():
     assert cider_rewards(CiderD(), [GOOD], [[GOOD]]).item() == 0.0
 
 
+@pytest.mark.slow
 def test_scst_moves_the_model_toward_the_higher_reward_caption():
     torch.manual_seed(0)
     model = Captioner.from_config(tiny_config("gpt2"), captions=[c for refs in CORPUS for c in refs])

@@ -101,6 +101,7 @@ def encoder_state(module):
 
 
 # ---------------------------------------------------------------------------------------- tests
+@pytest.mark.slow
 def test_loss_falls(tmp_path):
     module = tiny_module(lr=1e-2, warmup_steps=3)
     batches = make_batches(module.captioner.tokenizer)
@@ -168,6 +169,29 @@ def test_schedule_in_trainer_follows_max_steps(tmp_path):
     expected = [1e-2 * WarmupCosine(4, 12)(s) for s in range(12)]
     assert lrs == pytest.approx(expected)
     assert lrs[3] == pytest.approx(1e-2) and lrs[11] < 1e-3
+
+
+def test_time_budget_anneals_within_max_time(tmp_path):
+    """--trainer.max_time with max_steps -1: the cosine ends when the budget does, not where the
+    clock cuts it (the schedule's length follows the measured pace)."""
+    module = tiny_module(lr=1e-2, warmup_steps=2, min_lr_ratio=0.0)
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    t = trainer(tmp_path, -1, max_time={"seconds": 6}, callbacks=[Record()])
+    t.fit(module, loader(make_batches(module.captioner.tokenizer)))
+    schedule = t.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    steps = t.global_step
+    assert steps >= 15, steps  # several seconds of tiny steps
+    assert abs(schedule.total_steps - steps) <= max(3, 0.15 * steps), (schedule.total_steps, steps)
+    assert max(lrs) == pytest.approx(1e-2, rel=0.05)
+    assert lrs[-1] < 0.1 * 1e-2  # annealed by the end of the budget
+    # without max_time or max_steps there is no length to anneal over: a clear error
+    with pytest.raises(ValueError, match="max_time"):
+        trainer(tmp_path, -1, max_epochs=-1).fit(tiny_module(), loader(make_batches(module.captioner.tokenizer)))
 
 
 def test_freeze_encoder_then_unfreeze(tmp_path):
@@ -239,6 +263,7 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
+@pytest.mark.slow
 def test_resume_from_last_matches_uninterrupted_run(tmp_path):
     # Dropout off and a fixed cycle of 4 batches, interrupted after step 8 (a multiple of 4): the
     # resumed run sees the same batches as the uninterrupted one, so the weights must be equal.
@@ -260,6 +285,7 @@ def test_resume_from_last_matches_uninterrupted_run(tmp_path):
     assert max(int(s["step"]) for s in t.optimizers[0].state.values()) == 12  # AdamW state came back
 
 
+@pytest.mark.slow
 def test_load_from_checkpoint_and_export_round_trip(tmp_path, monkeypatch):
     from mmcap.training.cli import export_main
 

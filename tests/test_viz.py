@@ -22,3 +22,14 @@ def test_caption_grid_titles():
     titles = [ax.get_title(loc="left") for ax in fig.axes]
     assert titles[0].startswith("✓ a red circle")  # exact match with a reference is marked
     assert titles[1].startswith("a blue square") and "ref: x" in titles[1]
+
+
+def test_plot_attention_takes_the_caption_result(tiny_gpt2, image_files):
+    image = Image.open(image_files[0])
+    result = tiny_gpt2.caption(image, num_beams=2, max_new_tokens=5, return_attention=True)
+    caption, attention = result  # unpacks as it always did
+    assert len(result.words) == len(attention) and result.attention is attention
+    titled = [ax.get_title() for ax in plot_attention(image, result).axes if ax.get_title()]
+    assert titled == [w or "<end>" for w in result.words]
+    with pytest.raises(ValueError, match="one image"):
+        plot_attention(image, tiny_gpt2.caption([image, image], max_new_tokens=5, return_attention=True))

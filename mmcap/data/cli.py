@@ -131,13 +131,16 @@ def _require_images(args: argparse.Namespace, flag: str) -> None:
 def data_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mmcap data", description="Make datasets.")
     sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="generate the synthetic demo dataset (shapes and their captions)")
+    demo = sub.add_parser("demo", help="generate a synthetic demo dataset (scenes and their captions)")
     demo.add_argument("--out", default="data/demo", metavar="DIR")
+    demo.add_argument("--kind", choices=["shapes", "glyphs"], default="shapes",
+                      help="shapes: 128 px coloured shapes (the main job's data); glyphs: 64 px stroke-drawn "
+                           "marks on textured backgrounds, another vocabulary (for checking defaults)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--n-train", type=int, default=6000)
+    demo.add_argument("--n-train", type=int, default=None, help="default 6000 (shapes) or 8000 (glyphs)")
     demo.add_argument("--n-val", type=int, default=300)
     demo.add_argument("--n-test", type=int, default=300)
-    demo.add_argument("--image-size", type=int, default=128)
+    demo.add_argument("--image-size", type=int, default=None, help="default 128 (shapes) or 64 (glyphs)")
     demo.add_argument("--force", action="store_true", help="regenerate even if the directory is complete")
     args = p.parse_args(argv)
 
@@ -145,7 +148,7 @@ def data_main(argv: list[str]) -> int:
 
     started = time.perf_counter()
     done = make_demo(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                     image_size=args.image_size, force=args.force)
+                     image_size=args.image_size, force=args.force, kind=args.kind)
     splits = ", ".join(f"{k} {v['samples']} samples / {v['shards']} shards" for k, v in done["splits"].items())
     print(f"demo data in {args.out}: {splits} ({time.perf_counter() - started:.1f} s)")
     return 0

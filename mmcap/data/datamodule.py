@@ -11,6 +11,7 @@ Distributed scheme (see `pipeline.TrainStream` and `pipeline.eval_chunks`):
 - val/test: every sample exactly once across ranks, in shard order; every rank runs the same
   number of batches. A batch can be empty (`keys == []`) when all its samples were unusable or
   the set has fewer samples than 2 x world_size: validation steps should return early on it.
+- predict (`mmcap predict`): each rank reads distinct shards, every sample exactly once.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Iterator, Optional, Union
 import lightning as L
 import webdataset as wds
 
+from ..streaming import ImageStream
 from .streams import EvalStream, TrainStream, iter_captions, iter_references
 from .shardlist import resolve_shards, shard_counts
 
@@ -87,11 +89,14 @@ class CaptionDataModule(L.LightningDataModule):
         augment: bool = True,
         seed: int = 0,
         demo_dir: Optional[str] = None,
+        demo_kind: str = "shapes",
         features_dir: Optional[str] = None,
+        predict_shards: Shards = None,
     ):
         """Shard patterns: brace ranges, globs, lists, URLs (see `shardlist.resolve_shards`).
 
-        With `demo_dir` set, the demo dataset is generated there if it is not complete yet, and
+        With `demo_dir` set, the demo dataset (`demo_kind`: shapes or glyphs) is generated there if it
+        is not complete yet, and
         any shard pattern left unset defaults to the demo's split (`demo_dir/train-*.tar`, ...).
         `features_dir` (made by `mmcap features`) trains from precomputed encoder grids: unset
         patterns default to its splits, and the model takes its frozen encoder from there.
@@ -110,12 +115,13 @@ class CaptionDataModule(L.LightningDataModule):
             val_shards = val_shards or f"{demo_dir}/val-*.tar"
             test_shards = test_shards or f"{demo_dir}/test-*.tar"
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
+        self.predict_shards = predict_shards  # `mmcap predict`: images to caption (captions not needed)
         self.image_size, self.batch_size = image_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.resampled, self.samples_per_epoch = resampled, samples_per_epoch
         self.max_caption_tokens, self.hflip, self.augment, self.seed = max_caption_tokens, hflip, augment, seed
-        self.demo_dir, self.features_dir = demo_dir, features_dir
+        self.demo_dir, self.demo_kind, self.features_dir = demo_dir, demo_kind, features_dir
         if samples_per_epoch is not None and not resampled:
             log.warning("samples_per_epoch only applies with resampled=True; an epoch reads every shard once")
         # A picklable `tokenizer(captions, max_tokens) -> {"input_ids", "attention_mask"}`; when
@@ -130,12 +136,13 @@ class CaptionDataModule(L.LightningDataModule):
             from .demo import demo_is_complete, make_demo
 
             if not demo_is_complete(self.demo_dir):
-                make_demo(self.demo_dir)
+                make_demo(self.demo_dir, kind=self.demo_kind)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.demo_dir is not None:
             self.prepare_data()  # without a Trainer nobody else calls it; idempotent
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ("train", "val", "test"))
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}.get(
+            stage, ("train", "val", "test"))
         for split in wanted:
             if getattr(self, f"{split}_shards") is not None:
                 self._shard_urls(split)  # fails now, naming any pattern that matches nothing
@@ -176,6 +183,18 @@ class CaptionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> Union[CaptionLoader, list]:
         return self._eval_loader("test")
+
+    def predict_dataloader(self) -> CaptionLoader:
+        """`predict_shards`, rank r reading shards r, r + world_size, ...: every sample exactly once,
+        however uneven the shards (ranks may run different numbers of batches: prediction never
+        syncs them). Batches as `mmcap.streaming.ImageStream` makes them; unusable images ride
+        along in `errors`."""
+        urls = self._shard_urls("predict")
+        if urls is None:
+            raise ValueError("no predict_shards given (--data.predict_shards)")
+        rank, world = self._rank_and_world()
+        stream = ImageStream([], urls[rank::world], image_size=self.image_size, batch_size=self.eval_batch_size)
+        return CaptionLoader(stream, min(self.num_workers, len(stream.units)))
 
     # ---- what the training code needs (mmcap.data.interface.TrainingData) ----
 

@@ -13,6 +13,9 @@ right and a model can get them exactly right too:
 Some colour/shape combinations (`HELD_OUT`) never occur in train or val; about a quarter of the
 test images contain one, so test scores show whether a model composes colour and shape.
 Everything is derived from the seed: the same seed gives the same bytes.
+
+`make_demo(kind="glyphs")` writes the second kind (`demo_glyphs.py`: 64 px stroke-drawn marks on
+textured backgrounds, its own vocabulary), for checking defaults on data they were not tuned on.
 """
 from __future__ import annotations
 
@@ -23,10 +26,12 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import demo_glyphs
 from .shards import Sample, write_shards
 
 COLOURS = {
@@ -52,6 +57,7 @@ VOCABULARY = sorted(
 )
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
+KINDS = ("shapes", "glyphs")
 
 
 @dataclass(frozen=True)
@@ -146,31 +152,83 @@ def _int_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-def scenes(split: str, n: int, seed: int = 0) -> list[Scene]:
-    rng = random.Random(_int_seed(seed, split))
+class DemoKind(NamedTuple):
+    """What differs between demo kinds: scenes, drawing, defaults, description."""
+
+    sample_scene: Callable
+    draw_scene: Callable
+    meta: Callable  # scene -> the json member's extra fields
+    image_size: int
+    n_train: int
+    readme_lines: Callable[[int], list[str]]
+
+
+def _shapes_meta(scene: Scene) -> dict:
+    return {"held_out": scene.held_out, "shapes": [asdict(s) for s in scene.shapes]}
+
+
+def _shapes_readme(image_size: int) -> list[str]:
+    held = ", ".join(f"{c} {s}" for c, s in HELD_OUT)
+    return [
+        f"{image_size}x{image_size} JPEG scenes of one or two coloured shapes on a light",
+        "plain or noisy background, each with 4 reference captions generated from the scene.",
+        "",
+        f"colours: {', '.join(COLOURS)}",
+        f"shapes:  {', '.join(SHAPES)}",
+        f"sizes:   {', '.join(SIZES)}",
+        f"places:  {', '.join(PLACE_PHRASES.values())}; pairs: 'to the left of' / 'above' (and the reverse forms)",
+        f"vocabulary ({len(VOCABULARY)} words): {' '.join(VOCABULARY)}",
+        "",
+        f"held out of train and val (about {HELD_OUT_FRACTION:.0%} of test images contain one): {held}",
+    ]
+
+
+DEMO_KINDS = {
+    "shapes": DemoKind(sample_scene, draw_scene, _shapes_meta, 128, 6000, _shapes_readme),
+    "glyphs": DemoKind(demo_glyphs.sample_scene, demo_glyphs.draw_scene, lambda scene: scene.meta(),
+                       demo_glyphs.DEFAULT_IMAGE_SIZE, demo_glyphs.DEFAULT_TRAIN, demo_glyphs.readme_lines),
+}
+
+
+def demo_kind(kind: str) -> DemoKind:
+    if kind not in DEMO_KINDS:
+        raise ValueError(f"unknown demo kind {kind!r}; known: {sorted(DEMO_KINDS)}")
+    return DEMO_KINDS[kind]
+
+
+def scenes(split: str, n: int, seed: int = 0, kind: str = "shapes") -> list:
+    sample = demo_kind(kind).sample_scene
+    rng = random.Random(_int_seed(seed, split) if kind == "shapes" else _int_seed(seed, split, kind))
     held = split == "test"
-    return [sample_scene(rng, held_out=held and rng.random() < HELD_OUT_FRACTION) for _ in range(n)]
+    return [sample(rng, held_out=held and rng.random() < HELD_OUT_FRACTION) for _ in range(n)]
 
 
 def make_demo(
     out_dir: str | Path = "data/demo",
     seed: int = 0,
-    n_train: int = 6000,
+    n_train: int | None = None,
     n_val: int = 300,
     n_test: int = 300,
-    image_size: int = 128,
+    image_size: int | None = None,
     train_shards: int = 8,
     eval_shards: int = 2,
     force: bool = False,
+    kind: str = "shapes",
 ) -> dict:
     """Write the demo shards, `samples/` (8 test JPEGs + captions.json) and README.txt.
 
+    `kind` is "shapes" (128 px, 6,000 training images by default) or "glyphs" (64 px, 8,000).
     Returns the contents of `demo.json`, the marker written last: when it exists with the same
     settings the call returns at once (unless `force`).
     """
+    spec = demo_kind(kind)
+    n_train = spec.n_train if n_train is None else n_train
+    image_size = spec.image_size if image_size is None else image_size
     out = Path(out_dir)
     settings = {"format": FORMAT_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
                 "image_size": image_size, "train_shards": train_shards, "eval_shards": eval_shards}
+    if kind != "shapes":  # the shapes demo's settings (and so its marker) stay as they were
+        settings["kind"] = kind
     marker = out / "demo.json"
     if not force and marker.is_file():
         done = json.loads(marker.read_text())
@@ -184,12 +242,12 @@ def make_demo(
     for split, (n, shards) in sizes.items():
         for old in out.glob(f"{split}-*.tar"):
             old.unlink()
-        samples = _split_samples(split, n, seed, image_size)
+        samples = _split_samples(split, n, seed, image_size, kind)
         per_shard = max(1, -(-n // shards))
         summary = write_shards(samples, str(out / f"{split}-%06d.tar"), maxcount=per_shard, progress=False)
         counts[split] = {"samples": summary.samples, "shards": len(summary.shards)}
-    _write_examples(out / "samples", seed, image_size)
-    (out / "README.txt").write_text(_readme(settings, counts))
+    _write_examples(out / "samples", seed, image_size, kind)
+    (out / "README.txt").write_text(_readme(settings, counts, kind))
     done = {"settings": settings, "splits": counts}
     marker.write_text(json.dumps(done, indent=1))
     return {**done, "seconds": round(time.perf_counter() - started, 2)}
@@ -200,12 +258,13 @@ def demo_is_complete(out_dir: str | Path) -> bool:
     return (Path(out_dir) / "demo.json").is_file()
 
 
-def _split_samples(split: str, n: int, seed: int, image_size: int) -> list[Sample]:
+def _split_samples(split: str, n: int, seed: int, image_size: int, kind: str = "shapes") -> list[Sample]:
+    spec = demo_kind(kind)
     samples = []
-    for i, scene in enumerate(scenes(split, n, seed)):
-        image = draw_scene(scene, image_size, noise_seed=_int_seed(seed, split, i))
-        meta = {"held_out": scene.held_out, "shapes": [asdict(s) for s in scene.shapes]}
-        samples.append(Sample(key=f"{split}_{i:05d}", image=_jpeg(image), captions=scene.captions(), meta=meta))
+    for i, scene in enumerate(scenes(split, n, seed, kind)):
+        image = spec.draw_scene(scene, image_size, noise_seed=_int_seed(seed, split, i))
+        samples.append(Sample(key=f"{split}_{i:05d}", image=_jpeg(image), captions=scene.captions(),
+                              meta=spec.meta(scene)))
     return samples
 
 
@@ -215,37 +274,28 @@ def _jpeg(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def _write_examples(folder: Path, seed: int, image_size: int, n: int = 8) -> None:
+def _write_examples(folder: Path, seed: int, image_size: int, kind: str = "shapes", n: int = 8) -> None:
     """The first test images, a quarter of them with held-out combinations, as loose JPEGs."""
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.jpg"):
         old.unlink()
-    test = list(enumerate(scenes("test", 200, seed)))
+    draw = demo_kind(kind).draw_scene
+    test = list(enumerate(scenes("test", 200, seed, kind)))
     held = [t for t in test if t[1].held_out][: n // 4]
     chosen = sorted(held + [t for t in test if not t[1].held_out][: n - len(held)], key=lambda t: t[0])
     references = {}
     for i, scene in chosen:
         name = f"test_{i:05d}.jpg"
-        (folder / name).write_bytes(_jpeg(draw_scene(scene, image_size, noise_seed=_int_seed(seed, "test", i))))
+        (folder / name).write_bytes(_jpeg(draw(scene, image_size, noise_seed=_int_seed(seed, "test", i))))
         references[name] = scene.captions()
     (folder / "captions.json").write_text(json.dumps(references, indent=1))
 
 
-def _readme(settings: dict, counts: dict) -> str:
-    held = ", ".join(f"{c} {s}" for c, s in HELD_OUT)
+def _readme(settings: dict, counts: dict, kind: str = "shapes") -> str:
     lines = [
-        "mmcap demo dataset (synthetic, generated by `mmcap data demo`)",
+        f"mmcap demo dataset, kind {kind} (synthetic, generated by `mmcap data demo`)",
         "",
-        f"{settings['image_size']}x{settings['image_size']} JPEG scenes of one or two coloured shapes on a light",
-        "plain or noisy background, each with 4 reference captions generated from the scene.",
-        "",
-        f"colours: {', '.join(COLOURS)}",
-        f"shapes:  {', '.join(SHAPES)}",
-        f"sizes:   {', '.join(SIZES)}",
-        f"places:  {', '.join(PLACE_PHRASES.values())}; pairs: 'to the left of' / 'above' (and the reverse forms)",
-        f"vocabulary ({len(VOCABULARY)} words): {' '.join(VOCABULARY)}",
-        "",
-        f"held out of train and val (about {HELD_OUT_FRACTION:.0%} of test images contain one): {held}",
+        *demo_kind(kind).readme_lines(settings["image_size"]),
         "",
         "files:",
     ]

@@ -257,9 +257,9 @@ def shard_error_reason(exn: Exception) -> str:
     return "read_error"
 
 
-def read_shards(urls: Iterable, skips: SkipCounter, members: Iterable[str] = SAMPLE_MEMBERS) -> Iterator[dict]:
-    """Raw samples of each shard in turn (only `members` are read; nothing touches the disk)."""
-    select = partial(wanted_member, extensions=frozenset(members))
+def read_shards(urls: Iterable, skips: SkipCounter, members: Optional[Iterable[str]] = SAMPLE_MEMBERS) -> Iterator[dict]:
+    """Raw samples of each shard in turn (only `members` are read, all with None; nothing touches the disk)."""
+    select = None if members is None else partial(wanted_member, extensions=frozenset(members))
     for url in urls:
         url = url["url"] if isinstance(url, dict) else url  # ResampledShards yields dicts
         handler = ShardErrors(url, skips)

@@ -189,7 +189,7 @@ def write_member_shards(
     Path(out_pattern % 0).parent.mkdir(parents=True, exist_ok=True)
     summary = WriteSummary()
     keys = UniqueKeys()
-    shard: Optional[_ShardFile] = None
+    shard: Optional[ShardFile] = None
     try:
         for key, members in tqdm(items, total=total, unit="sample", disable=not progress, desc="shards"):
             if isinstance(members, str):
@@ -201,7 +201,7 @@ def write_member_shards(
                 summary.shards.append(shard.close())
                 shard = None
             if shard is None:
-                shard = _ShardFile(out_pattern % len(summary.shards))
+                shard = ShardFile(out_pattern % len(summary.shards))
             shard.write({"__key__": keys(key), **members}, size)
             summary.samples += 1
         if shard is not None:
@@ -217,7 +217,7 @@ def _tar_size(n: int) -> int:
     return 512 + (n + 511) // 512 * 512
 
 
-class _ShardFile:
+class ShardFile:
     """A tar written under `NAME.tmp`, renamed to `NAME` only once complete."""
 
     def __init__(self, path: str):
@@ -227,7 +227,7 @@ class _ShardFile:
         self.count = self.size = 0
         self.closed = False
 
-    def write(self, members: dict, size: int) -> None:
+    def write(self, members: dict, size: int = 0) -> None:
         self.tar.write(members)
         self.count += 1
         self.size += size

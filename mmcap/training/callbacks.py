@@ -74,3 +74,50 @@ class ThroughputLogger(L.Callback):
                 tokens = batch["attention_mask"][:, 1:].sum().float()
                 pl_module.log("train/tokens_per_s", tokens * world / dt, on_step=True, on_epoch=False, batch_size=n)
         self._last = now
+
+
+class TimeBudgetSchedule(L.Callback):
+    """Anneals the learning-rate schedule within `trainer.max_time` when time, not a step count,
+    ends the run (`--trainer.max_time 00:00:05:00 --trainer.max_steps -1`).
+
+    After every step it re-estimates the schedule's length from the measured pace: steps done so
+    far over the time they took (validation included), times the time left. The cosine then ends
+    at the budget instead of being cut off wherever the clock stops it. With both max_steps and
+    max_time, the schedule follows whichever ends first. The estimate lives in the schedule
+    object, so a resumed run keeps it.
+    """
+
+    MIN_STEPS = 5  # the first steps carry start-up costs: measure a few before trusting the pace
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        schedule = time_budget_schedule(trainer)
+        timer = time_budget(trainer)
+        if schedule is None or timer is None or getattr(pl_module, "fixed_schedule_length", False):
+            return
+        step = trainer.global_step
+        elapsed, remaining = timer.time_elapsed("train"), timer.time_remaining("train")
+        if step < self.MIN_STEPS or not elapsed or remaining is None:
+            return
+        estimate = step + int(remaining * step / elapsed)
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            estimate = min(estimate, trainer.max_steps)
+        schedule.total_steps = max(estimate, step + 1, schedule.warmup_steps + 1)
+
+
+def time_budget(trainer: L.Trainer):
+    """Lightning's Timer callback (present when trainer.max_time is set), else None."""
+    from lightning.pytorch.callbacks import Timer
+
+    return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+
+
+def time_budget_schedule(trainer: L.Trainer):
+    """The `WarmupCosine` of the first scheduler, if that is what the module configured."""
+    from .optim import WarmupCosine
+
+    for config in trainer.lr_scheduler_configs:
+        for fn in getattr(config.scheduler, "lr_lambdas", []):
+            if isinstance(fn, WarmupCosine):
+                return fn
+    return None

@@ -10,6 +10,8 @@ LightningCLI's own keys it adds:
   `--ckpt_path last` finds the previous run's `last.ckpt`.
 - `test_after_fit`: after `fit`, run the test split on the final weights and print the metrics.
 - `export_dir`: after `fit`, write the final model there (`Captioner.save_pretrained` layout).
+- `predict_output`: where `mmcap predict --data.predict_shards ...` writes its captions (JSON Lines,
+  one file per rank merged into one: see `predictions.CaptionPredictionWriter`).
 
 `data.image_size` and `data.max_caption_tokens` are linked to `model.captioner.image_size` and
 `model.captioner.max_caption_tokens`: set them under `data:` (the model's copies follow), so the
@@ -80,6 +82,9 @@ def build_cli(argv: Optional[list[str]] = None, run: bool = True):
                                 help="After fit, test the final weights on data.test_shards and print the metrics.")
             parser.add_argument("--export_dir", type=Optional[str], default=None,
                                 help="After fit, save the final model here (save_pretrained layout).")
+            parser.add_argument("--predict_output", type=Optional[str], default=None,
+                                help="predict: the JSON Lines file of captions (default: "
+                                     "<trainer.default_root_dir>/predictions.jsonl).")
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -88,6 +93,15 @@ def build_cli(argv: Optional[list[str]] = None, run: bool = True):
                 cfg["checkpoint.dirpath"] = os.path.join(root, "checkpoints")
             if "weights_only" in cfg and cfg.get("weights_only") is None:
                 cfg["weights_only"] = True  # --ckpt_path: plain data only, whatever torch's default is
+            if self.subcommand == "predict" and cfg.get("return_predictions") is None:
+                cfg["return_predictions"] = False  # the writer has them: memory stays flat
+
+        def before_predict(self) -> None:
+            from .predictions import CaptionPredictionWriter
+
+            output = self.config["predict"].get("predict_output")
+            output = output or os.path.join(self.trainer.default_root_dir, "predictions.jsonl")
+            self.trainer.callbacks.append(CaptionPredictionWriter(output))
 
         def after_fit(self) -> None:
             cfg = self.config[self.subcommand]

@@ -34,7 +34,8 @@ from ..generation_config import GenerationConfig
 from ..metrics import evaluate_captions
 from ..scst import SCSTConfig, reward_scorer, self_critical_loss
 from ..tokenizer import CaptionTokenizer
-from .callbacks import NonFiniteGuard, NonFiniteLossError, ThroughputLogger  # noqa: F401  (re-exported)
+from .callbacks import (NonFiniteGuard, NonFiniteLossError, ThroughputLogger,  # noqa: F401  (re-exported)
+                        TimeBudgetSchedule, time_budget)
 from .distributed import gather_from_ranks, gather_predictions
 from .optim import OptimConfig, build_optimizer
 
@@ -129,7 +130,7 @@ class CaptionModule(L.LightningModule):
         return self._guard.bad_steps
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [self._guard, ThroughputLogger()]
+        return [self._guard, ThroughputLogger(), TimeBudgetSchedule()]
 
     # ------------------------------------------------------------------ building the model
     def _data(self) -> Optional[TrainingData]:
@@ -210,11 +211,19 @@ class CaptionModule(L.LightningModule):
         self.set_captioner(captioner)
 
     # ------------------------------------------------------------------ training
+    @property
+    def fixed_schedule_length(self) -> bool:
+        """model.optim.total_steps fixes the schedule; otherwise a time budget may shorten it."""
+        return self.optim.total_steps is not None
+
     def configure_optimizers(self):
         total = self.optim.total_steps or self.trainer.estimated_stepping_batches
         if not total or total < 0 or math.isinf(total):
-            raise ValueError("the learning-rate schedule needs a length: set trainer.max_steps or "
-                             "model.optim.total_steps")
+            if time_budget(self.trainer) is None:
+                raise ValueError("the learning-rate schedule needs a length: set trainer.max_steps, "
+                                 "trainer.max_time or model.optim.total_steps")
+            # trainer.max_time alone: a first guess, re-estimated from the pace by TimeBudgetSchedule
+            total = max(10 * self.optim.warmup_steps, 1000)
         optimizer, scheduler = build_optimizer(self.captioner, self.optim, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -371,9 +380,17 @@ class CaptionModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", meteor=True)
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, str]]:
-        captions = self.generate_captions(*self._inputs(batch))
-        return [{"key": k, "caption": c} for k, c in zip(batch["keys"], captions)]
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Results as `mmcap caption --output` writes them: `{"image": key, "caption", "log_prob"}`
+        plus `"shard"` (see `mmcap.streaming`), with the model's generation defaults."""
+        from ..streaming import caption_records
+
+        if not batch["keys"]:  # every image of this batch was unusable (they are in batch["errors"])
+            return []
+        pixels, memory = self._inputs(batch)
+        out = self.captioner.generate(pixels, memory=memory, **self.generation.to_dict())
+        return caption_records(self.captioner.tokenizer, out, batch["keys"], batch.get("shards", [None] * len(batch["keys"])))
 
     def _log_metrics(self, stage: str, meteor: bool) -> None:
         """Caption metrics over every rank's samples, each sample counted once."""

@@ -1,0 +1,224 @@
+"""What each speed lever gives on its own: `python benchmarks/bench_caption.py --levers [--compile]`.
+
+A module of bench_caption's, not a script. Each row times one stage of captioning one batch (16
+photos, beam 3, 20 new tokens) with bench_caption's real-size model, best of a few repeats; rows
+of a group differ in one lever only. Printed as a table on stderr and returned as a dict (which
+bench_caption adds to its JSON line). Two clocks: wall time, and the CPU time of this process,
+which load from other processes barely moves when torch runs one thread (`--threads 1`).
+
+Only public API is used: the transformers-forward path of `mmcap.generation.generate` is reached
+by handing it the decoder behind a plain module (`common.TransformersForward`), beam-search
+bookkeeping is timed with a decoder that answers instantly, and the attention kernels (mmcap's
+matmul attention vs the fused SDPA) are timed on their own, on the shapes this decoding uses.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from common import GENERATION, NaivePipeline, TransformersForward, best_time, build_mmcap, log, make_photos
+from mmcap.generation import GenerationConfig, generate
+from mmcap.images import eval_transform, open_image
+
+
+def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
+    rows: list[tuple[str, str, float, float]] = []
+
+    def row(group, name, times):
+        rows.append((group, name, *times))
+        log(f"  {group:9s} {name:64s} {times[0]:8.3f} s wall {times[1]:8.3f} s cpu")
+
+    paths = [str(p) for p in make_photos(Path(tempfile.mkdtemp(prefix="mmcap-levers-")), batch_size)]
+    model = build_mmcap()
+    tok, size, n = model.tokenizer, model.config.image_size, len(paths)
+    gen = GenerationConfig.from_kwargs(**GENERATION)
+    log(f"levers (batch {n}, {torch.get_num_threads()} threads):")
+
+    # --- image decoding: file -> normalised 224 px tensor, per batch
+    transform = eval_transform(size)
+    datas = [Path(p).read_bytes() for p in paths]
+    from torchvision.io import decode_jpeg
+
+    def pil():
+        return [transform(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas]
+
+    def tv():
+        return [_tv_transform(transform, decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8))) for d in datas]
+
+    def draft():
+        return [transform(open_image(d, min_size=size)) for d in datas]
+
+    assert all(torch.equal(a, b) for a, b in zip(pil(), tv())), "decode_jpeg should give PIL's pixels"
+    row("decode", "PIL decode + torchvision transforms", best_time(pil))
+    row("decode", "torchvision.io.decode_jpeg (same pixels)", best_time(tv))
+    row("decode", "PIL draft (DCT-domain downscale to >= 224 px)", best_time(draft))
+
+    # --- encoder: pixels -> image tokens
+    pixels = torch.stack(pil())
+    cl = pixels.contiguous(memory_format=torch.channels_last)
+    enc_cl = copy.deepcopy(model.encoder).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        row("encoder", "fp32 NCHW", best_time(lambda: model.encoder(pixels)))
+        row("encoder", "fp32 channels_last", best_time(lambda: enc_cl(cl)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            row("encoder", "bf16 autocast, channels_last input (mmcap bf16)", best_time(lambda: model.encoder(cl)))
+            row("encoder", "bf16 autocast, channels_last input and weights", best_time(lambda: enc_cl(cl)))
+        memory = model.encode(pixels)
+
+    # --- decoder: image tokens -> 16 x beam 3 x 20 tokens
+    naive = NaivePipeline(model)
+
+    def hf_generate(**kw):
+        return naive.generate(memory, **GENERATION, **kw)
+
+    def ours(decoder=model.decoder, mem=memory, decode=generate):
+        return decode(decoder, mem, tok.bos_id, tok.eos_id, tok.pad_id, gen)
+
+    generic = TransformersForward(model.decoder)
+    with torch.no_grad():
+        row("decoder", "transformers generate, fp32 (naive)", best_time(hf_generate, 1))
+        try:
+            row("decoder", "transformers generate + StaticCache, fp32", best_time(lambda: hf_generate(cache_implementation="static"), 1))
+        except Exception as e:  # noqa: BLE001 - a lever that does not apply is reported, not fatal
+            log(f"  decoder   transformers StaticCache: not usable here ({type(e).__name__}: {str(e)[:80]})")
+        row("decoder", "mmcap, transformers forward: 1 pass/image, K/V once, fp32", best_time(lambda: ours(generic), 1))
+        row("decoder", "  + bf16 autocast", best_time(_bf16(lambda: ours(generic)), 2))
+        row("decoder", "mmcap GPT-2 path (preallocated cache, shared image K/V), fp32", best_time(ours, 1))
+        row("decoder", "  + bf16 autocast (mmcap bf16)", best_time(_bf16(ours)))
+        dec16 = copy.deepcopy(model.decoder).to(torch.bfloat16)
+        row("decoder", "  bf16 weights instead of autocast", best_time(functools.partial(ours, dec16, memory.bfloat16())))
+        del dec16
+
+        # beam search bookkeeping alone: generate() with a decoder that answers instantly
+        b = memory.shape[0]
+        instant = _InstantDecoder(torch.randn(b * gen.num_beams, len(tok)), model.decoder.config)
+        stub_cfg = gen.updated(use_cache=False)
+        stub = lambda: generate(instant, torch.zeros(b, 1, 1), tok.bos_id, tok.eos_id, tok.pad_id, stub_cfg)  # noqa: E731
+        row("decoder", "beam search bookkeeping only (instant decoder), 20 steps", best_time(stub))
+
+    # --- the attention kernel of the GPT-2 path, alone: all calls of decoding this batch, bf16
+    attention = _attention_calls(model.decoder.config, b, gen.num_beams, gen.max_new_tokens, memory.shape[1])
+    torch.testing.assert_close(attention(_matmul_attention), attention(_sdpa_attention), atol=0.05, rtol=0.05)
+    row("attention", "matmul attention (mmcap's kernel), bf16, 20 steps x all layers", best_time(lambda: attention(_matmul_attention)))
+    row("attention", "  fused SDPA kernel instead", best_time(lambda: attention(_sdpa_attention)))
+
+    # --- end to end: files -> strings
+    caption = lambda **kw: model.caption(paths, batch_size=n, precision="auto", **GENERATION, **kw)  # noqa: E731
+    threads = torch.get_num_threads()
+    row("end2end", f"mmcap auto precision, {threads} threads", best_time(caption, 2))
+    if threads > 1:
+        torch.set_num_threads(1)
+        row("end2end", "mmcap auto precision, 1 thread", best_time(caption, 1))
+        torch.set_num_threads(threads)
+    row("end2end", "mmcap, decode overlapped in a DataLoader worker", best_time(lambda: _overlapped(model, paths, batch_size), 2))
+
+    if compile:
+        _compile_rows(model, memory, cl, ours, row)
+    return {f"{g}: {name.strip()}": {"wall_s": round(w, 3), "cpu_s": round(c, 3)} for g, name, w, c in rows}
+
+
+def _bf16(fn):
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn()
+    return run
+
+
+class _InstantDecoder(torch.nn.Module):
+    """A decoder with fixed logits: what is left of generate() is the beam search's bookkeeping."""
+
+    def __init__(self, logits: torch.Tensor, config):
+        super().__init__()
+        self.logits, self.config = logits, config
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        return SimpleNamespace(logits=self.logits[: input_ids.shape[0], None])
+
+
+def _matmul_attention(q, keys_t, values, scale):
+    """softmax(q keys * scale) values with plain matmuls; keys_t is [..., head_dim, keys]."""
+    weights = torch.matmul(q, keys_t) * scale
+    return torch.matmul(weights.softmax(-1).to(values.dtype), values)
+
+
+def _sdpa_attention(q, keys_t, values, scale):
+    return F.scaled_dot_product_attention(q, keys_t.transpose(-1, -2), values, scale=scale)
+
+
+def _attention_calls(config, images: int, beams: int, steps: int, image_tokens: int):
+    """`run(attend)`: the attention calls of decoding `images` x `beams` captions of `steps` tokens
+    on the GPT-2 path under bf16 autocast: per step and layer, each row's new query against its self-attention
+    cache (keys stored transposed, a growing slice of a preallocated buffer), and the beams of
+    each image together against that image's tokens. Returns the last outputs."""
+    heads = config.num_attention_heads
+    dim, layers = config.hidden_size // heads, config.num_hidden_layers
+    rows, scale = images * beams, dim**-0.5
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+    q_self, keys, values = rand(rows, heads, 1, dim), rand(rows, heads, dim, steps + 1), rand(rows, heads, steps + 1, dim)
+    q_cross, k_img, v_img = rand(images, heads, beams, dim), rand(images, heads, dim, image_tokens), rand(images, heads, image_tokens, dim)
+
+    @torch.no_grad()
+    @torch.autocast("cpu", dtype=torch.bfloat16)
+    def run(attend):
+        for t in range(steps):
+            for _ in range(layers):
+                own = attend(q_self, keys[..., : t + 1], values[:, :, : t + 1], scale)
+                img = attend(q_cross, k_img, v_img, scale)
+        return own, img
+
+    return run
+
+
+def _tv_transform(transform, uint8_chw):
+    """eval_transform minus its PIL-to-tensor step, for a decoded uint8 tensor."""
+    for step in transform.transforms[1:]:
+        uint8_chw = step(uint8_chw)
+    return uint8_chw
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+        self.transform = eval_transform(size)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(open_image(self.paths[i], min_size=self.size))
+
+
+def _overlapped(model, paths, batch_size):
+    loader = torch.utils.data.DataLoader(_Files(paths, model.config.image_size), batch_size=batch_size, num_workers=1)
+    return [c for pixels in loader for c in model.caption(pixels, batch_size=batch_size, precision="auto", **GENERATION)]
+
+
+def _compile_rows(model, memory, cl, ours, row):
+    """torch.compile of the encoder (static shapes) and of mmcap's whole `generate` (dynamic
+    shapes; graph breaks at the data-dependent steps, so its parts compile separately)."""
+    options = {"freezing": True}  # constant weights: lets inductor prepack them for oneDNN
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        encoder = torch.compile(copy.deepcopy(model.encoder).to(memory_format=torch.channels_last), options=options)
+        t0 = time.perf_counter()
+        encoder(cl)
+        log(f"  (encoder compile: {time.perf_counter() - t0:.0f} s)")
+        row("compile", "encoder bf16 channels_last, torch.compile", best_time(lambda: encoder(cl)))
+    compiled_generate = torch.compile(generate, dynamic=True, options=options)
+    compiled = _bf16(lambda: ours(decode=compiled_generate))
+    t0 = time.perf_counter()
+    compiled()
+    log(f"  (decoder compile: {time.perf_counter() - t0:.0f} s)")
+    row("compile", "mmcap GPT-2 path bf16, torch.compile(generate)", best_time(compiled))
