@@ -7,7 +7,7 @@
 - `TransformersForward`: a decoder seen through a plain module, so that
   `mmcap.generation.generate` runs it through the transformers forward instead of its lean
   GPT-2 path;
-- synthetic photo-like JPEGs (`photo_jpeg`, `make_photos`);
+- synthetic photo-like JPEGs (`photo_jpeg`, `make_photos`); `held_out_keys` of demo shards;
 - measuring: `clocks`, `best_time`, peak RSS, `machine_info` and `emit` (every benchmark's JSON
   line names the processor);
 - `build_fit` and `quiet_fit_overrides`: model, datamodule and trainer as `mmcap fit` builds them.
@@ -170,6 +170,16 @@ def make_photos(folder: Path, n: int, size: tuple[int, int] = (640, 480), seed: 
     return paths
 
 
+def held_out_keys(shards: str) -> set[str]:
+    """Keys of the samples whose json marks a held-out combination, one the training split never
+    shows (`mmcap data demo` writes the flag)."""
+    from mmcap.data.shardlist import resolve_shards
+    from mmcap.data.shards import read_members
+
+    return {name[: -len(".json")] for path in resolve_shards(shards) for name, data in read_members(path)
+            if name.endswith(".json") and json.loads(data).get("held_out")}
+
+
 # ----------------------------------------------------------------------------- measuring
 def log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
@@ -201,14 +211,17 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process since start or `reset_peak_rss`, in MiB."""
+def peak_rss_mb(pid: Optional[int] = None) -> float:
+    """Peak resident memory, in MiB, of this process (since start or `reset_peak_rss`) or of
+    process `pid` (Linux only; NaN elsewhere)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    if pid is not None:
+        return float("nan")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

@@ -11,21 +11,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import json
-
-from common import emit
+from common import emit, held_out_keys
 
 from mmcap import Captioner
-from mmcap.data.shardlist import resolve_shards
-from mmcap.data.shards import read_members
 from mmcap.data.streams import iter_samples
 from mmcap.metrics import caption_metrics, exact_match_rate
-
-
-def held_out_keys(shards: str) -> set[str]:
-    """Keys whose json marks a held-out combination (`mmcap data demo` writes the flag)."""
-    return {name[: -len(".json")] for path in resolve_shards(shards) for name, data in read_members(path)
-            if name.endswith(".json") and json.loads(data).get("held_out")}
 
 
 def oracle_cider(references: dict[str, list[str]]) -> float:

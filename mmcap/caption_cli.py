@@ -1,6 +1,9 @@
 """The inference commands: `mmcap caption` (images in, captions out) and `mmcap eval` (caption
 metrics of a saved model on shards). Neither imports Lightning or any training code.
 
+`mmcap caption` streams (`mmcap.streaming`) and writes stdout or an `--output`
+(`mmcap.caption_writers`: JSON Lines, COCO results, shards; `--resume`).
+
 Generation options come from `GenerationConfig`'s fields (`add_generation_arguments`); the ones
 a user leaves unset come from the model's own generation_config.json. `--precision` means what
 `Captioner.caption(precision=...)` means: the same code runs.
@@ -11,7 +14,6 @@ import argparse
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 from .generation_config import add_generation_arguments, generation_overrides
 from .precision import PRECISIONS
@@ -23,8 +25,9 @@ PRECISION_HELP = ("fp32: the reference results (default); bf16: bfloat16 compute
 
 def caption_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="mmcap caption", description="Caption image files, folders and webdataset shards with a saved mmcap model, "
-        "streaming: images are decoded in worker processes while the model works, and memory stays flat.")
+        prog="mmcap caption",
+        description="Caption image files, folders and webdataset shards with a saved mmcap model, streaming: "
+                    "images are decoded in worker processes while the model works, and memory stays flat.")
     p.add_argument("--model", required=True, help="a save_pretrained directory or a Hugging Face Hub repo id")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
     p.add_argument("--output", default=None,
@@ -94,7 +97,8 @@ def run_stream(stream, writer, fmt: str) -> Counter:
                 if "error" in record:
                     detail = f" ({record['detail']})" if "detail" in record else ""
                     where = f"{record['shard']}:" if "shard" in record else ""
-                    bar.write(f"mmcap caption: error: {where}{record['image']}: {record['error']}{detail}", file=sys.stderr)
+                    bar.write(f"mmcap caption: error: {where}{record['image']}: {record['error']}{detail}",
+                              file=sys.stderr)
             if writer is not None:
                 writer.write(batch.records)
                 for url in batch.finished_shards:

@@ -1,4 +1,4 @@
-"""`Captioner`: ResNet grid -> projection -> GPT-2/BERT decoder, with decoding and save/load.
+"""`Captioner`: ResNet grid -> projection -> causal LM decoder (through `mmcap.fusion`), with decoding and save/load.
 
 A plain `nn.Module` (no Lightning): the training code wraps it, inference needs nothing else.
 """
@@ -19,9 +19,11 @@ from torch import nn
 from .config import CaptionerConfig
 from .decoder import build_decoder
 from .encoder import ResNetEncoder
+from .fusion import build_fusion
 from .generation import GenerationOutput, generate
 from .generation_config import GenerationConfig
 from .images import ImageSource, eval_transform, open_image
+from .lora import apply_train_mode, has_lora, merged_lora
 from .precision import PRECISIONS, bf16_is_fast, compute_dtype  # noqa: F401  (re-exported)
 from .projection import GridProjection
 from .tokenizer import CaptionTokenizer
@@ -47,7 +49,7 @@ class Captions(tuple):
     always, `(captions[, log_probs][, attention])`, which also carries `.words`: per caption, the
     generated words, one per attention map (`plot_attention(image, result)` takes it whole)."""
 
-    def __new__(cls, items: tuple, words, attention=None):
+    def __new__(cls, items: tuple, words=None, attention=None):  # defaults: copy and pickle call it with items only
         out = super().__new__(cls, items)
         out.words, out.attention = words, attention
         return out
@@ -55,18 +57,23 @@ class Captions(tuple):
 
 class Captioner(nn.Module):
     def __init__(self, cfg: CaptionerConfig, tokenizer: CaptionTokenizer, load_pretrained: bool = True,
-                 decoder_config: Optional[dict] = None, generation_config: Optional[GenerationConfig] = None):
+                 decoder_config: Optional[dict] = None, generation_config: Optional[GenerationConfig] = None,
+                 adapters: bool = True):
         """Prefer `from_config` / `from_pretrained`; `load_pretrained=False` skips hub/torchvision weights.
 
         `decoder_config` is a resolved Hugging Face decoder config (a saved model's); the
         resolved config of the built decoder is `self.decoder.config`. `cfg` is kept as given.
-        `generation_config` holds the model's default decoding options.
+        `generation_config` holds the model's default decoding options. `adapters=False` builds
+        no LoRA adapters (a saved model holds them merged into the weights).
         """
         super().__init__()
         self.config, self.tokenizer = cfg, tokenizer
         self.generation_config = GenerationConfig.coerce(generation_config)
         self.encoder = ResNetEncoder(cfg.encoder, load_weights=load_pretrained, image_size=cfg.image_size)
         self.decoder = build_decoder(cfg.decoder, tokenizer, pretrained=load_pretrained, hf_config=decoder_config)
+        self.fusion = build_fusion(cfg.decoder, self.decoder)
+        if adapters:
+            apply_train_mode(self.decoder, cfg.decoder)
         grid = -(-cfg.image_size // self.encoder.stride)
         self.projection = GridProjection(cfg.projection, self.encoder.out_channels, self.decoder.config.hidden_size,
                                          max_grid=cfg.projection.max_grid or grid)
@@ -122,7 +129,7 @@ class Captioner(nn.Module):
         except Exception as e:
             raise ValueError(f"{path}: cannot load the tokenizer files: {e}") from None
         model = cls(cfg, tokenizer, load_pretrained=False, decoder_config=decoder_config,
-                    generation_config=generation_config)
+                    generation_config=generation_config, adapters=False)
         try:
             missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device=str(map_location))
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
@@ -139,6 +146,8 @@ class Captioner(nn.Module):
         """
         from safetensors.torch import save_model
 
+        if has_lora(self.decoder):  # exporting merges LoRA: the saved model needs no peft
+            return merged_lora(self).save_pretrained(path)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         saved = {"mmcap_version": _version(), **self.config.to_dict(),
@@ -182,9 +191,7 @@ class Captioner(nn.Module):
 
     def token_log_probs(self, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """log P(w_n | image, w_<n) of each target token [B, T-1]; 0 at padding."""
-        logits = self.decoder(
-            input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], encoder_hidden_states=memory
-        ).logits.float()
+        logits = self.fusion.logits(self.decoder, memory, input_ids[:, :-1], attention_mask[:, :-1]).float()
         logp = F.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
         return logp * attention_mask[:, 1:]
 
@@ -194,9 +201,7 @@ class Captioner(nn.Module):
         from `encode` or `project`) replaces `pixels` when given."""
         if memory is None:
             memory = self.encode(pixels)
-        logits = self.decoder(
-            input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], encoder_hidden_states=memory
-        ).logits
+        logits = self.fusion.logits(self.decoder, memory, input_ids[:, :-1], attention_mask[:, :-1])
         labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         return F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
@@ -216,7 +221,8 @@ class Captioner(nn.Module):
                     pixels = pixels.contiguous(memory_format=torch.channels_last)
                 memory = self.encode(pixels.to(self.device, next(self.encoder.parameters()).dtype))
             tok = self.tokenizer
-            return generate(self.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions)
+            return generate(self.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
+                            fusion=self.fusion)
 
     def generation_options(self, **overrides) -> GenerationConfig:
         """This model's generation defaults with a call's `overrides`, max_new_tokens resolved."""

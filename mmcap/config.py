@@ -66,13 +66,15 @@ class ProjectionConfig:
 
 @dataclass
 class DecoderConfig:
-    """A Hugging Face GPT-2 or BERT language model reading the image through cross-attention.
+    """A Hugging Face causal language model and how the image reaches it.
 
-    With `pretrained` set (hub name or local directory), the size fields are ignored and only
-    the cross-attention layers are new; otherwise a small random-init model is built from them.
+    With `pretrained` set (hub name or local directory of any `AutoModelForCausalLM` checkpoint),
+    the family and the size fields come from the checkpoint; otherwise a small random-init model
+    of `family` is built from the size fields.
     """
 
-    family: Literal["gpt2", "bert"] = "gpt2"
+    # gpt2, bert, or any causal LM model type of transformers (llama, qwen2, gpt_neox, mistral, ...)
+    family: str = "gpt2"
     pretrained: Optional[str] = None
     hidden_size: int = 256
     num_layers: int = 4
@@ -80,10 +82,35 @@ class DecoderConfig:
     intermediate_size: Optional[int] = None  # default 4 * hidden_size
     max_positions: int = 64
     dropout: float = 0.1
+    # "cross_attention": GPT-2's/BERT's own cross-attention layers, or for other LMs gated (tanh,
+    # zero-init) cross-attention blocks inserted before every `cross_attention_every`-th layer.
+    # "prefix": the image tokens come before the text (any LM).
+    fusion: Literal["cross_attention", "prefix"] = "cross_attention"
+    cross_attention_every: int = 1
+    # What trains in the decoder (the projection and the fusion blocks always train): "full",
+    # "lora" (peft adapters on the LM's projections) or "frozen" (the LM's own weights stay fixed).
+    train: Literal["full", "lora", "frozen"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    # Module names LoRA adapts; None: the family's attention and MLP projections (mmcap.lora).
+    lora_targets: Optional[list[str]] = None
+    gradient_checkpointing: bool = False  # recompute the LM's layers in the backward pass
 
     def __post_init__(self) -> None:
-        if self.family not in ("gpt2", "bert"):
-            raise ValueError(f"decoder.family must be 'gpt2' or 'bert', got {self.family!r}")
+        if self.family not in ("gpt2", "bert") and not self.pretrained:
+            from .decoder import causal_lm_types
+
+            if self.family not in causal_lm_types():
+                raise ValueError(f"decoder.family must be gpt2, bert or a causal LM model type of transformers "
+                                 f"(e.g. llama, qwen2, gpt_neox, mistral), got {self.family!r}")
+        if self.fusion not in ("cross_attention", "prefix"):
+            raise ValueError(f"decoder.fusion must be 'cross_attention' or 'prefix', got {self.fusion!r}")
+        if self.train not in ("full", "lora", "frozen"):
+            raise ValueError(f"decoder.train must be 'full', 'lora' or 'frozen', got {self.train!r}")
+        if self.cross_attention_every < 1 or self.lora_rank < 1:
+            raise ValueError("decoder.cross_attention_every and decoder.lora_rank must be >= 1")
+        if self.lora_targets is not None:
+            self.lora_targets = list(self.lora_targets)
 
 
 @dataclass

@@ -10,7 +10,8 @@ GPT-2 decoders take a leaner path (`_GPT2Decoder`): the same modules and weights
 preallocated self-attention cache, cross-attention keys/values kept once per image (the beams of
 an image attend to them together, never copied) and plain matmul attention, which for one new
 token is much faster on CPU than the fused kernels. Other decoders, uncached decoding and
-attention maps use the transformers forward (`_Decoder`).
+attention maps use the transformers forward (`_Decoder`). LMs that read the image through a
+prefix or inserted cross-attention bring their own decoder (`mmcap.fusion.LMDecoding`).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class _Decoder:
         out = self.model(
             input_ids=ids,
             encoder_hidden_states=self.memory,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=self.use_cache,
             output_attentions=self.attentions,
             return_dict=True,
@@ -192,13 +193,15 @@ def _process(scores: torch.Tensor, seqs: torch.Tensor, step: int, cfg: Generatio
 
 @torch.no_grad()
 def generate(model, memory: torch.Tensor, bos: int, eos: int, pad: int, cfg: GenerationConfig,
-             output_attentions: bool = False) -> GenerationOutput:
-    """Decode captions for image tokens `memory` [B, M, D] with the HF decoder `model`."""
+             output_attentions: bool = False, fusion=None) -> GenerationOutput:
+    """Decode captions for image tokens `memory` [B, M, D] with the HF decoder `model`, reading
+    them through its own cross-attention or through `fusion` (`mmcap.fusion`)."""
     if cfg.max_new_tokens is None:
         raise ValueError("generate() needs max_new_tokens: use cfg.resolved(max_caption_tokens)")
-    if cfg.use_cache and _GPT2Decoder.supports(model, output_attentions):
+    dec = fusion.decoding(model, memory, cfg.use_cache, output_attentions) if fusion is not None else None
+    if dec is None and cfg.use_cache and _GPT2Decoder.supports(model, output_attentions):
         dec = _GPT2Decoder(model, memory, max_len=1 + cfg.max_new_tokens)
-    else:
+    elif dec is None:
         dec = _Decoder(model, memory, cfg.use_cache, output_attentions)
     with _eager_attention(model, output_attentions):
         if cfg.num_beams == 1:

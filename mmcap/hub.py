@@ -23,7 +23,8 @@ def is_repo_id(name: str) -> bool:
 
 
 def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE", "")).upper() in ("1", "ON", "YES", "TRUE")
+    value = os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return value.upper() in ("1", "ON", "YES", "TRUE")
 
 
 def model_dir(name: Union[str, os.PathLike], revision: Optional[str] = None) -> Path:

@@ -16,6 +16,7 @@ No Lightning here: `mmcap caption` and notebooks use this; `mmcap predict` reuse
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -219,14 +220,27 @@ class CaptionStream:
         was_training = model.training
         model.eval()
         try:
-            for batch in image_loader(self.stream, self.num_workers):
-                self.shard_errors.update(batch["skipped"])
-                records = self._caption(batch) + batch["errors"]
-                for record, members in zip(records, batch.get("members", ())):
-                    record["members"] = members
-                yield ResultBatch(records, batch["finished_shards"])
+            with self._weights_cast_once():
+                yield from self._result_batches()
         finally:
             model.train(was_training)
+
+    def _result_batches(self) -> Iterator[ResultBatch]:
+        for batch in image_loader(self.stream, self.num_workers):
+            self.shard_errors.update(batch["skipped"])
+            records = self._caption(batch) + batch["errors"]
+            for record, members in zip(records, batch.get("members", ())):
+                record["members"] = members
+            yield ResultBatch(records, batch["finished_shards"])
+
+    def _weights_cast_once(self) -> contextlib.AbstractContextManager:
+        """In bf16, keep autocast's cache of cast weights alive from batch to batch (it is dropped when
+        the outermost autocast context exits): an autocast context that leaves autocast as it was,
+        so that the caller's code between batches runs as it would anyway."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        device = self.model.device.type
+        return torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device))
 
     @torch.no_grad()
     def _caption(self, batch: dict) -> list[dict]:

@@ -2,7 +2,9 @@
 
 `CaptionTokenizer` wraps a Hugging Face fast tokenizer with the conventions a captioner needs:
 every caption is `BOS w1 .. wn EOS`, padded on the right with PAD. GPT-2 has no PAD and uses
-`<|endoftext|>` for both BOS and EOS; BERT uses [CLS] as BOS and [SEP] as EOS. The object is
+`<|endoftext|>` for both BOS and EOS; BERT uses [CLS] as BOS and [SEP] as EOS; a tokenizer
+without BOS (Qwen2's) starts with EOS; without PAD, EOS pads. Chat templates are never applied:
+a caption is plain text. The object is
 small and picklable, so DataLoader workers can tokenise in `collate`.
 """
 from __future__ import annotations
@@ -24,10 +26,12 @@ class CaptionTokenizer:
         self.hf = hf
         if hf.cls_token is not None and hf.sep_token is not None:  # BERT family
             self.bos_id, self.eos_id = hf.cls_token_id, hf.sep_token_id
-        elif hf.bos_token is not None and hf.eos_token is not None:
-            self.bos_id, self.eos_id = hf.bos_token_id, hf.eos_token_id
+        elif hf.eos_token is not None:
+            # Without a BOS (Qwen2's tokenizers) EOS starts the caption, as GPT-2's one token does both.
+            self.bos_id = hf.bos_token_id if hf.bos_token is not None else hf.eos_token_id
+            self.eos_id = hf.eos_token_id
         else:
-            raise ValueError("tokenizer needs BOS/EOS (or CLS/SEP) special tokens")
+            raise ValueError("tokenizer needs an EOS (or CLS/SEP) special token")
         # GPT-2 has no PAD: reuse EOS; padded positions are masked out of the loss anyway.
         self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else self.eos_id
 

@@ -52,3 +52,15 @@ def module_args(**flat) -> dict:
         else:
             raise TypeError(f"unknown CaptionModule option {key!r}")
     return out
+
+
+def circle_images(size: tuple[int, int] = (80, 64), left: int = 8) -> list:
+    """Four PIL images: a red, blue, green and yellow disc on white, each a little further right."""
+    from PIL import Image, ImageDraw
+
+    images = []
+    for i, colour in enumerate(["red", "blue", "green", "yellow"]):
+        im = Image.new("RGB", size, "white")
+        ImageDraw.Draw(im).ellipse([left + 10 * i, 8, left + 32 + 10 * i, 40], fill=colour)
+        images.append(im)
+    return images

@@ -5,23 +5,17 @@ import sys
 
 import pytest
 import torch
-from helpers import CAPTIONS, tiny_config
-from PIL import Image, ImageDraw
+from helpers import CAPTIONS, circle_images, tiny_config
+from PIL import Image
 
 from mmcap import Captioner, CaptionerConfig
 from mmcap.images import ImageError
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scenes():
-    ims = []
-    for i, colour in enumerate(["red", "blue", "green", "yellow"]):
-        im = Image.new("RGB", (64, 64), "white")
-        ImageDraw.Draw(im).ellipse([4 + 10 * i, 8, 36 + 10 * i, 40], fill=colour)
-        ims.append(im)
-    return ims
+    return circle_images((64, 64), left=4)
 
 
 def overfit(model, images, captions, steps=120):
@@ -259,6 +253,8 @@ def test_cli_caption(tiny_gpt2, image_files, tmp_path):
     assert res.returncode == 1
     assert "zzz_broken.png" in res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r for r in rows if "error" in r] == [{"image": str(bad), "error": "empty_file"}]
+    rows = [r for r in rows if "error" not in r]
     assert [r["image"].split("/")[-1] for r in rows] == sorted(p.name for p in image_files)
     expected = tiny_gpt2.caption(sorted(str(tmp_path / "imgs" / p.name) for p in image_files), max_new_tokens=5, num_beams=2)
     assert [r["caption"] for r in rows] == expected

@@ -1,7 +1,6 @@
 """`mmcap fit|validate` through LightningCLI on every recipe in configs/, resume, export and eval."""
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -177,3 +176,17 @@ def test_preset_file_as_the_model_exports_that_config(shards, tmp_path):
     assert saved == CaptionerConfig.load(preset).to_dict()
     generation = json.loads((tmp_path / "model" / "generation_config.json").read_text())
     assert generation["num_beams"] == 1 and generation["max_new_tokens"] == 5
+
+
+@pytest.mark.slow
+def test_predict_captions_predict_shards_from_a_checkpoint(shards, tmp_path, capsys):
+    train, val, val_caps = shards
+    args = ["--config", str(CONFIGS / "demo.yaml"), *tiny_overrides(tmp_path, train, val)]
+    assert lightning_main(["fit", *args]) == 0
+    out = tmp_path / "captions.jsonl"
+    assert lightning_main(["predict", *args, "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+                           "--data.predict_shards", val, "--predict_output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["image"] for r in rows) == sorted(val_caps)
+    assert all(set(r) == {"image", "shard", "caption", "log_prob"} for r in rows)
+    assert f"mmcap predict: wrote {len(val_caps)} results to {out}" in capsys.readouterr().out

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CAPTIONS, tiny_config
-from PIL import Image, ImageDraw
+from helpers import circle_images, tiny_config
 
 from mmcap import Captioner, CaptionerConfig
 from mmcap.generation_config import GenerationConfig, add_generation_arguments, generation_overrides
@@ -22,15 +21,6 @@ ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _images():
-    images = []
-    for i, colour in enumerate(["red", "blue", "green", "yellow"]):
-        im = Image.new("RGB", (80, 64), "white")
-        ImageDraw.Draw(im).ellipse([8 + 10 * i, 8, 40 + 10 * i, 40], fill=colour)
-        images.append(im)
-    return images
-
-
 def test_model_saved_by_mmcap_0_1_loads_and_captions_unchanged(tmp_path):
     """tests/fixtures/model_v0_1 was written by mmcap 0.1's save_pretrained (resolved decoder
     config under decoder.hf_config, no generation_config.json); its outputs were recorded then."""
@@ -40,7 +30,7 @@ def test_model_saved_by_mmcap_0_1_loads_and_captions_unchanged(tmp_path):
     saved = json.loads((tmp_path / "model_v0_1" / "config.json").read_text())
     assert saved["mmcap_version"] == "0.1.0" and "hf_config" in saved["decoder"]
     model = Captioner.from_pretrained(tmp_path / "model_v0_1")
-    images = _images()
+    images = circle_images()  # as the fixture's recorded outputs were made
     captions, scores = model.caption(images, return_scores=True, max_new_tokens=8, min_new_tokens=4)
     assert captions == expected["greedy"]
     torch.testing.assert_close(scores, torch.tensor(expected["greedy_log_probs"]), rtol=1e-5, atol=1e-5)
@@ -117,6 +107,7 @@ from mmcap import Captioner
 from mmcap.cli import main
 model = Captioner.from_pretrained(sys.argv[1])
 model.caption(sys.argv[2], max_new_tokens=3)
+assert len(list(model.caption_stream([sys.argv[2], sys.argv[3]], num_workers=1, max_new_tokens=3))) == 3
 assert main(["caption", "--model", sys.argv[1], "--max-new-tokens", "3", sys.argv[2]]) == 0
 assert main(["eval", "--model", sys.argv[1], "--data", sys.argv[3], "--no-meteor", "--max-new-tokens", "3"]) == 0
 from mmcap.serve.app import create_app

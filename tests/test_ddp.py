@@ -96,3 +96,50 @@ def test_ddp_two_ranks_uneven_shards(make_caption_shards, tmp_path):
     assert ranks[0]["metrics"]["val/samples"] == len(val_caps) == 5
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     assert {"val/CIDEr", "val/BLEU-4", "val/ROUGE_L", "val/loss"} <= set(ranks[0]["metrics"])
+
+
+def run_ddp_predict(out_dir: str, shards: str, model_dir: str) -> None:
+    """Runs inside the subprocess: `predict` on 2 CPU ranks with the caption writer."""
+    from mmcap import Captioner
+    from mmcap.data.datamodule import CaptionDataModule
+    from mmcap.training import CaptionModule
+    from mmcap.training.predictions import CaptionPredictionWriter
+
+    captioner = Captioner.from_pretrained(model_dir)
+    module = CaptionModule(captioner=captioner.config, generation={"num_beams": 2, "max_new_tokens": 4})
+    module.set_captioner(captioner)
+    data = CaptionDataModule(predict_shards=shards, image_size=captioner.config.image_size, eval_batch_size=2,
+                             num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=out_dir,
+                        callbacks=[CaptionPredictionWriter(f"{out_dir}/captions.jsonl")])
+    trainer.predict(module, datamodule=data, return_predictions=False)
+
+
+@pytest.mark.slow
+def test_ddp_predict_writes_every_sample_once(tiny_gpt2, tmp_path):
+    """3 shards of 3, 3 and 1 samples on 2 ranks (rank 0 reads 2 shards, rank 1 one): one merged file
+    holding every sample exactly once, with the captions `Captioner.caption` gives."""
+    from helpers import tiny_image_bytes
+
+    from mmcap.data.shards import Sample, write_shards
+
+    samples = [Sample(key=f"p{i}", image=tiny_image_bytes(i), captions=["x"]) for i in range(7)]
+    write_shards(samples, str(tmp_path / "in" / "part-%06d.tar"), maxcount=3, progress=False)
+    tiny_gpt2.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (f"import test_ddp; test_ddp.run_ddp_predict({str(out)!r}, {str(tmp_path / 'in' / 'part-*.tar')!r}, "
+            f"{str(tmp_path / 'model')!r})")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert sorted(r["image"] for r in rows) == [s.key for s in samples]
+    assert sorted(os.listdir(out)) == ["captions.jsonl"]  # the per-rank files were merged and removed
+    shard_of = {r["image"]: Path(r["shard"]).name for r in rows}
+    assert shard_of["p6"] == "part-000002.tar" and shard_of["p0"] == "part-000000.tar"
+    pixels = torch.stack([tiny_gpt2.preprocess(s.image)[0][0] for s in samples])
+    expected = tiny_gpt2.caption(pixels, num_beams=2, max_new_tokens=4)
+    assert {r["image"]: r["caption"] for r in rows} == {s.key: c for s, c in zip(samples, expected)}

@@ -127,3 +127,32 @@ def test_cli_and_datamodule_use_an_existing_demo(demo, capsys):
     batch = next(iter(dm.train_dataloader()))
     assert batch["pixels"].shape == (8, 3, 64, 64) and all(set(c.split()) <= set(VOCABULARY) for c in batch["captions"])
     assert sum(len(b["keys"]) for b in dm.test_dataloader()) == 120
+
+
+def test_glyphs_kind_differs_in_size_vocabulary_and_holds_out_pairs(tmp_path):
+    """The second demo kind: 64 px images, its own words, held-out colour/glyph pairs only in test,
+    captions naming exactly the marks drawn, and the same bytes for the same seed."""
+    from PIL import Image
+
+    from mmcap.data import demo_glyphs
+    from mmcap.data.demo import VOCABULARY as SHAPE_WORDS
+
+    out = tmp_path / "glyphs"
+    assert data_main(["demo", "--kind", "glyphs", "--out", str(out), "--n-train", "200", "--n-val", "20",
+                      "--n-test", "200"]) == 0
+    examples = {split: list(iter_samples(str(out / f"{split}-*.tar"))) for split in ("train", "test")}
+    assert {ex.image.size for exs in examples.values() for ex in exs} == {(64, 64)}
+    words = {w for exs in examples.values() for ex in exs for c in ex.captions for w in c.split()}
+    assert words <= set(demo_glyphs.vocabulary()) | {"mark,", "left,", "right,", "centre,"}
+    assert {"zigzag", "beside", "corner"} <= words and not {"circle", "triangle", "square"} & words
+    assert len(words - set(SHAPE_WORDS)) >= 10
+    pairs = {split: Counter((m["colour"], m["glyph"]) for meta in metas(out, split) for m in meta["marks"])
+             for split in ("train", "test")}
+    assert not set(pairs["train"]) & set(demo_glyphs.HELD_OUT)
+    assert set(pairs["test"]) & set(demo_glyphs.HELD_OUT)
+    for meta, ex in zip(metas(out, "test"), examples["test"]):
+        names = [f"{m['colour']} {m['glyph']}" for m in meta["marks"]]
+        assert all(name in ex.captions[0] for name in names) and len(ex.captions) == 4
+    make_demo(tmp_path / "again", kind="glyphs", n_train=200, n_val=20, n_test=200)
+    assert (out / "test-000000.tar").read_bytes() == (tmp_path / "again" / "test-000000.tar").read_bytes()
+    assert Image.open(out / "samples" / sorted(p.name for p in (out / "samples").glob("*.jpg"))[0]).size == (64, 64)

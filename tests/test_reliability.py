@@ -272,7 +272,9 @@ def test_cli_caption_captions_the_good_files_and_names_the_bad_ones(saved_model,
                      "--max-new-tokens", "3", str(folder)])
     out, err = capsys.readouterr()
     assert rc == 1
-    assert sorted(Path(json.loads(line)["image"]).name for line in out.splitlines()) == good
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert sorted(Path(r["image"]).name for r in rows if "caption" in r) == good
+    assert {Path(r["image"]).name: r["error"] for r in rows if "error" in r} == bad  # one record per bad file
     errors = [line for line in err.splitlines() if line.startswith("mmcap caption: error: ")]
     assert len(errors) == len(bad)
     for name, reason in bad.items():

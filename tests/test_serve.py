@@ -1,4 +1,5 @@
-"""`mmcap serve`: a real server process on 127.0.0.1, called over HTTP; the page in headless Chromium."""
+"""`mmcap serve`: a real server process on 127.0.0.1, called over HTTP; the page in headless
+Chromium; the batcher and the option parsing in-process."""
 import base64
 import json
 import os
@@ -10,12 +11,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from helpers import CAPTIONS, tiny_config
 
-httpx = pytest.importorskip("httpx")
-pytestmark = pytest.mark.slow  # every test here talks to a server process
+slow = pytest.mark.slow  # the tests that start a server process
 
 UPLOAD_LIMIT = 256 * 1024  # the server runs with --max-upload-mb 0.25
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -67,6 +68,7 @@ def post(url, path, **fields):
                           timeout=120)
 
 
+@slow
 def test_captions_equal_offline_captions(served, image_files):
     url, model = served
     for path in image_files[:2]:
@@ -86,6 +88,7 @@ def test_captions_equal_offline_captions(served, image_files):
     torch.testing.assert_close(torch.tensor(got["attention"]), offline.attention, atol=1e-4, rtol=0)
 
 
+@slow
 def test_concurrent_requests_batch_by_options(served, image_files):
     url, model = served
     jobs = [(path, beams) for beams in (1, 2) for path in image_files]  # 2 option groups of 4
@@ -123,6 +126,7 @@ def bomb_png() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+@slow
 @pytest.mark.parametrize("upload, status, error", [
     (lambda f: b"", 400, "empty_file"),
     (lambda f: b"this is not an image", 415, "unreadable_image"),
@@ -136,6 +140,7 @@ def test_bad_uploads_get_4xx_naming_the_reason(served, image_files, upload, stat
     assert (r.status_code, r.json()["error"]) == (status, error)
 
 
+@slow
 @pytest.mark.parametrize("fields, error", [
     ({"num_beams": "100000"}, "num_beams: at most 8"),
     ({"max_new_tokens": "-5"}, "max_new_tokens must be >= 1"),
@@ -150,6 +155,7 @@ def test_bad_options_get_422(served, image_files, fields, error):
     assert r.status_code == 422 and error in r.json()["detail"]
 
 
+@slow
 @pytest.mark.parametrize("body, status, error", [
     ({"image": "https://example.com/cat.jpg"}, 422, "url_not_fetched"),
     ({"image": "not base64!"}, 422, "invalid_base64"),
@@ -163,6 +169,7 @@ def test_bad_json_requests(served, body, status, error):
     assert (r.status_code, r.json()["error"]) == (status, error)
 
 
+@slow
 def test_other_bad_requests(served, image_files):
     url, _ = served
     r = httpx.post(f"{url}/caption", content=b"{not json", headers={"content-type": "application/json"})
@@ -188,6 +195,7 @@ def raw_request(url: str, head: bytes, body_chunks) -> bytes:
         return s.makefile("rb").readline()
 
 
+@slow
 def test_oversized_upload_is_refused_unread(served):
     url, _ = served
     form = b"multipart/form-data; boundary=x"
@@ -202,6 +210,7 @@ def test_oversized_upload_is_refused_unread(served):
     assert time.monotonic() - started < 30
 
 
+@slow
 def test_openapi_schema_and_page_assets(served):
     url, _ = served
     schema = httpx.get(f"{url}/openapi.json").json()
@@ -215,6 +224,7 @@ def test_openapi_schema_and_page_assets(served):
         assert "http://" not in r.text and "https://" not in r.text  # no CDN: the page works offline
 
 
+@slow
 def test_page_shows_caption_and_heatmap(served, image_files, tmp_path):
     """Upload an image, wait for the caption, hover a word, check its heatmap is drawn, screenshot.
     `MMCAP_SERVE_SCREENSHOT=path` also saves the screenshot there (the README's docs/serve.png)."""
@@ -251,3 +261,46 @@ def test_page_shows_caption_and_heatmap(served, image_files, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+def test_batcher_groups_by_key_up_to_the_batch_size():
+    import asyncio
+
+    from mmcap.serve.batching import Batcher
+
+    calls = []
+
+    def run(key, items):
+        calls.append((key, items))
+        return [f"{key}{item}" for item in items]
+
+    async def main():
+        batcher = Batcher(run, max_batch_size=3, timeout=0.05)
+        worker = asyncio.create_task(batcher.serve_forever())
+        jobs = [("a", i) for i in range(5)] + [("b", i) for i in range(2)]
+        answers = await asyncio.gather(*(batcher.submit(key, i) for key, i in jobs))
+        worker.cancel()
+        batcher.close()
+        return answers
+
+    answers = asyncio.run(main())
+    assert [result for result, _ in answers] == ["a0", "a1", "a2", "a3", "a4", "b0", "b1"]
+    assert calls == [("a", [0, 1, 2]), ("a", [3, 4]), ("b", [0, 1])]  # oldest key first, never mixed
+    assert [size for _, size in answers] == [3, 3, 3, 2, 2, 2, 2]
+
+
+def test_options_parse_form_text_and_json_values():
+    from mmcap.generation_config import GenerationConfig
+    from mmcap.serve.options import OptionError, parse_options
+
+    defaults = GenerationConfig(num_beams=3)
+    form, attention = parse_options({"max_new_tokens": "7", "do_sample": "true", "top_p": "0.5",
+                                     "early_stopping": "never", "attention": "yes"}, defaults, 31)
+    assert (form.num_beams, form.max_new_tokens, form.do_sample, form.top_p, form.early_stopping, attention) == \
+        (3, 7, True, 0.5, "never", True)
+    as_json, attention = parse_options({"num_beams": 2, "temperature": 1, "attention": None}, defaults, 31)
+    assert (as_json.num_beams, as_json.temperature, attention) == (2, 1.0, False)
+    for bad in ({"max_new_tokens": 32}, {"num_beams": 9}, {"num_beams": 2.0}, {"do_sample": 1},
+                {"top_p": "inf"}, {"top_k": "-1"}, {"seed": 1}):
+        with pytest.raises(OptionError):
+            parse_options(bad, defaults, 31)

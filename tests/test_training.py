@@ -5,10 +5,9 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers import CAPTIONS, module_args, tiny_config
+from helpers import module_args, tiny_config
 
 from mmcap import Captioner
-from mmcap.images import IMAGENET_MEAN, IMAGENET_STD
 from mmcap.training import CaptionModule, NonFiniteLossError, WarmupCosine, param_groups
 from mmcap.training.optim import no_decay_names
 
@@ -171,6 +170,7 @@ def test_schedule_in_trainer_follows_max_steps(tmp_path):
     assert lrs[3] == pytest.approx(1e-2) and lrs[11] < 1e-3
 
 
+@pytest.mark.slow
 def test_time_budget_anneals_within_max_time(tmp_path):
     """--trainer.max_time with max_steps -1: the cosine ends when the budget does, not where the
     clock cuts it (the schedule's length follows the measured pace)."""

@@ -5,6 +5,8 @@ from PIL import Image
 
 from mmcap.viz import caption_grid, plot_attention
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_plot_attention_panel_per_token():
     image = Image.new("RGB", (64, 48), "white")

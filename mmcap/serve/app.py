@@ -89,6 +89,10 @@ def create_app(model: Captioner, precision: str = "fp32", max_batch_size: int = 
     async def http_error(request, e: StarletteHTTPException):
         return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):  # a bug, never bad input: logged by uvicorn
+        return JSONResponse({"error": "internal_error", "detail": type(e).__name__}, status_code=500)
+
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(STATIC / "index.html")
@@ -123,11 +127,14 @@ async def _read_request(request: Request, limit: int) -> tuple[bytes, dict]:
     if kind == "multipart/form-data":
         body = await _read_body(request, limit + FORM_OVERHEAD)
         form = await _replayed(request, body).form(max_files=1, max_fields=len(OPTIONS) + 1)
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise RequestError(422, "missing_image", "send the image as the file field `image`")
-        image = await upload.read()
-        raw = {k: v for k, v in form.items() if k != "image"}
+        try:
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise RequestError(422, "missing_image", "send the image as the file field `image`")
+            image = await upload.read()
+            raw = {k: v for k, v in form.items() if k != "image"}
+        finally:
+            await form.close()
     elif kind == "application/json":
         body = await _read_body(request, limit * 4 // 3 + FORM_OVERHEAD)
         try:

@@ -39,6 +39,8 @@ def lightning_main(argv: list[str]) -> int:
     with warnings.catch_warnings():
         # mmcap passes its own argv on purpose, and sys.argv holds the same words.
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        # predict: CaptionPredictionWriter needs no batch indices, and a stream has none to give
+        warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
         try:
             build_cli(argv)
         except NonFiniteLossError as e:

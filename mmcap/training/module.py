@@ -390,7 +390,8 @@ class CaptionModule(L.LightningModule):
             return []
         pixels, memory = self._inputs(batch)
         out = self.captioner.generate(pixels, memory=memory, **self.generation.to_dict())
-        return caption_records(self.captioner.tokenizer, out, batch["keys"], batch.get("shards", [None] * len(batch["keys"])))
+        shards = batch.get("shards", [None] * len(batch["keys"]))
+        return caption_records(self.captioner.tokenizer, out, batch["keys"], shards)
 
     def _log_metrics(self, stage: str, meteor: bool) -> None:
         """Caption metrics over every rank's samples, each sample counted once."""
