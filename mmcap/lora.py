@@ -69,3 +69,21 @@ def merged_lora(module: nn.Module) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, child, layer.get_base_layer())
     return module
+
+
+def frozen_lm_weights(lm: nn.Module) -> set[str]:
+    """State-dict names of the LM's frozen parameters (tied ones under each of their names)."""
+    return {name for name, t in lm.state_dict(keep_vars=True).items() if isinstance(t, nn.Parameter) and not t.requires_grad}
+
+
+def load_base_weights(lm: nn.Module, path: str) -> None:
+    """The weights of the checkpoint `path` into `lm`, whose adapted layers keep them under `base_layer`
+    (training checkpoints of `lora`/`frozen` models leave the LM's frozen weights out)."""
+    from transformers import AutoModelForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(path, config=lm.config, trust_remote_code=False).state_dict()
+    names = {name.replace(".base_layer.", "."): name for name in lm.state_dict()}
+    unknown = sorted(set(source) - set(names))
+    if unknown:
+        raise ValueError(f"{path} does not fit the decoder: unexpected {unknown[:5]}")
+    lm.load_state_dict({names[k]: v for k, v in source.items()}, strict=False)

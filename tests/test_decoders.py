@@ -327,3 +327,29 @@ def test_captioning_prints_no_deprecation_warnings(decoder):
         warnings.simplefilter("error", DeprecationWarning)
         model.caption(circle_images()[:2], max_new_tokens=4)
         model.caption(circle_images()[:2], max_new_tokens=4, num_beams=2, use_cache=False)
+
+
+def test_lora_training_checkpoint_holds_only_trainable_weights(checkpoints, tmp_path):
+    import lightning as L
+    from helpers import module_args
+
+    from mmcap.training import CaptionModule
+
+    cfg = pretrained_config(checkpoints["llama"], train="lora", lora_rank=2)
+    module = CaptionModule(**module_args(**cfg, lr=1e-3, warmup_steps=1, generation={"max_new_tokens": 5}))
+    module.set_captioner(Captioner.from_config(module.captioner_config))
+    pixels, _ = module.captioner.preprocess(circle_images())
+    batch = {"pixels": pixels, **module.captioner.tokenizer(CAPTIONS), "keys": ["a", "b", "c", "d"], "skipped": {}}
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader([batch, batch], batch_size=None))
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    weights = torch.load(tmp_path / "lora.ckpt", weights_only=True)["state_dict"]
+    decoder = [k for k in weights if k.startswith("captioner.decoder.")]
+    assert decoder and all("lora_" in k for k in decoder)
+    lm_params = sum(p.numel() for p in module.captioner.decoder.parameters())
+    assert sum(weights[k].numel() for k in decoder) < 0.2 * lm_params
+
+    loaded = CaptionModule.load_from_checkpoint(tmp_path / "lora.ckpt")
+    expected = module.captioner.eval().caption(circle_images(), max_new_tokens=5)
+    assert loaded.captioner.eval().caption(circle_images(), max_new_tokens=5) == expected

@@ -45,7 +45,7 @@ def image_tokens(b: int, seed: int = 100) -> torch.Tensor:
 
 
 def hf_generate(model, family, memory, **kw):
-    extra = {"past_key_values": EncoderDecoderCache(DynamicCache(), DynamicCache())} if family == "bert" else {}
+    extra = {"cache": EncoderDecoderCache(DynamicCache(), DynamicCache())} if family == "bert" else {}
     b = memory.shape[0]
     return model.generate(
         input_ids=torch.full((b, 1), BOS), attention_mask=torch.ones(b, 1, dtype=torch.long),

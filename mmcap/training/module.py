@@ -31,6 +31,7 @@ from ..captioner import Captioner
 from ..config import CaptionerConfig
 from ..data.interface import TrainingData
 from ..generation_config import GenerationConfig
+from ..lora import frozen_lm_weights, load_base_weights
 from ..metrics import evaluate_captions
 from ..scst import SCSTConfig, reward_scorer, self_critical_loss
 from ..tokenizer import CaptionTokenizer
@@ -196,7 +197,10 @@ class CaptionModule(L.LightningModule):
         return self.captioner
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = checkpoint_entry(self.captioner)
+        checkpoint[CHECKPOINT_KEY] = entry = checkpoint_entry(self.captioner)
+        if entry.get("lm_weights") == "pretrained":  # the LM's frozen weights reload from decoder.pretrained
+            for name in frozen_lm_weights(self.captioner.decoder):
+                checkpoint["state_dict"].pop(f"captioner.decoder.{name}", None)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, weights_only: bool = True, **kwargs) -> "CaptionModule":
@@ -209,6 +213,15 @@ class CaptionModule(L.LightningModule):
         captioner = captioner_from_entry(checkpoint)
         self.captioner_config = captioner.config
         self.set_captioner(captioner)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A checkpoint that left the LM's frozen weights out (see `on_save_checkpoint`) gets them from
+        the model `on_load_checkpoint` built, which loaded them from decoder.pretrained."""
+        if self.captioner is not None and lm_weights_source(self.captioner) == "pretrained":
+            lm = self.captioner.decoder.state_dict()
+            state_dict = {**{f"captioner.decoder.{n}": lm[n] for n in frozen_lm_weights(self.captioner.decoder)},
+                          **state_dict}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ training
     @property
@@ -444,7 +457,14 @@ def checkpoint_entry(captioner: Captioner) -> dict[str, Any]:
         "decoder_config": captioner.decoder.config.to_dict(),  # resolved: loading never needs the hub
         "generation": captioner.generation_config.to_dict(),
         "tokenizer": captioner.tokenizer.to_files(),
+        # where the LM's frozen weights come from: the checkpoint itself, or decoder.pretrained
+        "lm_weights": lm_weights_source(captioner),
     }
+
+
+def lm_weights_source(captioner: Captioner) -> str:
+    decoder = captioner.config.decoder
+    return "pretrained" if decoder.pretrained and decoder.train != "full" else "checkpoint"
 
 
 def captioner_from_entry(checkpoint: dict[str, Any]) -> Captioner:
@@ -455,6 +475,9 @@ def captioner_from_entry(checkpoint: dict[str, Any]) -> Captioner:
     if saved is None:
         raise ValueError("this checkpoint was not written by mmcap's CaptionModule: it has no model config/tokenizer")
     decoder_config = saved.get("decoder_config") or saved_decoder_config(saved["config"])
-    return Captioner(CaptionerConfig.from_dict(saved["config"]), CaptionTokenizer.from_files(saved["tokenizer"]),
-                     load_pretrained=False, decoder_config=decoder_config,
-                     generation_config=saved.get("generation"))
+    captioner = Captioner(CaptionerConfig.from_dict(saved["config"]), CaptionTokenizer.from_files(saved["tokenizer"]),
+                          load_pretrained=False, decoder_config=decoder_config,
+                          generation_config=saved.get("generation"))
+    if saved.get("lm_weights") == "pretrained":
+        load_base_weights(captioner.decoder, captioner.config.decoder.pretrained)
+    return captioner
