@@ -200,9 +200,10 @@ def _encoded(encoder: ResNetEncoder, examples: Iterable, transform, batch_size: 
 
 
 def encoder_for_features(model_dir: Optional[str] = None, config: Optional[str] = None,
-                         load_weights: bool = True) -> tuple[ResNetEncoder, int]:
+                         load_weights: bool = True, image_size: Optional[int] = None) -> tuple[ResNetEncoder, int]:
     """The encoder to extract with, and its image size: a trained model's (`model_dir`) or the one
-    a model/recipe YAML describes (`config`, e.g. ImageNet weights for a frozen-encoder recipe)."""
+    a model/recipe YAML describes (`config`, e.g. ImageNet weights for a frozen-encoder recipe).
+    `image_size` overrides the config's (an `output_stride: auto` is resolved at that size)."""
     if (model_dir is None) == (config is None):
         raise ValueError("give exactly one of a model directory or a config")
     if model_dir is not None:
@@ -216,7 +217,8 @@ def encoder_for_features(model_dir: Optional[str] = None, config: Optional[str] 
     cfg = CaptionerConfig.from_recipe(config) if is_recipe else CaptionerConfig.load(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # an encoder without weights is the same random one for every split
-        return ResNetEncoder(cfg.encoder, load_weights=load_weights, image_size=cfg.image_size), cfg.image_size
+        size = image_size or cfg.image_size
+        return ResNetEncoder(cfg.encoder, load_weights=load_weights, image_size=size), size
 
 
 def use_feature_encoder(captioner, features_dir: str) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmcap.caption_cli import eval_main
+from mmcap.config import CaptionerConfig
 from mmcap.training.cli import export_main, lightning_main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -55,7 +56,7 @@ def test_recipe_parses_builds_and_trains(recipe, shards, tmp_path):
     assert ckpt["global_step"] == 2
     hp = ckpt["hyper_parameters"]["captioner"]
     assert hp["image_size"] == 32 and hp["max_caption_tokens"] == ckpt["datamodule_hyper_parameters"]["max_caption_tokens"]
-    assert hp["decoder"]["family"] == ("bert" if "bert" in recipe else "gpt2")
+    assert hp["decoder"]["family"] == CaptionerConfig.from_recipe(CONFIGS / recipe).decoder.family
     assert "val/CIDEr" in ckpt["callbacks"][next(k for k in ckpt["callbacks"] if "ModelCheckpoint" in k)]["monitor"]
 
 
@@ -163,7 +164,9 @@ def test_preset_file_as_the_model_exports_that_config(shards, tmp_path):
 
     train, val, _ = shards
     preset = tmp_path / "tiny.yaml"
-    preset.write_text("encoder: {arch: resnet18}\nprojection: {kind: mlp, max_grid: 8}\n"
+    # a preset given on the command line is applied over the recipe's block: it names every key
+    # the recipe's preset sets (output_stride included), as the presets in configs/model/ do
+    preset.write_text("encoder: {arch: resnet18, output_stride: 32}\nprojection: {kind: mlp, max_grid: 8}\n"
                       "decoder: {family: gpt2, hidden_size: 32, num_layers: 2, num_heads: 2, max_positions: 24}\n"
                       "tokenizer: {kind: wordlevel, vocab_size: 100}\nimage_size: 32\nmax_caption_tokens: 12\n")
     args = [a for a in tiny_overrides(tmp_path, train, val) if True]

@@ -95,7 +95,8 @@ def features_main(argv: list[str]) -> int:
 
     start = time.perf_counter()
     try:
-        encoder, image_size = encoder_for_features(model_dir=args.model, config=args.config)
+        encoder, image_size = encoder_for_features(model_dir=args.model, config=args.config,
+                                                   image_size=args.image_size)
         summary = extract_features(encoder, args.data, args.out, split=args.split,
                                    image_size=args.image_size or image_size, batch_size=args.batch_size,
                                    dtype=args.dtype, maxcount=args.maxcount, device=args.device,
