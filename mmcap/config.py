@@ -6,6 +6,7 @@ under `configs/model/` set, so a model is fully described by plain JSON.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,8 +99,6 @@ class DecoderConfig:
 
     def __post_init__(self) -> None:
         if self.family not in ("gpt2", "bert") and not self.pretrained:
-            from .decoder import causal_lm_types
-
             if self.family not in causal_lm_types():
                 raise ValueError(f"decoder.family must be gpt2, bert or a causal LM model type of transformers "
                                  f"(e.g. llama, qwen2, gpt_neox, mistral), got {self.family!r}")
@@ -201,6 +200,14 @@ PARTS = {"encoder": EncoderConfig, "projection": ProjectionConfig, "decoder": De
          "tokenizer": TokenizerConfig}
 # Written by `save_pretrained` beside the config proper: the version and the resolved decoder config.
 SAVED_ONLY_KEYS = ("mmcap_version", "resolved")
+
+
+@functools.cache
+def causal_lm_types() -> frozenset[str]:
+    """Model types transformers builds as causal LMs without remote code."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def read_config_file(path: str | Path) -> Any:

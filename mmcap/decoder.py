@@ -3,11 +3,10 @@ cross-attention to the image tokens, or any `AutoModelForCausalLM` family (Llama
 ...) that reads the image through `mmcap.fusion`. Never runs code from a checkpoint."""
 from __future__ import annotations
 
-import functools
 
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, BertConfig, GPT2Config, PretrainedConfig, PreTrainedModel
 
-from .config import DecoderConfig
+from .config import DecoderConfig, causal_lm_types  # noqa: F401  (re-exported)
 from .tokenizer import CaptionTokenizer
 
 # Families with their own cross-attention layers: the config flags that switch them on (BERT also
@@ -16,14 +15,6 @@ CROSS_ATTENTION_FLAGS = {"gpt2": {"add_cross_attention": True}, "bert": {"add_cr
 ALWAYS_FLAGS = {"bert": {"is_decoder": True}}
 # Config attributes that set dropout, by whatever name a family's config has them.
 DROPOUT_NAMES = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
-
-
-@functools.cache
-def causal_lm_types() -> frozenset[str]:
-    """Model types transformers builds as causal LMs without remote code."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def build_decoder(cfg: DecoderConfig, tokenizer: CaptionTokenizer | None = None, pretrained: bool = True,
