@@ -154,6 +154,8 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--ckpt", required=True, help="a checkpoint written by `mmcap fit` (e.g. runs/demo/checkpoints/last.ckpt)")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)
+    from .checkpoint_entry import captioner_from_checkpoint
+
     try:
         captioner = captioner_from_checkpoint(args.ckpt)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -167,18 +169,3 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
-def captioner_from_checkpoint(path: str):
-    """The `Captioner` of a CaptionModule checkpoint, read with `torch.load(weights_only=True)`.
-
-    Built from the checkpoint's model entry and weights alone (the module's own options are not
-    needed), so checkpoints of older mmcap versions export too."""
-    from .module import captioner_from_entry
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    captioner = captioner_from_entry(checkpoint)
-    prefix = "captioner."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    captioner.load_state_dict(state)
-    return captioner.eval()

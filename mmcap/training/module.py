@@ -31,10 +31,10 @@ from ..captioner import Captioner
 from ..config import CaptionerConfig
 from ..data.interface import TrainingData
 from ..generation_config import GenerationConfig
-from ..lora import frozen_lm_weights, load_base_weights
+from ..lora import frozen_lm_weights
 from ..metrics import evaluate_captions
 from ..scst import SCSTConfig, reward_scorer, self_critical_loss
-from ..tokenizer import CaptionTokenizer
+from .checkpoint_entry import CHECKPOINT_KEY, captioner_from_entry, checkpoint_entry, with_frozen_lm_weights
 from .callbacks import (NonFiniteGuard, NonFiniteLossError, ThroughputLogger,  # noqa: F401  (re-exported)
                         TimeBudgetSchedule, time_budget)
 from .distributed import gather_from_ranks, gather_predictions
@@ -42,7 +42,6 @@ from .optim import OptimConfig, build_optimizer
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "mmcap"  # checkpoint entry with the model config and tokenizer files (plain types)
 
 
 @dataclass
@@ -217,10 +216,8 @@ class CaptionModule(L.LightningModule):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """A checkpoint that left the LM's frozen weights out (see `on_save_checkpoint`) gets them from
         the model `on_load_checkpoint` built, which loaded them from decoder.pretrained."""
-        if self.captioner is not None and lm_weights_source(self.captioner) == "pretrained":
-            lm = self.captioner.decoder.state_dict()
-            state_dict = {**{f"captioner.decoder.{n}": lm[n] for n in frozen_lm_weights(self.captioner.decoder)},
-                          **state_dict}
+        if self.captioner is not None:
+            state_dict = with_frozen_lm_weights(self.captioner, state_dict, prefix="captioner.")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ training
@@ -448,36 +445,3 @@ class CaptionModule(L.LightningModule):
             if hasattr(experiment, "add_figure"):  # TensorBoard
                 experiment.add_figure(f"{stage}/captions", figure, global_step=self.global_step)
         self._grid = []
-
-
-def checkpoint_entry(captioner: Captioner) -> dict[str, Any]:
-    """What a checkpoint needs besides the weights to rebuild `captioner` offline (plain types)."""
-    return {
-        "config": captioner.config.to_dict(),
-        "decoder_config": captioner.decoder.config.to_dict(),  # resolved: loading never needs the hub
-        "generation": captioner.generation_config.to_dict(),
-        "tokenizer": captioner.tokenizer.to_files(),
-        # where the LM's frozen weights come from: the checkpoint itself, or decoder.pretrained
-        "lm_weights": lm_weights_source(captioner),
-    }
-
-
-def lm_weights_source(captioner: Captioner) -> str:
-    decoder = captioner.config.decoder
-    return "pretrained" if decoder.pretrained and decoder.train != "full" else "checkpoint"
-
-
-def captioner_from_entry(checkpoint: dict[str, Any]) -> Captioner:
-    """An (untrained) `Captioner` shaped as a checkpoint's model; 0.1 checkpoints included."""
-    from ..captioner import saved_decoder_config
-
-    saved = checkpoint.get(CHECKPOINT_KEY)
-    if saved is None:
-        raise ValueError("this checkpoint was not written by mmcap's CaptionModule: it has no model config/tokenizer")
-    decoder_config = saved.get("decoder_config") or saved_decoder_config(saved["config"])
-    captioner = Captioner(CaptionerConfig.from_dict(saved["config"]), CaptionTokenizer.from_files(saved["tokenizer"]),
-                          load_pretrained=False, decoder_config=decoder_config,
-                          generation_config=saved.get("generation"))
-    if saved.get("lm_weights") == "pretrained":
-        load_base_weights(captioner.decoder, captioner.config.decoder.pretrained)
-    return captioner
