@@ -42,46 +42,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*attention_mask.*")
 
-from common import (BEAMS, GENERATION, VOCAB, NaivePipeline, build_mmcap, emit, log, make_photos,  # noqa: E402
-                    peak_rss_mb, reset_peak_rss)
+from common import (BEAMS, GENERATION, NaivePipeline, VitGpt2Pipeline, build_mmcap, emit, log,  # noqa: E402
+                    make_photos, peak_rss_mb, reset_peak_rss)
 
 from mmcap import Captioner  # noqa: E402
 from mmcap.precision import compute_dtype, cpu_bf16_speedup, measure_matmuls  # noqa: E402
-from mmcap.tokenizer import CaptionTokenizer  # noqa: E402
-
-
-# ----------------------------------------------------------------------------- the other system
-class VitGpt2Pipeline:
-    """(b) transformers' VisionEncoderDecoderModel: ViT-B/16 + GPT-2 small, random init."""
-
-    def __init__(self, tokenizer: CaptionTokenizer):
-        from transformers import (GPT2Config, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
-                                  VisionEncoderDecoderModel)
-
-        torch.manual_seed(1)
-        special = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-        decoder = GPT2Config(vocab_size=VOCAB, add_cross_attention=True, is_decoder=True, **special)
-        cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(ViTConfig(), decoder)
-        cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = tokenizer.bos_id, tokenizer.pad_id, tokenizer.eos_id
-        self.model = VisionEncoderDecoderModel(config=cfg).eval()
-        self.processor = ViTImageProcessor()
-        self.tokenizer = tokenizer.hf
-
-    @torch.no_grad()
-    def caption(self, paths, batch_size: int) -> list[str]:
-        out = []
-        for start in range(0, len(paths), batch_size):
-            images = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
-            pixels = self.processor(images=images, return_tensors="pt").pixel_values
-            ids = self.model.generate(pixels, do_sample=False, **GENERATION)
-            out += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return out
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -3,7 +3,8 @@
 - the captioning model of bench_caption: its shape (`VOCAB` ... `GENERATION`), a stand-in
   tokenizer and `build_mmcap`;
 - `NaivePipeline`: an mmcap model's weights run the obvious way (torchvision + transformers),
-  the reference that mmcap's fp32 captions must equal;
+  the reference that mmcap's fp32 captions must equal; `VitGpt2Pipeline`, transformers'
+  VisionEncoderDecoderModel of the same size class;
 - `TransformersForward`: a decoder seen through a plain module, so that
   `mmcap.generation.generate` runs it through the transformers forward instead of its lean
   GPT-2 path;
@@ -81,7 +82,7 @@ class NaivePipeline:
     torchvision transforms, a torchvision ResNet grid (no pooling), the projection's Linear,
     LayerNorm and position table, then `GPT2LMHeadModel.generate(encoder_hidden_states=...)`."""
 
-    def __init__(self, model: Captioner):
+    def __init__(self, model: Captioner, device: str | torch.device = "cpu"):
         import torchvision
         from transformers import GPT2LMHeadModel
 
@@ -98,11 +99,15 @@ class NaivePipeline:
         self.gpt2.load_state_dict(model.decoder.state_dict())
         self.transform = eval_transform(model.config.image_size)  # the same pixels as mmcap's fp32 path
         self.tokenizer = model.tokenizer
+        self.device = torch.device(device)
+        for module in (self.backbone, self.linear, self.norm, self.gpt2):
+            module.to(self.device)
+        self.row_embed, self.col_embed = self.row_embed.to(self.device), self.col_embed.to(self.device)
 
     @torch.no_grad()
     def memory(self, paths: Sequence) -> torch.Tensor:
         """Image tokens [B, H*W, width] of image files."""
-        pixels = torch.stack([self.transform(Image.open(p).convert("RGB")) for p in paths])
+        pixels = torch.stack([self.transform(Image.open(p).convert("RGB")) for p in paths]).to(self.device)
         grid = self.backbone(pixels)  # [B, C, H, W]
         _, _, h, w = grid.shape
         memory = self.norm(self.linear(grid.flatten(2).transpose(1, 2)))
@@ -113,7 +118,8 @@ class NaivePipeline:
         """transformers' greedy or beam search from BOS; ids [B, 1 + new tokens]."""
         tok, b = self.tokenizer, memory.shape[0]
         return self.gpt2.generate(
-            input_ids=torch.full((b, 1), tok.bos_id), attention_mask=torch.ones(b, 1, dtype=torch.long),
+            input_ids=torch.full((b, 1), tok.bos_id, device=memory.device),
+            attention_mask=torch.ones(b, 1, dtype=torch.long, device=memory.device),
             encoder_hidden_states=memory, do_sample=False, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
             pad_token_id=tok.pad_id, **generation_kwargs,
         )
@@ -124,6 +130,35 @@ class NaivePipeline:
             ids = self.generate(self.memory(paths[start : start + batch_size]), **generation_kwargs)
             out += [self.tokenizer.hf.decode(row[1:], skip_special_tokens=True,
                                              clean_up_tokenization_spaces=False).strip() for row in ids]
+        return out
+
+
+class VitGpt2Pipeline:
+    """transformers' VisionEncoderDecoderModel: ViT-B/16 + GPT-2 small, random init, fp32, with
+    `ViTImageProcessor` and `generate`: the shape of the most downloaded captioning checkpoint."""
+
+    def __init__(self, tokenizer: CaptionTokenizer, device: str | torch.device = "cpu"):
+        from transformers import (GPT2Config, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
+                                  VisionEncoderDecoderModel)
+
+        torch.manual_seed(1)
+        special = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        decoder = GPT2Config(vocab_size=VOCAB, add_cross_attention=True, is_decoder=True, **special)
+        cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(ViTConfig(), decoder)
+        cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = tokenizer.bos_id, tokenizer.pad_id, tokenizer.eos_id
+        self.device = torch.device(device)
+        self.model = VisionEncoderDecoderModel(config=cfg).eval().to(self.device)
+        self.processor = ViTImageProcessor()
+        self.tokenizer = tokenizer.hf
+
+    @torch.no_grad()
+    def caption(self, paths, batch_size: int) -> list[str]:
+        out = []
+        for start in range(0, len(paths), batch_size):
+            images = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
+            pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(self.device)
+            ids = self.model.generate(pixels, do_sample=False, **GENERATION)
+            out += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return out
 
 

@@ -1,0 +1,259 @@
+"""GPU figures on one CUDA device: captions/s of bench_caption's model and settings, and training
+samples/s and MFU of ResNet-50 + GPT-2 small. Prints one JSON line (the GPU and CPU named).
+
+    python benchmarks/bench_gpu.py                      # about 3-4 minutes on an H200
+    python benchmarks/bench_gpu.py --device cpu --n 8 --train-steps 2 --train-batch 2   # a smoke run
+
+Captioning (`common.build_mmcap`: ResNet-50 at 224 px + a decoder of GPT-2 small's shape, random
+weights, beam 3, exactly 20 new tokens) over photo-like 640x480 JPEG files, at batch 16 (as
+bench_caption) and 64:
+
+- ``mmcap_bf16`` / ``mmcap_fp32``: ``Captioner.caption(paths, precision=...)``: JPEG decoding in the
+  calling thread, then the model;
+- ``mmcap_stream_bf16``: ``Captioner.caption_stream`` with 8 DataLoader workers decoding while the
+  GPU works (how a collection is captioned);
+- ``model_bf16``: the model alone on pixels already on the GPU (the ceiling for the above);
+- ``naive`` and ``vit_gpt2``: bench_caption's two reference systems (fp32) on the same GPU.
+
+``fp32_same_as_naive`` is the share of mmcap fp32 captions equal to the naive pipeline's (cuDNN
+may pick different convolution algorithms, so exact equality is not asserted here as it is on CPU).
+
+Training: the same model in train mode on synthetic batches (224 px images, 20-token captions),
+bf16 autocast, fused AdamW, gradient clipping at 1.0; ``plain`` is a hand-written loop,
+``lightning`` is `CaptionModule` under `L.Trainer(precision="bf16-mixed")` with the batches
+coming from a DataLoader of pinned CPU tensors. FLOPs per sample are counted with
+torch.utils.flop_counter over one forward + backward; ``mfu`` divides the achieved FLOP/s by
+the GPU's dense bf16 peak (``--peak-tflops``, default the H200's 989) and ``mfu_of_measured``
+by the bf16 matmul rate measured here on 8192x8192 matrices.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+from common import (GENERATION, IMAGE_SIZE, NEW_TOKENS, VOCAB, NaivePipeline, VitGpt2Pipeline,  # noqa: E402
+                    build_mmcap, emit, log, make_photos)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int = 2) -> tuple[float, object]:
+    """Best seconds of `fn()` over `repeats` calls after a warm-up call, and its last result."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+# ----------------------------------------------------------------------------- captioning
+def captioning(model, paths: list[str], device: torch.device, batch_sizes: list[int], workers: int) -> dict:
+    n = len(paths)
+    out: dict = {}
+    captions: dict = {}
+    for b in batch_sizes:
+        for precision in ("bf16", "fp32"):
+            t, captions[(precision, b)] = timed(
+                lambda: model.caption(paths, batch_size=b, precision=precision, **GENERATION), device)
+            out[f"mmcap_{precision}_b{b}"] = round(n / t, 2)
+            log(f"mmcap {precision} batch {b}: {n / t:.1f} captions/s")
+        t, _ = timed(lambda: [r for r in model.caption_stream(paths, batch_size=b, num_workers=workers,
+                                                               precision="bf16", **GENERATION)], device)
+        out[f"mmcap_stream_bf16_b{b}"] = round(n / t, 2)
+        pixels = [model.preprocess(paths[i : i + b])[0].to(device) for i in range(0, n, b)]
+
+        def model_only():
+            with torch.no_grad():
+                return [model.generate(p, precision="bf16", **GENERATION) for p in pixels]
+
+        t, _ = timed(model_only, device)
+        out[f"model_bf16_b{b}"] = round(n / t, 2)
+        log(f"stream {out[f'mmcap_stream_bf16_b{b}']}, model alone {out[f'model_bf16_b{b}']} captions/s")
+
+    naive = NaivePipeline(model, device=device)
+    vit = VitGpt2Pipeline(model.tokenizer, device=device)
+    for b in batch_sizes:
+        t, naive_captions = timed(lambda: naive.caption(paths, b, **GENERATION), device)
+        out[f"naive_b{b}"] = round(n / t, 2)
+        same = sum(a == c for a, c in zip(captions[("fp32", b)], naive_captions))
+        out[f"fp32_same_as_naive_b{b}"] = round(same / n, 4)
+    t, _ = timed(lambda: vit.caption(paths, batch_sizes[0]), device)
+    out[f"vit_gpt2_b{batch_sizes[0]}"] = round(n / t, 2)
+    b = batch_sizes[0]
+    best_mmcap = max(out[f"mmcap_bf16_b{b}"], out[f"mmcap_stream_bf16_b{b}"])
+    out[f"mmcap_over_naive_b{b}"] = round(best_mmcap / out[f"naive_b{b}"], 2)
+    out[f"mmcap_over_vit_gpt2_b{b}"] = round(best_mmcap / out[f"vit_gpt2_b{b}"], 2)
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+def synthetic_batches(n_batches: int, batch: int, pin: bool) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(n_batches):
+        pixels = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+        ids = torch.randint(0, VOCAB, (batch, NEW_TOKENS + 1), generator=g)
+        item = {"pixels": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "keys": [f"{i}_{j}" for j in range(batch)]}
+        if pin:
+            item = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in item.items()}
+        batches.append(item)
+    return batches
+
+
+def train_flops_per_sample(model, batch: dict, device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pixels = batch["pixels"].to(device).contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter, torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = model(pixels, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(pixels)
+
+
+def plain_training(model, batches: list[dict], device: torch.device, warmup: int) -> float:
+    """Samples/s of a hand-written bf16-autocast loop over `batches` (the first `warmup` untimed)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    samples, t0 = 0, None
+    for step, batch in enumerate(batches):
+        if step == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        pixels = batch["pixels"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(pixels, batch["input_ids"].to(device, non_blocking=True),
+                         batch["attention_mask"].to(device, non_blocking=True))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if t0 is not None:
+            samples += len(pixels)
+    sync(device)
+    return samples / (time.perf_counter() - t0)
+
+
+def lightning_training(batches: list[dict], device: torch.device, warmup: int) -> float:
+    """Samples/s of `CaptionModule` fitted by a Lightning Trainer (bf16-mixed) on `batches`."""
+    import lightning as L
+
+    from mmcap.training.module import CaptionModule
+
+    class Timer(L.Callback):
+        def __init__(self):
+            self.t0, self.t1, self.samples = None, None, 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == warmup:
+                sync(device)
+                self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.t0 is not None:
+                self.samples += len(batch["keys"])
+            if batch_idx == len(batches) - 1:
+                sync(device)
+                self.t1 = time.perf_counter()
+
+    captioner = build_mmcap()
+    module = CaptionModule(captioner=captioner.config, optim={"lr": 1e-4, "warmup_steps": 0},
+                           training={"channels_last": True})
+    module.set_captioner(captioner)
+    timer = Timer()
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision="bf16-mixed",
+                        max_steps=len(batches), gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                        limit_val_batches=0, default_root_dir=tempfile.mkdtemp(prefix="mmcap-bench-gpu-"))
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.samples / (timer.t1 - timer.t0)
+
+
+def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+def training(device: torch.device, batch: int, steps: int, warmup: int, peak_tflops: float) -> dict:
+    model = build_mmcap().to(device).train()
+    model.encoder.to(memory_format=torch.channels_last)
+    batches = synthetic_batches(warmup + steps, batch, pin=device.type == "cuda")
+    flops = train_flops_per_sample(model, batches[0], device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    plain = plain_training(model, batches, device, warmup)
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    log(f"plain loop: {plain:.1f} samples/s, {flops / 1e9:.1f} GFLOP per sample")
+    del model
+    lightning = lightning_training(batches, device, warmup)
+    log(f"lightning: {lightning:.1f} samples/s")
+    measured = matmul_tflops(device) if device.type == "cuda" else float("nan")
+    best = max(plain, lightning)
+    return {
+        "train_batch": batch,
+        "train_gflops_per_sample": round(flops / 1e9, 2),
+        "train_plain_samples_per_s": round(plain, 1),
+        "train_lightning_samples_per_s": round(lightning, 1),
+        "lightning_overhead_pct": round(100 * (1 - lightning / plain), 2),
+        "train_peak_memory_gib": round(peak_mem, 2),
+        "mfu": round(flops * best / (peak_tflops * 1e12), 4),
+        "mfu_of_measured": round(flops * best / (measured * 1e12), 4),
+        "bf16_matmul_tflops": round(measured, 1),
+        "peak_tflops": peak_tflops,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--n", type=int, default=256, help="JPEG files to caption")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers of the streaming path")
+    p.add_argument("--train-batch", type=int, default=64)
+    p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--train-warmup", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H200: 989)")
+    p.add_argument("--skip-captioning", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__}
+    if not args.skip_captioning:
+        paths = [str(x) for x in make_photos(Path(tempfile.mkdtemp(prefix="mmcap-bench-gpu-")), args.n)]
+        model = build_mmcap().to(device)
+        result.update(captioning(model, paths, device, args.batch_sizes, args.workers))
+        del model
+    result.update(training(device, args.train_batch, args.train_steps, args.train_warmup, args.peak_tflops))
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
