@@ -43,6 +43,8 @@ def caption_main(argv: list[str]) -> int:
                    help="processes decoding images while the model works (0: in the main process)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    p.add_argument("--prompt", default=None,
+                   help="text every caption continues (e.g. 'a photo of'); the captions written leave it out")
     add_generation_arguments(p)
     p.add_argument("images", nargs="+",
                    help="image files, folders (read recursively) and shards (brace patterns, globs, URLs, pipe:)")
@@ -73,7 +75,7 @@ def caption_main(argv: list[str]) -> int:
     done = writer.done if writer else ()
     stream = model.caption_stream(inputs, batch_size=args.batch_size, num_workers=args.num_workers,
                                   precision=args.precision, done=done, keep_members=fmt == "shards",
-                                  **generation_overrides(args))
+                                  prompt=args.prompt, **generation_overrides(args))
     tally = run_stream(stream, writer, fmt)
     return report(tally, stream.shard_errors, writer.earlier if writer else Counter())
 
@@ -141,7 +143,8 @@ def report(tally: Counter, shard_errors: Counter, earlier: Counter) -> int:
 
 
 def eval_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mmcap eval", description="Caption metrics of a saved model on webdataset shards.")
+    p = argparse.ArgumentParser(prog="mmcap eval", description="Caption metrics of a saved model on webdataset shards "
+                                "(a sample whose json member has a `prompt` is captioned from that prompt).")
     p.add_argument("--model", required=True, help="a save_pretrained directory")
     p.add_argument("--data", required=True, nargs="+",
                    help="shards: brace patterns (test-{000000..000003}.tar), globs, or several paths")
@@ -176,7 +179,7 @@ def eval_main(argv: list[str]) -> int:
                              "(evaluate the model on the image shards they were made from)")
         pixels = torch.stack([transform(ex.image) for ex in batch]).to(args.device)
         captions = model.caption(pixels, batch_size=len(batch), precision=args.precision,
-                                 **generation_overrides(args))
+                                 prompt=[ex.prompt for ex in batch], **generation_overrides(args))
         for ex, caption in zip(batch, captions):
             if ex.key not in predictions:
                 predictions[ex.key], references[ex.key] = caption, ex.captions

@@ -30,6 +30,7 @@ from .tokenizer import CaptionTokenizer
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 Images = Union[ImageSource, Sequence[ImageSource], torch.Tensor]
+Prompt = Union[None, str, Sequence[Optional[str]]]  # one text for every image, or one per image
 
 
 @dataclass
@@ -189,30 +190,39 @@ class Captioner(nn.Module):
         s = self.encoder.stride
         return -(-h // s), -(-w // s)
 
-    def token_log_probs(self, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """log P(w_n | image, w_<n) of each target token [B, T-1]; 0 at padding."""
+    def token_log_probs(self, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """log P(w_n | image, w_<n) of each target token [B, T-1]; 0 at padding, and with `labels`
+        (as in `forward`) 0 wherever they hold -100 (a prompt's own tokens)."""
         logits = self.fusion.logits(self.decoder, memory, input_ids[:, :-1], attention_mask[:, :-1]).float()
         logp = F.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
-        return logp * attention_mask[:, 1:]
+        return logp * (attention_mask[:, 1:] if labels is None else labels[:, 1:] != -100)
 
     def forward(self, pixels: Optional[torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                label_smoothing: float = 0.0, memory: Optional[torch.Tensor] = None) -> torch.Tensor:
+                label_smoothing: float = 0.0, memory: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Teacher-forced cross-entropy per target token, padding ignored. `memory` (image tokens
-        from `encode` or `project`) replaces `pixels` when given."""
+        from `encode` or `project`) replaces `pixels` when given. `labels` [B, T], aligned with
+        `input_ids` as the tokenizer makes them, hold -100 where nothing is trained (BOS, a prompt,
+        padding); without them every token after BOS but padding is a target."""
         if memory is None:
             memory = self.encode(pixels)
         logits = self.fusion.logits(self.decoder, memory, input_ids[:, :-1], attention_mask[:, :-1])
-        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        if labels is None:
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels = labels[:, 1:]
         return F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
             label_smoothing=label_smoothing,
         )
 
     def generate(self, pixels: Optional[torch.Tensor], output_attentions: bool = False, precision: str = "fp32",
-                 memory: Optional[torch.Tensor] = None, **generation_kwargs) -> GenerationOutput:
-        """Decode normalised pixels [B,3,S,S] (or image tokens `memory`); `precision` and the
-        generation options as in `caption`."""
+                 memory: Optional[torch.Tensor] = None, prompt: Prompt = None, **generation_kwargs) -> GenerationOutput:
+        """Decode normalised pixels [B,3,S,S] (or image tokens `memory`); `precision`, `prompt` and
+        the generation options as in `caption`. The sequences are the continuations of the prompts."""
         cfg = self.generation_options(**generation_kwargs)
+        n = len(memory) if memory is not None else len(pixels)
+        prompts = [self.tokenizer.prompt_ids(p) for p in _per_image(prompt, n)] if prompt is not None else None
         dtype = compute_dtype(precision, self.device)
         with self._computing_in(dtype):
             if memory is None:
@@ -222,7 +232,7 @@ class Captioner(nn.Module):
                 memory = self.encode(pixels.to(self.device, next(self.encoder.parameters()).dtype))
             tok = self.tokenizer
             return generate(self.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
-                            fusion=self.fusion)
+                            fusion=self.fusion, prompts=prompts)
 
     def generation_options(self, **overrides) -> GenerationConfig:
         """This model's generation defaults with a call's `overrides`, max_new_tokens resolved."""
@@ -255,8 +265,13 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def caption(self, images: Images, batch_size: int = 16, return_scores: bool = False,
-                return_attention: bool = False, precision: str = "fp32", **generation_kwargs):
+                return_attention: bool = False, precision: str = "fp32", prompt: Prompt = None,
+                **generation_kwargs):
         """Captions for paths, PIL images or a tensor batch; one image in, one `str` out.
+
+        `prompt` (a `str` for every image, or a list with one per image) is text the caption
+        continues: the model predicts P(w_n | image, prompt, w_<n), and the captions returned are
+        the continuations, without the prompt. None (the default) starts from BOS alone.
 
         `return_scores=True` returns `(captions, log_probs)`; `return_attention=True` adds, per
         caption, the cross-attention per generated token shaped (tokens, H, W), mean over heads
@@ -271,7 +286,8 @@ class Captioner(nn.Module):
         else fp32. `mmcap caption --precision` means the same.
         """
         single = _is_single(images) or (isinstance(images, torch.Tensor) and images.dim() == 3)
-        results = self.caption_details(images, batch_size, return_attention, precision, **generation_kwargs)
+        results = self.caption_details(images, batch_size, return_attention, precision, prompt=prompt,
+                                       **generation_kwargs)
         captions = [r.caption for r in results]
         if not (return_scores or return_attention):
             return captions[0] if single else captions
@@ -289,7 +305,7 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def caption_details(self, images: Images, batch_size: int = 16, return_attention: bool = False,
-                        precision: str = "fp32", **generation_kwargs) -> list[CaptionResult]:
+                        precision: str = "fp32", prompt: Prompt = None, **generation_kwargs) -> list[CaptionResult]:
         """A `CaptionResult` per image: caption, log-prob, words, attention maps (when asked) and,
         with beam search, the other finished captions. Arguments as in `caption`, which is this
         result in its familiar shape."""
@@ -299,6 +315,7 @@ class Captioner(nn.Module):
         self.eval()
         results = []
         seq = [images] if _is_single(images) else images
+        prompts = _per_image(prompt, len(seq))
         try:
             with self._computing_in(dtype):  # one context for all batches: weights are cast once
                 for start in range(0, len(seq), batch_size):
@@ -306,7 +323,7 @@ class Captioner(nn.Module):
                                                 first_index=start)
                     pixels = pixels.to(self.device)
                     out = self.generate(pixels, output_attentions=return_attention, precision=precision,
-                                        **generation_kwargs)
+                                        prompt=prompts[start : start + batch_size], **generation_kwargs)
                     results += self._results(out, self.grid_shape(pixels) if return_attention else None)
         finally:
             self.train(was_training)
@@ -327,28 +344,33 @@ class Captioner(nn.Module):
         """Results of captioning image files, folders and webdataset shards, streamed with flat
         memory (decoding in `num_workers` DataLoader workers): an iterable of dicts `{"image",
         "caption", "log_prob"}` (plus `"shard"`; `"error"` for an unusable image). Captions equal
-        `caption`'s for the same images and options. See `mmcap.streaming.CaptionStream`."""
+        `caption`'s for the same images and options (`prompt=` one text for every image). See
+        `mmcap.streaming.CaptionStream`."""
         from .streaming import CaptionStream
 
         return CaptionStream(self, inputs, **kwargs)
 
     @torch.no_grad()
-    def score(self, images: Images, captions: Union[str, Sequence[str]], batch_size: int = 16) -> torch.Tensor:
-        """Log-likelihood (sum of token log-probs, EOS included) of each caption given its image."""
+    def score(self, images: Images, captions: Union[str, Sequence[str]], batch_size: int = 16,
+              prompt: Prompt = None) -> torch.Tensor:
+        """Log-likelihood (sum of token log-probs, EOS included) of each caption given its image
+        (and `prompt`, as in `caption`; its own tokens are not counted)."""
         single = isinstance(captions, str)
         captions = [captions] if single else list(captions)
         seq = [images] if _is_single(images) else images
         if len(seq) != len(captions):
             raise ValueError(f"score() got {len(seq)} images but {len(captions)} captions")
+        prompts = _per_image(prompt, len(captions))
         was_training = self.training
         self.eval()
         out = []
         try:
             for start in range(0, len(captions), batch_size):
                 pixels, _ = self.preprocess(seq[start : start + batch_size], first_index=start)
-                batch = self.tokenizer(captions[start : start + batch_size], self.config.max_caption_tokens)
+                batch = self.tokenizer(captions[start : start + batch_size], self.config.max_caption_tokens,
+                                       prompts[start : start + batch_size])
                 memory = self.encode(pixels.to(self.device))
-                logp = self.token_log_probs(memory, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+                logp = self.token_log_probs(memory, **{k: v.to(self.device) for k, v in batch.items()})
                 out.append(logp.sum(1).cpu())
         finally:
             self.train(was_training)
@@ -361,6 +383,16 @@ def saved_decoder_config(saved: dict) -> Optional[dict]:
     `decoder.hf_config` (0.1)."""
     resolved = (saved.get("resolved") or {}).get("decoder")
     return resolved if resolved is not None else (saved.get("decoder") or {}).get("hf_config")
+
+
+def _per_image(prompt: Prompt, n: int) -> list[Optional[str]]:
+    """One prompt (or None) per image, from one for all or a list of `n`."""
+    if prompt is None or isinstance(prompt, str):
+        return [prompt] * n
+    prompts = list(prompt)
+    if len(prompts) != n or not all(p is None or isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a str or a list of {n} str (one per image), got {prompt!r}")
+    return prompts
 
 
 def _is_single(images) -> bool:

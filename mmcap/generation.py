@@ -12,12 +12,17 @@ an image attend to them together, never copied) and plain matmul attention, whic
 token is much faster on CPU than the fused kernels. Other decoders, uncached decoding and
 attention maps use the transformers forward (`_Decoder`). LMs that read the image through a
 prefix or inserted cross-attention bring their own decoder (`mmcap.fusion.LMDecoding`).
+
+A prompt (token ids per image) follows BOS: decoding starts from `BOS prompt` as transformers'
+`generate(input_ids=BOS + prompt)` does, and returns the continuation only. Images whose prompts
+differ in length decode in separate groups, one per length, so that every row of a group has its
+tokens at the same positions (no left padding: each cache and position scheme stays as it is).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +50,12 @@ class _Decoder:
     def __init__(self, model, memory: torch.Tensor, use_cache: bool, attentions: bool):
         self.model, self.memory, self.use_cache, self.attentions = model, memory, use_cache, attentions
         self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if use_cache else None
+        self.seen = 0  # tokens in the cache
 
     def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits [N, V] (fp32) for the next token after `seqs` [N, t], and cross-attention [N, M]."""
-        ids = seqs[:, -1:] if self.use_cache else seqs
+        ids = seqs[:, self.seen:] if self.use_cache else seqs  # the first call feeds BOS and the prompt
+        self.seen = seqs.shape[1] if self.use_cache else 0
         out = self.model(
             input_ids=ids,
             encoder_hidden_states=self.memory,
@@ -106,11 +113,17 @@ class _GPT2Decoder:
                 and not attentions)
 
     def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, None]:
-        n, t, h, w = seqs.shape[0], self.t, self.heads, self.width
-        if t >= self.max_len:
+        if seqs.shape[1] > self.max_len:
             raise ValueError(f"cannot decode past the {self.max_len} preallocated positions")
+        while self.t < seqs.shape[1]:  # the first call feeds BOS and the prompt, one position at a time
+            x = self._step(seqs[:, self.t])
+        return self.model.lm_head(self.body.ln_f(x)).float(), None
+
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The last hidden state [N, width] of `tokens` [N] at position `self.t`, cached."""
+        n, t, h, w = tokens.shape[0], self.t, self.heads, self.width
         body = self.body
-        x = body.wte(seqs[:, -1]) + body.wpe.weight[t]
+        x = body.wte(tokens) + body.wpe.weight[t]
         for i, block in enumerate(body.h):
             attn, cross, mlp = block.attn, block.crossattention, block.mlp
             q, k, v = attn.c_attn(block.ln_1(x)).split(w, dim=-1)
@@ -127,7 +140,7 @@ class _GPT2Decoder:
             x = x + cross.c_proj(y.transpose(1, 2).reshape(n, w))
             x = x + mlp(block.ln_2(x))
         self.t += 1
-        return self.model.lm_head(body.ln_f(x)).float(), None
+        return x
 
     def expand(self, k: int) -> None:
         self.group *= k
@@ -193,20 +206,58 @@ def _process(scores: torch.Tensor, seqs: torch.Tensor, step: int, cfg: Generatio
 
 @torch.no_grad()
 def generate(model, memory: torch.Tensor, bos: int, eos: int, pad: int, cfg: GenerationConfig,
-             output_attentions: bool = False, fusion=None) -> GenerationOutput:
+             output_attentions: bool = False, fusion=None,
+             prompts: Optional[Sequence[Sequence[int]]] = None) -> GenerationOutput:
     """Decode captions for image tokens `memory` [B, M, D] with the HF decoder `model`, reading
-    them through its own cross-attention or through `fusion` (`mmcap.fusion`)."""
+    them through its own cross-attention or through `fusion` (`mmcap.fusion`).
+
+    `prompts`: per image, token ids that follow BOS; the captions continue them (and leave them out).
+    """
     if cfg.max_new_tokens is None:
         raise ValueError("generate() needs max_new_tokens: use cfg.resolved(max_caption_tokens)")
+    b = memory.shape[0]
+    prompts = [list(p) for p in prompts] if prompts is not None else [[] for _ in range(b)]
+    if len(prompts) != b:
+        raise ValueError(f"generate() got {b} images but {len(prompts)} prompts")
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    if len(groups) > 1:
+        return _merged([(rows, generate(model, memory[rows], bos, eos, pad, cfg, output_attentions, fusion,
+                                        [prompts[i] for i in rows]))
+                        for rows in groups.values()], b, pad)
+    start = torch.full((b, 1 + next(iter(groups), 0)), bos, dtype=torch.long, device=memory.device)
+    if start.shape[1] > 1:
+        start[:, 1:] = torch.tensor(prompts, dtype=torch.long)
     dec = fusion.decoding(model, memory, cfg.use_cache, output_attentions) if fusion is not None else None
     if dec is None and cfg.use_cache and _GPT2Decoder.supports(model, output_attentions):
-        dec = _GPT2Decoder(model, memory, max_len=1 + cfg.max_new_tokens)
+        dec = _GPT2Decoder(model, memory, max_len=start.shape[1] + cfg.max_new_tokens)
     elif dec is None:
         dec = _Decoder(model, memory, cfg.use_cache, output_attentions)
     with _eager_attention(model, output_attentions):
         if cfg.num_beams == 1:
-            return _greedy_or_sample(dec, memory.shape[0], bos, eos, pad, cfg)
-        return _beam_search(dec, memory.shape[0], bos, eos, pad, cfg)
+            return _greedy_or_sample(dec, start, eos, pad, cfg)
+        return _beam_search(dec, start, eos, pad, cfg)
+
+
+def _merged(parts: list[tuple[list[int], GenerationOutput]], b: int, pad: int) -> GenerationOutput:
+    """One output for `b` images from the outputs of groups of them (`rows`: their places)."""
+    first = parts[0][1]
+    width = max(out.sequences.shape[1] for _, out in parts)
+    sequences = first.sequences.new_full((b, width), pad)
+    lengths, scores = first.lengths.new_zeros(b), first.scores.new_zeros(b)
+    cross = [None] * b if first.cross_attentions is not None else None
+    hypotheses = [None] * b if first.hypotheses is not None else None
+    for rows, out in parts:
+        index = torch.tensor(rows, device=sequences.device)
+        sequences[index, : out.sequences.shape[1]] = out.sequences
+        lengths[index], scores[index] = out.lengths, out.scores
+        for j, i in enumerate(rows):
+            if cross is not None:
+                cross[i] = out.cross_attentions[j]
+            if hypotheses is not None:
+                hypotheses[i] = out.hypotheses[j]
+    return GenerationOutput(sequences, lengths, scores, cross, hypotheses)
 
 
 @contextlib.contextmanager
@@ -222,9 +273,11 @@ def _eager_attention(model, needed: bool):
             model.set_attn_implementation(before)
 
 
-def _greedy_or_sample(dec: _Decoder, b: int, bos: int, eos: int, pad: int, cfg: GenerationConfig) -> GenerationOutput:
-    device = dec.memory.device
-    seqs = torch.full((b, 1), bos, dtype=torch.long, device=device)
+def _greedy_or_sample(dec: _Decoder, start: torch.Tensor, eos: int, pad: int,
+                      cfg: GenerationConfig) -> GenerationOutput:
+    """`start` [B, L]: BOS and the prompt of every row (L the same for all)."""
+    device, (b, prompt_len) = start.device, start.shape
+    seqs = start
     done = torch.zeros(b, dtype=torch.bool, device=device)
     lengths = torch.zeros(b, dtype=torch.long, device=device)
     scores = torch.zeros(b, device=device)
@@ -250,7 +303,7 @@ def _greedy_or_sample(dec: _Decoder, b: int, bos: int, eos: int, pad: int, cfg: 
     if atts:
         stacked = torch.stack(atts, dim=1)  # [B, T, M]
         cross = [stacked[i, : lengths[i]] for i in range(b)]
-    return GenerationOutput(seqs[:, 1:], lengths, scores, cross)
+    return GenerationOutput(seqs[:, prompt_len:], lengths, scores, cross)
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -260,13 +313,14 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, idx, dim=1)
 
 
-def _beam_search(dec: _Decoder, b: int, bos: int, eos: int, pad: int, cfg: GenerationConfig) -> GenerationOutput:
-    """Vectorised beam search with transformers' semantics (hypothesis scores, early stopping)."""
-    k, device = cfg.num_beams, dec.memory.device
-    max_len = 1 + cfg.max_new_tokens  # BOS prompt + new tokens
+def _beam_search(dec: _Decoder, start: torch.Tensor, eos: int, pad: int, cfg: GenerationConfig) -> GenerationOutput:
+    """Vectorised beam search with transformers' semantics (hypothesis scores, early stopping);
+    `start` [B, L] as in `_greedy_or_sample`."""
+    k, device, (b, prompt_len) = cfg.num_beams, start.device, start.shape
+    max_len = prompt_len + cfg.max_new_tokens  # BOS and prompt, then the new tokens
     track_att = dec.attentions
 
-    logits, att = dec(torch.full((b, 1), bos, dtype=torch.long, device=device))
+    logits, att = dec(start)
     dec.expand(k)
     logits = logits.repeat_interleave(k, 0)
     att = att.repeat_interleave(k, 0) if att is not None else None
@@ -275,7 +329,7 @@ def _beam_search(dec: _Decoder, b: int, bos: int, eos: int, pad: int, cfg: Gener
     top_is_first_k = torch.arange(keep, device=device) < k
 
     run_seqs = torch.full((b, k, max_len), pad, dtype=torch.long, device=device)
-    run_seqs[:, :, 0] = bos
+    run_seqs[:, :, :prompt_len] = start[:, None]
     run_scores = torch.zeros(b, k, device=device)
     run_scores[:, 1:] = NEG  # all beams start identical: expand only the first
     run_logp = torch.zeros(b, k, device=device)  # raw model log-prob sums
@@ -291,7 +345,7 @@ def _beam_search(dec: _Decoder, b: int, bos: int, eos: int, pad: int, cfg: Gener
     improvable = torch.ones(b, 1, dtype=torch.bool, device=device)
     batch_offset = torch.arange(b, device=device)[:, None] * k
 
-    cur = 1
+    cur = prompt_len  # the position the next token takes
     for step in range(cfg.max_new_tokens):
         if step > 0:
             logits, att = dec(run_seqs.view(b * k, max_len)[:, :cur])
@@ -333,14 +387,14 @@ def _beam_search(dec: _Decoder, b: int, bos: int, eos: int, pad: int, cfg: Gener
 
         # finished hypotheses: merge the candidates ranked in the first k that just finished
         just = hits & top_is_first_k[None, :]
-        cand = top_scores / (cur ** cfg.length_penalty)
+        cand = top_scores / ((step + 1) ** cfg.length_penalty)  # length: the new tokens
         cand = cand + (is_fin.all(-1, keepdim=True) & (cfg.early_stopping is True)).float() * NEG
         cand = cand + (~improvable).float() * NEG + (~just).float() * NEG
         best = torch.topk(torch.cat([fin_scores, cand], 1), k).indices
         fin_seqs = _gather(torch.cat([fin_seqs, top_seqs], 1), best)
         fin_scores = _gather(torch.cat([fin_scores, cand], 1), best)
         fin_logp = _gather(torch.cat([fin_logp, top_logp], 1), best)
-        fin_len = _gather(torch.cat([fin_len, torch.full_like(tok, cur)], 1), best)
+        fin_len = _gather(torch.cat([fin_len, torch.full_like(tok, step + 1)], 1), best)
         is_fin = _gather(torch.cat([is_fin, just], 1), best)
         if track_att:
             fin_att = _gather(torch.cat([fin_att, top_att], 1), best)
@@ -349,9 +403,9 @@ def _beam_search(dec: _Decoder, b: int, bos: int, eos: int, pad: int, cfg: Gener
         cur += 1
         # stop when no running beam can beat the worst finished one (transformers' heuristic)
         if cfg.early_stopping == "never" and cfg.length_penalty > 0:
-            best_len = max_len - 1
+            best_len = cfg.max_new_tokens
         else:
-            best_len = cur - 1
+            best_len = cur - prompt_len
         best_possible = run_scores[:, :1] / (best_len ** cfg.length_penalty)
         worst_fin = torch.where(is_fin, fin_scores.min(1, keepdim=True).values, NEG)
         improvable = improvable & (best_possible > worst_fin).any(-1, keepdim=True)
@@ -361,9 +415,10 @@ def _beam_search(dec: _Decoder, b: int, bos: int, eos: int, pad: int, cfg: Gener
 
     lengths = fin_len[:, 0]
     t = int(lengths.max())
-    sequences = fin_seqs[:, 0, 1 : 1 + t]
+    sequences = fin_seqs[:, 0, prompt_len : prompt_len + t]
     cross = [fin_att[i, 0, : lengths[i]] for i in range(b)] if track_att else None
     found = (fin_scores > NEG / 2).tolist()  # slots never filled keep a score near NEG
-    hypotheses = [[(fin_seqs[i, j, 1 : 1 + fin_len[i, j]], float(fin_logp[i, j])) for j in range(k) if found[i][j]]
+    hypotheses = [[(fin_seqs[i, j, prompt_len : prompt_len + fin_len[i, j]], float(fin_logp[i, j]))
+                   for j in range(k) if found[i][j]]
                   for i in range(b)]
     return GenerationOutput(sequences, lengths, fin_logp[:, 0], cross, hypotheses)

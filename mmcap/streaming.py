@@ -195,12 +195,13 @@ class CaptionStream:
     with remote shards); `shard_errors` counts shard-level read errors (truncated_shard, ...) so far.
     `done` lists results to skip (`result_id`s of an earlier run; `(shard, None)` skips a shard).
     `keep_members` adds each shard sample's raw members (`members`: {extension: bytes}) to its result.
+    `prompt`: text every caption continues, as in `Captioner.caption`.
     """
 
     def __init__(self, model, inputs: Union[str, Sequence[str], Inputs], *, batch_size: int = 16,
                  num_workers: int = 2, precision: str = "fp32", done: Iterable[ResultId] = (),
-                 keep_members: bool = False, **generation_kwargs):
-        self.model, self.precision, self.num_workers = model, precision, num_workers
+                 keep_members: bool = False, prompt: Optional[str] = None, **generation_kwargs):
+        self.model, self.precision, self.num_workers, self.prompt = model, precision, num_workers, prompt
         self.options = model.generation_options(**generation_kwargs).to_dict()
         self.dtype = compute_dtype(precision, model.device)
         planned = inputs if isinstance(inputs, Inputs) else plan_inputs(inputs)
@@ -246,7 +247,8 @@ class CaptionStream:
     def _caption(self, batch: dict) -> list[dict]:
         if not batch["keys"]:
             return []
-        out = self.model.generate(batch["pixels"].to(self.model.device), precision=self.precision, **self.options)
+        out = self.model.generate(batch["pixels"].to(self.model.device), precision=self.precision, prompt=self.prompt,
+                                  **self.options)
         return caption_records(self.model.tokenizer, out, batch["keys"], batch["shards"])
 
 

@@ -6,6 +6,10 @@ every caption is `BOS w1 .. wn EOS`, padded on the right with PAD. GPT-2 has no 
 without BOS (Qwen2's) starts with EOS; without PAD, EOS pads. Chat templates are never applied:
 a caption is plain text. The object is
 small and picklable, so DataLoader workers can tokenise in `collate`.
+
+A prompt goes between BOS and the caption, `BOS p1 .. pk w1 .. wn EOS`; prompt and caption are
+tokenised apart, so a caption's tokens are the same with or without a prompt. `labels` marks
+what is trained: the caption and EOS, never BOS, the prompt or padding (-100 there).
 """
 from __future__ import annotations
 
@@ -42,22 +46,39 @@ class CaptionTokenizer:
     def vocab_size(self) -> int:
         return len(self.hf)
 
-    def encode(self, caption: str, max_tokens: Optional[int] = None) -> list[int]:
-        ids = self.hf(caption.strip(), add_special_tokens=False)["input_ids"]
-        if max_tokens is not None:
-            ids = ids[: max(0, max_tokens - 2)]
-        return [self.bos_id, *ids, self.eos_id]
+    def encode(self, caption: str, max_tokens: Optional[int] = None, prompt: Optional[str] = None) -> list[int]:
+        """`BOS [prompt] caption EOS`; `max_tokens` bounds the caption with its BOS and EOS (the
+        prompt comes on top)."""
+        return [self.bos_id, *self.prompt_ids(prompt), *self._caption_ids(caption, max_tokens), self.eos_id]
 
-    def __call__(self, captions: list[str], max_tokens: Optional[int] = None) -> dict[str, torch.Tensor]:
-        """Tokenise a batch, padded on the right to the longest caption."""
-        seqs = [self.encode(c, max_tokens) for c in captions]
+    def _caption_ids(self, caption: str, max_tokens: Optional[int]) -> list[int]:
+        ids = self.hf(caption.strip(), add_special_tokens=False)["input_ids"]
+        return ids[: max(0, max_tokens - 2)] if max_tokens is not None else ids
+
+    def prompt_ids(self, prompt: Optional[str]) -> list[int]:
+        """The tokens of a prompt (none for None or blank text)."""
+        if not prompt or not prompt.strip():
+            return []
+        return self.hf(prompt.strip(), add_special_tokens=False)["input_ids"]
+
+    def __call__(self, captions: list[str], max_tokens: Optional[int] = None,
+                 prompts: Optional[list[Optional[str]]] = None) -> dict[str, torch.Tensor]:
+        """Tokenise a batch, padded on the right to the longest sequence: `input_ids`,
+        `attention_mask` and `labels` (the ids, -100 at BOS, prompt and padding)."""
+        prompts = prompts if prompts is not None else [None] * len(captions)
+        if len(prompts) != len(captions):
+            raise ValueError(f"got {len(captions)} captions but {len(prompts)} prompts")
+        heads = [[self.bos_id, *self.prompt_ids(p)] for p in prompts]  # not trained on
+        seqs = [head + self._caption_ids(c, max_tokens) + [self.eos_id] for head, c in zip(heads, captions)]
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        for i, (s, head) in enumerate(zip(seqs, heads)):
             input_ids[i, : len(s)] = torch.tensor(s)
             attention_mask[i, : len(s)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+            labels[i, len(head) : len(s)] = input_ids[i, len(head) : len(s)]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the tokens up to the first EOS, BOS/PAD dropped."""

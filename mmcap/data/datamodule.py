@@ -203,7 +203,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
 
     def train_captions(self, limit: Optional[int] = None) -> Iterator[str]:
-        """Every training caption (images are not read): for training a tokenizer."""
+        """Every training caption and prompt (images are not read): for training a tokenizer."""
         return iter_captions(self._train_urls(), limit)
 
     def train_references(self, limit: Optional[int] = None) -> Iterator[list[str]]:

@@ -14,10 +14,11 @@ class TrainingData(Protocol):
     features_dir: Optional[str]
 
     def train_captions(self, limit: Optional[int] = None) -> Iterator[str]:
-        """Every training caption: a tokenizer trained from config is trained on them."""
+        """Every training caption (and prompt): a tokenizer trained from config is trained on them."""
 
     def train_references(self, limit: Optional[int] = None) -> Iterator[list[str]]:
         """Each training image's references: CIDEr-D document frequencies for SCST."""
 
     def set_tokenizer(self, tokenizer) -> None:
-        """From now on, batches carry `input_ids`/`attention_mask` made by `tokenizer(captions, max_tokens)`."""
+        """From now on, batches carry `input_ids`/`attention_mask` made by `tokenizer(captions, max_tokens)`
+        (and `labels` from `tokenizer(captions, max_tokens, prompts=...)` when samples have prompts)."""

@@ -38,6 +38,7 @@ MAX_CAPTION_CHARS = 500  # longer captions are cut at a word boundary
 MAX_IMAGE_BYTES = 32 * 2**20
 LOGGED_SKIPS = 10  # per reason and worker; the rest are only counted
 
+# `tokenizer(captions, max_tokens)`, also called with `prompts=` for a batch with prompts
 Tokenizer = Callable[[list[str], int], dict]
 
 
@@ -58,6 +59,7 @@ class Example:
     image: Optional[Image.Image]  # RGB, upright; None for a features sample
     captions: list[str]  # all references, in their stored order
     features: Optional[torch.Tensor] = None  # a precomputed encoder grid [C, h, w] (`mmcap.features`)
+    prompt: Optional[str] = None  # text the captions continue (the `json` member's `prompt`)
 
 
 def truncate(text: str, max_chars: int) -> str:
@@ -98,6 +100,18 @@ def read_captions(raw: dict, max_chars: int = MAX_CAPTION_CHARS) -> list[str]:
     return captions
 
 
+def read_prompt(raw: dict, max_chars: int = MAX_CAPTION_CHARS) -> Optional[str]:
+    """The `prompt` string of a raw sample's `json` member, if it has a non-blank one."""
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else None
+    except (ValueError, RecursionError):  # read_captions has counted it, or the txt caption serves
+        return None
+    prompt = meta.get("prompt") if isinstance(meta, dict) else None
+    if not isinstance(prompt, str):
+        return None
+    return truncate(clean_caption(prompt.encode("utf-8", "replace").decode()), max_chars) or None
+
+
 def decode_sample(
     raw: dict,
     *,
@@ -114,7 +128,8 @@ def decode_sample(
     if FEATURE_MEMBER in raw:
         captions = read_captions(raw, max_caption_chars)
         try:
-            return Example(key, None, captions, features_from_bytes(bytes(raw[FEATURE_MEMBER]), key))
+            return Example(key, None, captions, features_from_bytes(bytes(raw[FEATURE_MEMBER]), key),
+                           read_prompt(raw, max_caption_chars))
         except ValueError as e:
             raise Skip("bad_features", str(e)) from None
     ext = next((e for e in IMAGE_MEMBERS if e in raw), None)
@@ -128,7 +143,7 @@ def decode_sample(
         image = open_image(data, key, min_size=min_image_size)
     except ImageError as e:
         raise Skip(e.reason, e.detail) from None
-    return Example(key, image, captions)
+    return Example(key, image, captions, prompt=read_prompt(raw, max_caption_chars))
 
 
 def try_decode(raw: dict, **kw) -> Union[Example, str]:
@@ -143,6 +158,8 @@ def to_item(example: Example, transform: Callable, rng: Optional[random.Random] 
     """What collate needs from one example: pixels (or features), the caption to train on, all references."""
     caption = rng.choice(example.captions) if rng is not None else example.captions[0]
     item = {"caption": caption, "references": example.captions, "key": example.key}
+    if example.prompt is not None:
+        item["prompt"] = example.prompt
     if example.features is not None:
         return {"features": example.features, **item}
     with one_torch_thread():
@@ -192,7 +209,9 @@ class SkipCounter:
 
 @dataclass
 class Collate:
-    """Stacks items into a batch dict; adds token ids when a tokenizer is set."""
+    """Stacks items into a batch dict; adds token ids when a tokenizer is set. When any sample has
+    a prompt, the batch also holds `prompts` (None for the others) and `labels` (the prompt
+    tokens masked out of the loss)."""
 
     skips: SkipCounter
     image_size: int
@@ -216,8 +235,15 @@ class Collate:
             "keys": [it["key"] for it in items],
             "skipped": self.skips.take(),
         }
+        prompts = [it.get("prompt") for it in items]
+        if any(p is not None for p in prompts):
+            batch["prompts"] = prompts
         if self.tokenizer is not None:
-            if items:
+            if "prompts" in batch:
+                tokens = self.tokenizer(captions, self.max_tokens, prompts=prompts)
+                batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+                batch["labels"] = tokens["labels"]
+            elif items:
                 tokens = self.tokenizer(captions, self.max_tokens)
                 batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
             else:

@@ -14,7 +14,10 @@ A batch is a dict: `pixels` float[B,3,S,S] (or, from `mmcap features` shards, `f
 float[B,C,h,w] instead); `captions` list[str] (train: one reference chosen at
 random; eval: the first); `references` list[list[str]]; `keys` list[str]; `skipped` {reason:
 count} for samples this worker dropped since its previous batch; and, when a tokenizer is given,
-`input_ids` / `attention_mask` long[B,T] for `captions`. Per-sample steps live in `samples.py`.
+`input_ids` / `attention_mask` long[B,T] for `captions`. When any sample's `json` member has a
+`prompt`, the batch adds `prompts` list[str | None] and `labels` long[B,T] (`BOS prompt caption EOS`
+with -100 at BOS, the prompt and padding: the prompt conditions the caption, it is not trained on).
+Per-sample steps live in `samples.py`.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..images import eval_transform, train_transform
 from .samples import (MAX_CAPTION_CHARS, Collate, Example, Skip, SkipCounter, Tokenizer, decode_items, decode_sample,
-                      read_captions, read_shards, to_item)
+                      read_captions, read_prompt, read_shards, to_item)
 from .shardlist import CAPTION_MEMBERS, ShardSpec, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -313,9 +316,19 @@ def iter_references(shards: ShardSpec, limit: Optional[int] = None) -> Iterator[
 
 
 def iter_captions(shards: ShardSpec, limit: Optional[int] = None) -> Iterator[str]:
-    """Every caption of `shards` (images are not even read): for training a tokenizer."""
-    captions = (caption for refs in iter_references(shards) for caption in refs)
-    return itertools.islice(captions, limit)
+    """Every caption of `shards`, and every prompt (images are not even read): for training a
+    tokenizer, which then knows the prompts' words too."""
+    skips = SkipCounter()
+    texts = (text for raw in read_shards(resolve_shards(shards), skips, members=CAPTION_MEMBERS)
+             for text in _texts(raw))
+    return itertools.islice(texts, limit)
+
+
+def _texts(raw: dict) -> list[str]:
+    """A usable sample's captions, then its prompt if it has one."""
+    captions = _captions_or_none(raw)
+    prompt = read_prompt(raw) if captions else None
+    return captions + [prompt] if prompt else captions
 
 
 def _captions_or_none(raw: dict) -> list[str]:

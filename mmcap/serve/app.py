@@ -4,6 +4,8 @@
 Bad input never reaches the model: the body is read up to the upload limit (413 beyond it,
 without reading the rest), the image is opened by `mmcap.images.open_image` (4xx naming the
 reason), the options are parsed and bounded (`options.py`, 422). URLs are never fetched.
+A request may carry a `prompt` (text the caption continues, as `Captioner.caption(prompt=...)`);
+requests with different prompts still share a batch.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from .batching import Batcher
 from .options import ATTENTION, OPTIONS, OptionError, options_schema, parse_options
 
 STATIC = Path(__file__).parent / "static"
+PROMPT = "prompt"
+MAX_PROMPT_CHARS = 500
 # multipart boundaries and form fields around the image; base64 makes 4 bytes of every 3
 FORM_OVERHEAD = 64 * 1024
 IMAGE_ERROR_STATUS = {"empty_file": 400, "unreadable_image": 415, "too_large": 413}
@@ -63,10 +67,11 @@ def create_app(model: Captioner, precision: str = "fp32", max_batch_size: int = 
     transform = eval_transform(size)
     max_new_tokens = model.decoder.config.max_position_embeddings - 1
 
-    def run(key, pixels: list[torch.Tensor]) -> list[CaptionResult]:
+    def run(key, items: list[tuple[torch.Tensor, Optional[str]]]) -> list[CaptionResult]:
         options, attention, _ = key
+        pixels, prompts = zip(*items)
         return model.caption_details(torch.stack(pixels), batch_size=len(pixels), return_attention=attention,
-                                     precision=precision, **dict(options))
+                                     precision=precision, prompt=list(prompts), **dict(options))
 
     batcher = Batcher(run, max_batch_size, batch_timeout)
 
@@ -106,15 +111,17 @@ def create_app(model: Captioner, precision: str = "fp32", max_batch_size: int = 
     async def caption(request: Request):
         """Caption one image (multipart field `image`, or JSON with a base64 `image`)."""
         image, raw = await _read_request(request, max_upload_bytes)
+        prompt = raw.pop(PROMPT, None)
         try:
             options, attention = parse_options(raw, model.generation_config, max_new_tokens)
         except OptionError as e:
             raise RequestError(422, "invalid_option", str(e)) from None
-        pixels = await run_in_threadpool(_pixels, image, transform, size if draft else None)
         options = options.resolved(model.config.max_caption_tokens)
+        prompt = _checked_prompt(prompt, model, max_new_tokens + 1 - options.max_new_tokens)
+        pixels = await run_in_threadpool(_pixels, image, transform, size if draft else None)
         # sampled captions depend on the random draws of their batch: each request runs alone
         key = (tuple(options.to_dict().items()), attention, object() if options.do_sample else None)
-        result, batch_size = await batcher.submit(key, pixels)
+        result, batch_size = await batcher.submit(key, (pixels, prompt))
         return JSONResponse(_response(result, attention, options.num_beams > 1),
                             headers={"X-Batch-Size": str(batch_size)})
 
@@ -126,7 +133,7 @@ async def _read_request(request: Request, limit: int) -> tuple[bytes, dict]:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         body = await _read_body(request, limit + FORM_OVERHEAD)
-        form = await _replayed(request, body).form(max_files=1, max_fields=len(OPTIONS) + 1)
+        form = await _replayed(request, body).form(max_files=1, max_fields=len(OPTIONS) + 2)
         try:
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
@@ -186,6 +193,20 @@ def _from_base64(text: str) -> bytes:
         raise RequestError(422, "invalid_base64", str(e)) from None
 
 
+def _checked_prompt(prompt, model: Captioner, room: int) -> Optional[str]:
+    """The request's prompt if it is text whose tokens fit the `room` positions (BOS included) that
+    the caption's max_new_tokens leave in the decoder; None for none or blank text."""
+    if prompt is None:
+        return None
+    if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(422, "invalid_option", f"{PROMPT}: expected text of at most {MAX_PROMPT_CHARS} characters")
+    tokens = len(model.tokenizer.prompt_ids(prompt))
+    if 1 + tokens > room:
+        raise RequestError(422, "invalid_option", f"{PROMPT}: {tokens} tokens, and the decoder has room for "
+                                                  f"{max(room - 1, 0)} beside max_new_tokens")
+    return prompt or None
+
+
 def _pixels(image: bytes, transform, min_size: Optional[int]) -> torch.Tensor:
     try:
         return transform(open_image(image, "image", min_size=min_size))
@@ -205,7 +226,8 @@ def _response(result: CaptionResult, attention: bool, beams: bool) -> dict:
 
 def _request_body(limit: int) -> dict:
     """OpenAPI: the two request forms, with the options derived from `GenerationConfig`."""
-    props = options_schema()
+    props = {**options_schema(), PROMPT: {"type": "string", "maxLength": MAX_PROMPT_CHARS,
+                                          "description": "text the caption continues (left out of the caption)"}}
     form = {"type": "object", "required": ["image"],
             "properties": {"image": {"type": "string", "format": "binary"}, **props}}
     as_json = {"type": "object", "required": ["image"],

@@ -260,7 +260,7 @@ class CaptionModule(L.LightningModule):
                     self.log(f"train/scst_{name}", value, batch_size=len(batch["keys"]))
             else:
                 loss = self.captioner(pixels, input_ids, attention_mask, label_smoothing=opts.label_smoothing,
-                                      memory=memory)
+                                      memory=memory, labels=batch.get("labels"))
         if self.encoder_frozen and self.trainer.world_size > 1:
             # DDP expects a gradient for every parameter it registered: give the encoder zeros
             # (dropped again in on_before_optimizer_step).
@@ -355,9 +355,10 @@ class CaptionModule(L.LightningModule):
 
     @torch.no_grad()
     def generate_captions(self, pixels: Optional[torch.Tensor], memory: Optional[torch.Tensor] = None,
-                          generation: Optional[GenerationConfig] = None) -> list[str]:
+                          generation: Optional[GenerationConfig] = None,
+                          prompts: Optional[list[Optional[str]]] = None) -> list[str]:
         generation = generation or self.generation
-        out = self.captioner.generate(pixels, memory=memory, **generation.to_dict())
+        out = self.captioner.generate(pixels, memory=memory, prompt=prompts, **generation.to_dict())
         return [self.captioner.tokenizer.decode(out.sequences[i, : out.lengths[i]]) for i in range(len(out.lengths))]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -374,9 +375,10 @@ class CaptionModule(L.LightningModule):
         pixels, memory = self._inputs(batch)
         n = len(batch["keys"])
         if "input_ids" in batch:
-            loss = self.captioner(pixels, batch["input_ids"], batch["attention_mask"], memory=memory)
+            loss = self.captioner(pixels, batch["input_ids"], batch["attention_mask"], memory=memory,
+                                  labels=batch.get("labels"))
             self._eval_loss += torch.stack([loss.detach().float() * n, loss.new_tensor(float(n))])
-        captions = self.generate_captions(pixels, memory, self.eval_generation)
+        captions = self.generate_captions(pixels, memory, self.eval_generation, batch.get("prompts"))
         self._eval_outputs += list(zip(batch["keys"], captions, batch["references"]))
         room = self.training_config.grid_images - len(self._grid)
         if room > 0 and self.global_rank == 0 and pixels is not None:
