@@ -23,8 +23,8 @@ bf16 autocast, fused AdamW, gradient clipping at 1.0; ``plain`` is a hand-writte
 ``lightning`` is `CaptionModule` under `L.Trainer(precision="bf16-mixed")` with the batches
 coming from a DataLoader of pinned CPU tensors. FLOPs per sample are counted with
 torch.utils.flop_counter over one forward + backward; ``mfu`` divides the achieved FLOP/s by
-the GPU's dense bf16 peak (``--peak-tflops``, default the H200's 989) and ``mfu_of_measured``
-by the bf16 matmul rate measured here on 8192x8192 matrices.
+the GPU's dense bf16 peak (``--peak-tflops``, default the H200's 989); ``bf16_matmul_tflops`` is
+the rate measured here on 8192x8192 matrices. Lightning runs at the first training batch size.
 """
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def timed(fn, device: torch.device, repeats: int = 2) -> tuple[float, object]:
 
 
 # ----------------------------------------------------------------------------- captioning
-def captioning(model, paths: list[str], device: torch.device, batch_sizes: list[int], workers: int) -> dict:
+def captioning(model, paths: list[str], device: torch.device, batch_sizes: list[int], workers: int,
+               references: bool = True) -> dict:
     n = len(paths)
     out: dict = {}
     captions: dict = {}
@@ -79,13 +80,15 @@ def captioning(model, paths: list[str], device: torch.device, batch_sizes: list[
         out[f"mmcap_stream_bf16_b{b}"] = round(n / t, 2)
         pixels = [model.preprocess(paths[i : i + b])[0].to(device) for i in range(0, n, b)]
 
-        def model_only():
-            with torch.no_grad():
+        def model_only():  # one autocast context for all batches, as `caption` opens: weights cast once
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
                 return [model.generate(p, precision="bf16", **GENERATION) for p in pixels]
 
         t, _ = timed(model_only, device)
         out[f"model_bf16_b{b}"] = round(n / t, 2)
         log(f"stream {out[f'mmcap_stream_bf16_b{b}']}, model alone {out[f'model_bf16_b{b}']} captions/s")
+    if not references:
+        return out
 
     naive = NaivePipeline(model, device=device)
     vit = VitGpt2Pipeline(model.tokenizer, device=device)
@@ -200,7 +203,26 @@ def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> 
     return 2 * size**3 * repeats / (time.perf_counter() - t0) / 1e12
 
 
-def training(device: torch.device, batch: int, steps: int, warmup: int, peak_tflops: float) -> dict:
+def profile_step(model, batch: dict, device: torch.device, path: str) -> None:
+    """The top operators of a few training steps by GPU time, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            pixels = batch["pixels"].to(device).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(pixels, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sync(device)
+    Path(path).write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30) + "\n" +
+                          prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def training(device: torch.device, batch: int, steps: int, warmup: int, peak_tflops: float,
+             lightning: bool = True, profile_to: str = "") -> dict:
     model = build_mmcap().to(device).train()
     model.encoder.to(memory_format=torch.channels_last)
     batches = synthetic_batches(warmup + steps, batch, pin=device.type == "cuda")
@@ -209,24 +231,23 @@ def training(device: torch.device, batch: int, steps: int, warmup: int, peak_tfl
         torch.cuda.reset_peak_memory_stats(device)
     plain = plain_training(model, batches, device, warmup)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    log(f"plain loop: {plain:.1f} samples/s, {flops / 1e9:.1f} GFLOP per sample")
+    log(f"plain loop, batch {batch}: {plain:.1f} samples/s, {flops / 1e9:.1f} GFLOP per sample")
+    if profile_to and device.type == "cuda":
+        profile_step(model, batches[0], device, profile_to)
     del model
-    lightning = lightning_training(batches, device, warmup)
-    log(f"lightning: {lightning:.1f} samples/s")
-    measured = matmul_tflops(device) if device.type == "cuda" else float("nan")
-    best = max(plain, lightning)
-    return {
-        "train_batch": batch,
+    out = {
+        f"train_b{batch}_plain_samples_per_s": round(plain, 1),
+        f"train_b{batch}_peak_memory_gib": round(peak_mem, 2),
+        f"train_b{batch}_mfu": round(flops * plain / (peak_tflops * 1e12), 4),
         "train_gflops_per_sample": round(flops / 1e9, 2),
-        "train_plain_samples_per_s": round(plain, 1),
-        "train_lightning_samples_per_s": round(lightning, 1),
-        "lightning_overhead_pct": round(100 * (1 - lightning / plain), 2),
-        "train_peak_memory_gib": round(peak_mem, 2),
-        "mfu": round(flops * best / (peak_tflops * 1e12), 4),
-        "mfu_of_measured": round(flops * best / (measured * 1e12), 4),
-        "bf16_matmul_tflops": round(measured, 1),
-        "peak_tflops": peak_tflops,
     }
+    if lightning:
+        rate = lightning_training(batches, device, warmup)
+        log(f"lightning, batch {batch}: {rate:.1f} samples/s")
+        out[f"train_b{batch}_lightning_samples_per_s"] = round(rate, 1)
+        out[f"train_b{batch}_lightning_overhead_pct"] = round(100 * (1 - rate / plain), 2)
+        out[f"train_b{batch}_lightning_mfu"] = round(flops * rate / (peak_tflops * 1e12), 4)
+    return out
 
 
 def main(argv=None) -> int:
@@ -235,22 +256,30 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=256, help="JPEG files to caption")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers of the streaming path")
-    p.add_argument("--train-batch", type=int, default=64)
+    p.add_argument("--train-batches", type=int, nargs="+", default=[64, 256])
     p.add_argument("--train-steps", type=int, default=30)
     p.add_argument("--train-warmup", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H200: 989)")
     p.add_argument("--skip-captioning", action="store_true")
+    p.add_argument("--skip-references", action="store_true", help="time mmcap only (no naive, no ViT-GPT2)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    p.add_argument("--profile", default="", help="write the top GPU operators of a training step here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__}
+                    "torch": torch.__version__, "cudnn_benchmark": args.cudnn_benchmark, "peak_tflops": args.peak_tflops}
     if not args.skip_captioning:
         paths = [str(x) for x in make_photos(Path(tempfile.mkdtemp(prefix="mmcap-bench-gpu-")), args.n)]
         model = build_mmcap().to(device)
-        result.update(captioning(model, paths, device, args.batch_sizes, args.workers))
+        result.update(captioning(model, paths, device, args.batch_sizes, args.workers, not args.skip_references))
         del model
-    result.update(training(device, args.train_batch, args.train_steps, args.train_warmup, args.peak_tflops))
+    for i, batch in enumerate(args.train_batches):
+        result.update(training(device, batch, args.train_steps, args.train_warmup, args.peak_tflops,
+                               lightning=i == 0, profile_to=args.profile if i == 0 else ""))
+    if device.type == "cuda":
+        result["bf16_matmul_tflops"] = round(matmul_tflops(device), 1)
     emit(result)
     return 0
 
