@@ -24,8 +24,9 @@ from .generation import GenerationOutput, generate
 from .generation_config import GenerationConfig
 from .images import ImageSource, eval_transform, open_image
 from .lora import apply_train_mode, has_lora, merged_lora
-from .precision import PRECISIONS, bf16_is_fast, compute_dtype  # noqa: F401  (re-exported)
+from .precision import PRECISIONS, bf16_is_fast, compute_dtype, decoder_int8  # noqa: F401  (re-exported)
 from .projection import GridProjection
+from .quantize import int8_linears
 from .tokenizer import CaptionTokenizer
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -231,7 +232,12 @@ class Captioner(nn.Module):
                     pixels = pixels.contiguous(memory_format=torch.channels_last)
                 memory = self.encode(pixels.to(self.device, next(self.encoder.parameters()).dtype))
             tok = self.tokenizer
-            return generate(self.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
+            if not decoder_int8(precision, self.device):
+                return generate(self.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
+                                fusion=self.fusion, prompts=prompts)
+        # int8: the decoder's linear layers in int8, the rest of it in fp32 (no autocast)
+        with torch.autocast(self.device.type, enabled=False), int8_linears(self.decoder):
+            return generate(self.decoder, memory.float(), tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
                             fusion=self.fusion, prompts=prompts)
 
     def generation_options(self, **overrides) -> GenerationConfig:
@@ -283,7 +289,8 @@ class Captioner(nn.Module):
         encoder and decoder in bfloat16 (autocast) and lets large JPEGs decode at reduced scale:
         about twice as fast where the hardware has bf16 matmuls, with slightly different captions.
         `"auto"` is bf16 where it measured faster than fp32 on this machine (`mmcap.precision`),
-        else fp32. `mmcap caption --precision` means the same.
+        else fp32. `"int8"` is `"auto"` with the decoder's linear layers and LM head computing in
+        int8 on x86 CPUs (`mmcap.quantize`): lossy, so never chosen by `auto`; elsewhere it is `auto`. `mmcap caption --precision` means the same.
         """
         single = _is_single(images) or (isinstance(images, torch.Tensor) and images.dim() == 3)
         results = self.caption_details(images, batch_size, return_attention, precision, prompt=prompt,

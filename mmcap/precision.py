@@ -22,19 +22,38 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16", "auto", "int8")  # int8: captioning only, the decoder's linears (mmcap.quantize)
 # Lightning's names for the same choice, for recipes (`trainer.precision: auto`).
 LIGHTNING_PRECISION = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed"}
 BF16_MIN_SPEEDUP = 1.15  # bf16 must beat fp32 clearly: it also costs a little accuracy
 
 
 def compute_dtype(precision: str, device: Union[str, torch.device] = "cpu") -> torch.dtype:
-    """The dtype that `precision` ("fp32", "bf16" or "auto") means on `device`."""
+    """The dtype that `precision` ("fp32", "bf16", "auto" or "int8") means on `device`; with
+    "int8" that is the encoder's (as `auto`), the decoder's linear layers computing in int8."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
+    if precision in ("auto", "int8"):
         return torch.bfloat16 if bf16_is_fast(device) else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def decoder_int8(precision: str, device: Union[str, torch.device] = "cpu") -> bool:
+    """Whether `precision` runs the decoder's linear layers in int8 on `device`: asked for, and an
+    x86 quantized engine there; elsewhere "int8" falls back to "auto" (logged once)."""
+    if precision != "int8":
+        return False
+    from .quantize import int8_available
+
+    if int8_available(device):
+        return True
+    _warn_no_int8(str(torch.device(device)))
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_int8(device: str) -> None:
+    log.warning("mmcap precision: no int8 engine for %s in this torch build: int8 falls back to auto", device)
 
 
 def lightning_precision(precision: str, device: str = "cpu") -> str:
