@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.pytorch_utils import Conv1D
 
 from .generation_config import GenerationConfig  # noqa: F401  (re-exported: mmcap.generation.GenerationConfig)
 
@@ -93,11 +94,14 @@ class _GPT2Decoder:
         self.width, self.heads = cfg.hidden_size, cfg.num_attention_heads
         self.memory, self.max_len = memory, max_len
         self.t, self.group = 0, 1  # tokens fed so far; consecutive rows (beams) per image
+        # GPT-2's tanh GELU as one kernel (not transformers' eight) in the fast modes (autocast, or
+        # int8 twins in place of its Conv1D layers); fp32 keeps transformers' exact arithmetic.
+        fast = torch.is_autocast_enabled(memory.device.type) or not isinstance(self.body.h[0].mlp.c_fc, Conv1D)
+        self.fused_gelu = fast and cfg.activation_function == "gelu_new"
         # self-attention cache, preallocated: keys [layers, rows, heads, head_dim, max_len] (stored
         # transposed, so q @ keys needs no copy) and values [layers, rows, heads, max_len, head_dim]
         self.keys: Optional[torch.Tensor] = None
         self.values: Optional[torch.Tensor] = None
-        self.spare: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # reorder target, swapped in
         # image keys/values once per image, [B, heads, M, head_dim]: never repeated per beam
         b, m, _ = memory.shape
         self.cross = []
@@ -138,7 +142,8 @@ class _GPT2Decoder:
             q = cross.q_attn(block.ln_cross_attn(x)).view(n // self.group, self.group, h, -1).transpose(1, 2)
             y = _attend(q, *self.cross[i], cross.scaling)
             x = x + cross.c_proj(y.transpose(1, 2).reshape(n, w))
-            x = x + mlp(block.ln_2(x))
+            x = x + (mlp.c_proj(F.gelu(mlp.c_fc(block.ln_2(x)), approximate="tanh")) if self.fused_gelu
+                     else mlp(block.ln_2(x)))
         self.t += 1
         return x
 
@@ -148,15 +153,14 @@ class _GPT2Decoder:
         self.values = self.values.repeat_interleave(k, dim=1)
 
     def reorder(self, rows: torch.Tensor) -> None:
-        # Gather whole contiguous rows into the spare buffers and swap: on CPU this beats
-        # copying just the filled positions (strided) and allocates nothing per step.
-        if self.spare is None or self.spare[0].shape != self.keys.shape:
-            self.spare = (torch.empty_like(self.keys), torch.empty_like(self.values))
-        keys, values = self.spare
-        torch.index_select(self.keys, 1, rows, out=keys)
-        torch.index_select(self.values, 1, rows, out=values)
-        self.spare = (self.keys, self.values)
-        self.keys, self.values = keys, values
+        # Copy only the rows whose beam changed (about a third per step) and only the filled
+        # positions: later positions are written before they are read.
+        moved = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
+        if moved.numel() == 0:
+            return
+        src, t = rows[moved], self.t
+        self.keys[:, moved, ..., :t] = self.keys[:, src, ..., :t]
+        self.values[:, moved, :, :t] = self.values[:, src, :, :t]
 
 
 def _attend(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
