@@ -28,6 +28,7 @@ from PIL import Image
 from common import GENERATION, NaivePipeline, TransformersForward, best_time, build_mmcap, log, make_photos
 from mmcap.generation import GenerationConfig, generate
 from mmcap.images import eval_transform, open_image
+from mmcap.quantize import int8_linears
 
 
 def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
@@ -98,6 +99,12 @@ def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
         row("decoder", "  bf16 weights instead of autocast", best_time(functools.partial(ours, dec16, memory.bfloat16())))
         del dec16
 
+        def int8():  # what precision="int8" decodes with: int8 linears and LM head, the rest fp32
+            with int8_linears(model.decoder):
+                return ours()
+
+        row("decoder", "  int8 linear layers and LM head, rest fp32 (mmcap int8)", best_time(int8))
+
         # beam search bookkeeping alone: generate() with a decoder that answers instantly
         b = memory.shape[0]
         instant = _InstantDecoder(torch.randn(b * gen.num_beams, len(tok)), model.decoder.config)
@@ -115,6 +122,8 @@ def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
     caption = lambda **kw: model.caption(paths, batch_size=n, precision="auto", **GENERATION, **kw)  # noqa: E731
     threads = torch.get_num_threads()
     row("end2end", f"mmcap auto precision, {threads} threads", best_time(caption, 2))
+    row("end2end", f"mmcap int8, {threads} threads",
+        best_time(lambda: model.caption(paths, batch_size=n, precision="int8", **GENERATION), 2))
     if threads > 1:
         torch.set_num_threads(1)
         row("end2end", "mmcap auto precision, 1 thread", best_time(caption, 1))
