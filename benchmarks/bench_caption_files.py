@@ -97,7 +97,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[300, 3000, 10000])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"])
+    p.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto", "int8"])
     p.add_argument("--baseline-batches", type=int, default=3, help="batches timed for the model alone")
     p.add_argument("--root", default=None, help="keep photos and model here between runs (default: a temp dir)")
     args = p.parse_args()
