@@ -18,29 +18,10 @@ import argparse
 import statistics
 import warnings
 
-import lightning as L
 import torch
-from common import build_fit, clocks, emit, quiet_fit_overrides
+from common import StepTimer, build_fit, clocks, emit, quiet_fit_overrides
 
 from mmcap.precision import lightning_precision
-
-
-class StepTimer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end, self.samples = warmup, None, None, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.warmup:
-            self.start = clocks()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.start is not None:
-            self.samples += batch["pixels"].shape[0]
-            self.end = clocks()
-
-    def rates(self) -> tuple[float, float]:
-        """Samples per wall second and per CPU second."""
-        return tuple(self.samples / (e - s) for s, e in zip(self.start, self.end))
 
 
 def lightning_rate(config: str, overrides: list[str], steps: int, warmup: int, precision: str) -> tuple[float, float]:

@@ -11,7 +11,8 @@
 - synthetic photo-like JPEGs (`photo_jpeg`, `make_photos`); `held_out_keys` of demo shards;
 - measuring: `clocks`, `best_time`, peak RSS, `machine_info` and `emit` (every benchmark's JSON
   line names the processor);
-- `build_fit` and `quiet_fit_overrides`: model, datamodule and trainer as `mmcap fit` builds them.
+- `build_fit` and `quiet_fit_overrides`: model, datamodule and trainer as `mmcap fit` builds them;
+  `StepTimer`, the callback that times its training steps after a warm-up.
 
 The scripts import it as `common` (Python puts a script's own folder on `sys.path`); tests put
 `benchmarks/` on `sys.path` first.
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -293,3 +295,23 @@ def quiet_fit_overrides(root: str | os.PathLike) -> list[str]:
         "--checkpoint.dirpath", os.path.join(root, "checkpoints"), "--test_after_fit", "false",
         "--export_dir", "null",
     ]
+
+
+class StepTimer(L.Callback):
+    """Clocks (wall, CPU) and samples of the training steps after the first `warmup` (data loading included)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end, self.samples = warmup, None, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            self.start = clocks()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.start is not None:
+            self.samples += batch["pixels"].shape[0]
+            self.end = clocks()
+
+    def rates(self) -> tuple[float, float]:
+        """Samples per wall second and per CPU second."""
+        return tuple(self.samples / (e - s) for s, e in zip(self.start, self.end))
