@@ -54,3 +54,12 @@ def test_notebooks_run(small_settings):
     evaluation = run_notebook("03_evaluation.ipynb", small_settings)
     outputs = [o for c in evaluation.cells if c.cell_type == "code" for o in c.outputs]
     assert any("CIDEr" in str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+
+
+@pytest.mark.slow
+def test_language_models_notebook(small_settings):
+    book = run_notebook("04_language_models.ipynb", small_settings)
+    outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
+    printed = "".join(o.get("text", "") for o in outputs)
+    assert "prefix" in printed and "cross_attention" in printed and "CIDEr" in printed
+    assert sum(bool(o.get("data", {}).get("image/png")) for o in outputs) == 2  # an attention figure per fusion
