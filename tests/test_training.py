@@ -5,7 +5,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers import module_args, tiny_config
+from helpers import CAPTIONS, module_args, tiny_config
 
 from mmcap import Captioner
 from mmcap.training import CaptionModule, NonFiniteLossError, WarmupCosine, param_groups
@@ -114,6 +114,24 @@ def test_loss_falls(tmp_path):
         after = sum(module.captioner(b["pixels"], b["input_ids"], b["attention_mask"]).item() for b in batches) / 2
     assert module.global_step == 30
     assert after < 0.4 * before, (before, after)
+
+
+def test_fusion_gates_get_their_own_rate_without_decay():
+    from mmcap import Captioner
+    from mmcap.training.optim import OptimConfig, build_optimizer
+
+    cfg = tiny_config("llama")
+    cfg["decoder"] = {**cfg["decoder"], "fusion": "cross_attention"}
+    cap = Captioner.from_config(cfg, captions=CAPTIONS)
+    optimizer, _ = build_optimizer(cap, OptimConfig(lr=1e-3, weight_decay=0.1, gate_lr_mult=10.0), total_steps=10)
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    gate_names = [n for n, _ in cap.named_parameters() if n.endswith("_gate")]
+    assert len(gate_names) == 4  # attn and mlp gates of the 2 inserted blocks
+    assert by_name["gates"]["initial_lr"] == pytest.approx(1e-2) and by_name["gates"]["weight_decay"] == 0
+    assert by_name["decoder"]["initial_lr"] == pytest.approx(1e-3)
+    named = dict(cap.named_parameters())
+    assert {id(p) for p in by_name["gates"]["params"]} == {id(named[n]) for n in gate_names}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named)
 
 
 def test_adamw_groups_no_decay_and_encoder_lr():
