@@ -55,7 +55,7 @@ def prepare(root: Path, sizes: list[int]) -> tuple[Path, dict[int, Path]]:
         if not folder.is_dir():
             folder.mkdir()
             for path in sorted(photos.glob("*.jpg"))[:n]:
-                (folder / path.name).symlink_to(path)
+                (folder / path.name).symlink_to(path.resolve())  # absolute: --root may be relative
         folders[n] = folder
     return model_dir, folders
 

@@ -31,6 +31,21 @@ def tiny_gpt2():
 
 
 @pytest.fixture
+def peaky_gpt2():
+    """A tiny random captioner with sharp distributions and loud image tokens, so that each image
+    steers its caption."""
+    from mmcap import Captioner
+
+    torch.manual_seed(0)
+    model = Captioner.from_config(tiny_config("gpt2"), captions=CAPTIONS).eval()
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.mul_(3)
+        model.projection.norm.weight.mul_(10)
+    return model
+
+
+@pytest.fixture
 def tiny_bert():
     from mmcap import Captioner
 

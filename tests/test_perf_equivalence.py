@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CAPTIONS, tiny_config
 from PIL import Image
 
-from mmcap import Captioner
 from mmcap.generation import GenerationConfig, generate
 from mmcap.precision import bf16_is_fast, compute_dtype
 
@@ -20,19 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import NaivePipeline, TransformersForward  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def peaky_gpt2():
-    """A tiny random captioner with sharp distributions and loud image tokens, so that each image
-    steers its caption."""
-    torch.manual_seed(0)
-    model = Captioner.from_config(tiny_config("gpt2"), captions=CAPTIONS).eval()
-    with torch.no_grad():
-        for p in model.decoder.parameters():
-            p.mul_(3)
-        model.projection.norm.weight.mul_(10)
-    return model
 
 
 @pytest.mark.parametrize("kw", [{"num_beams": 3, "max_new_tokens": 8},

@@ -2,10 +2,8 @@
 int8's precision, and leave the model exactly as it was."""
 import pytest
 import torch
-from helpers import CAPTIONS, tiny_config
 from transformers.pytorch_utils import Conv1D
 
-from mmcap import Captioner
 from mmcap.precision import compute_dtype, decoder_int8
 from mmcap.quantize import Int8Linear, int8_linears
 
@@ -58,17 +56,6 @@ def test_int8_linears_restores_the_model_and_follows_weight_changes():
     with int8_linears(model):
         after = model(x)
     assert torch.allclose(after, -(before - model[2].bias) + model[2].bias, atol=0.05)
-
-
-@pytest.fixture
-def peaky_gpt2():
-    torch.manual_seed(0)
-    model = Captioner.from_config(tiny_config("gpt2"), captions=CAPTIONS).eval()
-    with torch.no_grad():
-        for p in model.decoder.parameters():
-            p.mul_(3)
-        model.projection.norm.weight.mul_(10)
-    return model
 
 
 def test_int8_captions_equal_fp32_on_a_decisive_model(peaky_gpt2, image_files):

@@ -123,11 +123,11 @@ def test_fusion_gates_get_their_own_rate_without_decay():
     cfg = tiny_config("llama")
     cfg["decoder"] = {**cfg["decoder"], "fusion": "cross_attention"}
     cap = Captioner.from_config(cfg, captions=CAPTIONS)
-    optimizer, _ = build_optimizer(cap, OptimConfig(lr=1e-3, weight_decay=0.1, gate_lr_mult=10.0), total_steps=10)
+    optimizer, _ = build_optimizer(cap, OptimConfig(lr=1e-3, weight_decay=0.1), total_steps=10)
     by_name = {g["name"]: g for g in optimizer.param_groups}
     gate_names = [n for n, _ in cap.named_parameters() if n.endswith("_gate")]
     assert len(gate_names) == 4  # attn and mlp gates of the 2 inserted blocks
-    assert by_name["gates"]["initial_lr"] == pytest.approx(1e-2) and by_name["gates"]["weight_decay"] == 0
+    assert by_name["gates"]["initial_lr"] == pytest.approx(0.1) and by_name["gates"]["weight_decay"] == 0  # default 100x
     assert by_name["decoder"]["initial_lr"] == pytest.approx(1e-3)
     named = dict(cap.named_parameters())
     assert {id(p) for p in by_name["gates"]["params"]} == {id(named[n]) for n in gate_names}
