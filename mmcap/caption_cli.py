@@ -21,7 +21,7 @@ from .precision import PRECISIONS
 PRECISION_HELP = ("fp32: the reference results (default); bf16: bfloat16 compute, about twice as fast where "
                   "the hardware has fast bf16, slightly different captions; auto: bf16 where it measured "
                   "faster than fp32 on this machine, else fp32; int8: as auto, with the decoder's linear layers and LM "
-                  "head in int8 (x86 CPUs; lossy, never chosen by auto)")
+                  "head in int8 (CPUs; lossy, never chosen by auto)")
 
 
 def caption_main(argv: list[str]) -> int:

@@ -290,7 +290,8 @@ class Captioner(nn.Module):
         about twice as fast where the hardware has bf16 matmuls, with slightly different captions.
         `"auto"` is bf16 where it measured faster than fp32 on this machine (`mmcap.precision`),
         else fp32. `"int8"` is `"auto"` with the decoder's linear layers and LM head computing in
-        int8 on x86 CPUs (`mmcap.quantize`): lossy, so never chosen by `auto`; elsewhere it is `auto`. `mmcap caption --precision` means the same.
+        int8 on CPUs (`mmcap.quantize`): lossy, so never chosen by `auto`; on GPUs it is `auto`.
+        `mmcap caption --precision` means the same.
         """
         single = _is_single(images) or (isinstance(images, torch.Tensor) and images.dim() == 3)
         results = self.caption_details(images, batch_size, return_attention, precision, prompt=prompt,

@@ -39,8 +39,8 @@ def compute_dtype(precision: str, device: Union[str, torch.device] = "cpu") -> t
 
 
 def decoder_int8(precision: str, device: Union[str, torch.device] = "cpu") -> bool:
-    """Whether `precision` runs the decoder's linear layers in int8 on `device`: asked for, and an
-    x86 quantized engine there; elsewhere "int8" falls back to "auto" (logged once)."""
+    """Whether `precision` runs the decoder's linear layers in int8 on `device`: asked for, and a
+    CPU; elsewhere (GPUs) "int8" falls back to "auto" (logged once)."""
     if precision != "int8":
         return False
     from .quantize import int8_available
@@ -53,7 +53,7 @@ def decoder_int8(precision: str, device: Union[str, torch.device] = "cpu") -> bo
 
 @functools.lru_cache(maxsize=None)
 def _warn_no_int8(device: str) -> None:
-    log.warning("mmcap precision: no int8 engine for %s in this torch build: int8 falls back to auto", device)
+    log.warning("mmcap precision: int8 runs on CPUs, not on %s: it falls back to auto there", device)
 
 
 def lightning_precision(precision: str, device: str = "cpu") -> str:

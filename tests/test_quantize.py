@@ -5,6 +5,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from mmcap.precision import compute_dtype, decoder_int8
+from mmcap import quantize
 from mmcap.quantize import Int8Linear, int8_linears
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,13 +16,14 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("engine", [True, False], ids=["quantized-engine", "int_mm"])
-def test_int8_linear_matches_the_float_layer(engine):
+def test_int8_linear_matches_the_float_layer(engine, monkeypatch):
+    if not engine:  # the torch._int_mm path (torch builds without the x86 engine)
+        monkeypatch.setattr(quantize, "int8_engine", lambda: None)
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 96)
     x = torch.randn(4, 5, 64)
     twin = Int8Linear(layer.weight, layer.bias)
-    if not engine:
-        twin._packed = None  # the torch._int_mm path (torch builds without the x86 engine)
+    assert (twin._packed is not None) == engine and (twin.qweight is None) == engine
     out = twin(x)
     assert out.shape == (4, 5, 96) and out.dtype == torch.float32
     assert _relative_error(out, layer(x)) < 0.02

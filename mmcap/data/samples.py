@@ -239,13 +239,12 @@ class Collate:
         if any(p is not None for p in prompts):
             batch["prompts"] = prompts
         if self.tokenizer is not None:
-            if "prompts" in batch:
-                tokens = self.tokenizer(captions, self.max_tokens, prompts=prompts)
+            if items:
+                with_prompts = {"prompts": prompts} if "prompts" in batch else {}
+                tokens = self.tokenizer(captions, self.max_tokens, **with_prompts)
                 batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
-                batch["labels"] = tokens["labels"]
-            elif items:
-                tokens = self.tokenizer(captions, self.max_tokens)
-                batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+                if with_prompts:
+                    batch["labels"] = tokens["labels"]
             else:
                 batch["input_ids"] = batch["attention_mask"] = torch.zeros(0, 0, dtype=torch.long)
         return batch
