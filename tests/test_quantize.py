@@ -76,3 +76,26 @@ def test_int8_means_auto_for_the_encoder_and_falls_back_off_cpu():
     assert decoder_int8("int8", "cpu")
     assert not decoder_int8("bf16", "cpu") and not decoder_int8("auto", "cpu")
     assert not decoder_int8("int8", "meta")  # no int8 engine there: the model decodes as auto
+
+
+@pytest.mark.parametrize("faster", ["fbgemm", "onednn"])
+def test_each_weight_shape_runs_on_the_engine_that_measured_faster(faster, monkeypatch):
+    engines = quantize._candidate_engines()
+    if len(engines) < 2:
+        pytest.skip("this torch build has one x86 quantized engine")
+    monkeypatch.setattr(quantize, "_FASTEST", {})
+    timed = []
+
+    def fake_time(engine, packed, x):
+        timed.append((engine, tuple(x.shape)))
+        return 1.0 if engine == faster else 2.0
+
+    monkeypatch.setattr(quantize, "_time_engine", fake_time)
+    torch.manual_seed(0)
+    layer, same_shape = torch.nn.Linear(64, 96), torch.nn.Linear(64, 96)
+    twin = Int8Linear(layer.weight, layer.bias)
+    assert twin.engine == faster and quantize._FASTEST == {(96, 64): faster}
+    assert sorted(timed) == sorted((e, (quantize.TIMING_ROWS, 64)) for e in engines)
+    assert Int8Linear(same_shape.weight, same_shape.bias).engine == faster and len(timed) == 2  # timed once per shape
+    x = torch.randn(3, 64)
+    assert _relative_error(twin(x), layer(x)) < 0.02
