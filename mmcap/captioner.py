@@ -19,6 +19,7 @@ from torch import nn
 from .config import CaptionerConfig
 from .decoder import build_decoder
 from .encoder import ResNetEncoder
+from .folding import folded_encoder
 from .fusion import build_fusion
 from .generation import GenerationOutput, generate
 from .generation_config import GenerationConfig
@@ -227,10 +228,7 @@ class Captioner(nn.Module):
         dtype = compute_dtype(precision, self.device)
         with self._computing_in(dtype):
             if memory is None:
-                if dtype != torch.float32:
-                    # channels-last convolutions are the fast ones in oneDNN/cuDNN for reduced precision
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
-                memory = self.encode(pixels.to(self.device, next(self.encoder.parameters()).dtype))
+                memory = self._encode_in(pixels, dtype)
             tok = self.tokenizer
             if not decoder_int8(precision, self.device):
                 return generate(self.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
@@ -239,6 +237,14 @@ class Captioner(nn.Module):
         with torch.autocast(self.device.type, enabled=False), int8_linears(self.decoder):
             return generate(self.decoder, memory.float(), tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
                             fusion=self.fusion, prompts=prompts)
+
+    def _encode_in(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`encode` for inference in `dtype`: below fp32 (and in eval mode) through the encoder's
+        folded bf16 twin (`mmcap.folding`) on channels-last pixels, the fast layout of oneDNN/cuDNN."""
+        if dtype == torch.float32 or self.encoder.training:
+            return self.encode(pixels.to(self.device, next(self.encoder.parameters()).dtype))
+        encoder = folded_encoder(self.encoder, dtype)
+        return self.project(encoder(pixels.to(self.device, dtype).contiguous(memory_format=torch.channels_last)))
 
     def generation_options(self, **overrides) -> GenerationConfig:
         """This model's generation defaults with a call's `overrides`, max_new_tokens resolved."""

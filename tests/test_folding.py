@@ -1,0 +1,66 @@
+"""The folded encoder (`mmcap.folding`): BatchNorm folded into convolutions computes what the
+encoder computes, is remade when the encoder changes, and leaves the encoder as it was."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mmcap.config import EncoderConfig
+from mmcap.encoder import ResNetEncoder
+from mmcap.folding import fold_batchnorms, folded_encoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _encoder(arch="resnet18", stride=32):
+    torch.manual_seed(0)
+    enc = ResNetEncoder(EncoderConfig(arch=arch, output_stride=stride))
+    with torch.no_grad():  # running statistics that are not the identity, so folding has work to do
+        for bn in (m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    return enc.eval()
+
+
+@pytest.mark.parametrize("arch,stride", [("resnet18", 32), ("resnet50", 16)])
+def test_folded_encoder_computes_the_same_grid(arch, stride):
+    enc = _encoder(arch, stride)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = enc(x)
+        folded = fold_batchnorms(copy.deepcopy(enc))
+        out = folded(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    identities = sum(isinstance(m, nn.Identity) for m in folded.modules()) - sum(isinstance(m, nn.Identity) for m in enc.modules())
+    assert identities == sum(isinstance(m, nn.BatchNorm2d) for m in enc.modules())
+    assert out.shape == ref.shape
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+    with torch.no_grad():
+        twin_out = folded_encoder(enc, torch.bfloat16)(x.bfloat16().contiguous(memory_format=torch.channels_last))
+    assert twin_out.dtype == torch.bfloat16
+    assert float((twin_out.float() - ref).abs().max() / ref.abs().max()) < 0.05
+
+
+def test_folded_twin_is_cached_remade_on_change_and_leaves_the_encoder_alone():
+    enc = _encoder()
+    bns = [m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)]
+    twin = folded_encoder(enc, torch.bfloat16)
+    assert folded_encoder(enc, torch.bfloat16) is twin
+    assert [m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)] == bns  # untouched
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = twin(x.bfloat16())
+        bns[-1].running_mean.add_(3.0)  # e.g. more training
+        remade = folded_encoder(enc, torch.bfloat16)
+        after = remade(x.bfloat16())
+        ref = enc(x)
+    assert remade is not twin and not torch.equal(before, after)
+    assert float((after.float() - ref).abs().max() / ref.abs().max()) < 0.05
+
+
+def test_folding_refuses_a_training_module():
+    with pytest.raises(ValueError, match="eval-mode"):
+        fold_batchnorms(_encoder().train())
