@@ -88,7 +88,8 @@ class _GPT2Decoder:
 
     attentions = False  # attention maps come from the transformers forward (`_Decoder`)
 
-    def __init__(self, model: GPT2LMHeadModel, memory: torch.Tensor, max_len: int):
+    def __init__(self, model: GPT2LMHeadModel, memory: torch.Tensor, max_len: int,
+                 attention_dtype: Optional[torch.dtype] = None):
         cfg = model.config
         self.model, self.body = model, model.transformer
         self.width, self.heads = cfg.hidden_size, cfg.num_attention_heads
@@ -98,6 +99,9 @@ class _GPT2Decoder:
         # int8 twins in place of its Conv1D layers); fp32 keeps transformers' exact arithmetic.
         fast = torch.is_autocast_enabled(memory.device.type) or not isinstance(self.body.h[0].mlp.c_fc, Conv1D)
         self.fused_gelu = fast and cfg.activation_function == "gelu_new"
+        # attention caches and matmuls in `attention_dtype` (int8 mode: bf16 where bf16 measured
+        # fast), else in the dtype the linear layers give (autocast's, or fp32)
+        self.attention_dtype = attention_dtype
         # self-attention cache, preallocated: keys [layers, rows, heads, head_dim, max_len] (stored
         # transposed, so q @ keys needs no copy) and values [layers, rows, heads, max_len, head_dim]
         self.keys: Optional[torch.Tensor] = None
@@ -107,6 +111,7 @@ class _GPT2Decoder:
         self.cross = []
         for block in self.body.h:
             k, v = block.crossattention.c_attn(memory).split(self.width, dim=2)
+            k, v = (k, v) if attention_dtype is None else (k.to(attention_dtype), v.to(attention_dtype))
             keys = k.view(b, m, self.heads, -1).permute(0, 2, 3, 1).contiguous()  # [B, heads, head_dim, M]
             self.cross.append((keys, v.view(b, m, self.heads, -1).transpose(1, 2).contiguous()))
 
@@ -132,15 +137,17 @@ class _GPT2Decoder:
             attn, cross, mlp = block.attn, block.crossattention, block.mlp
             q, k, v = attn.c_attn(block.ln_1(x)).split(w, dim=-1)
             if self.keys is None:
-                self.keys = k.new_zeros(len(body.h), n, h, w // h, self.max_len)
-                self.values = k.new_zeros(len(body.h), n, h, self.max_len, w // h)
+                dtype = self.attention_dtype or k.dtype
+                self.keys = k.new_zeros(len(body.h), n, h, w // h, self.max_len, dtype=dtype)
+                self.values = k.new_zeros(len(body.h), n, h, self.max_len, w // h, dtype=dtype)
             self.keys[i, ..., t] = k.view(n, h, -1)
             self.values[i, :, :, t] = v.view(n, h, -1)
-            y = _attend(q.view(n, h, 1, -1), self.keys[i, ..., : t + 1], self.values[i, :, :, : t + 1], attn.scaling)
+            q = q.view(n, h, 1, -1).to(self.keys.dtype)
+            y = _attend(q, self.keys[i, ..., : t + 1], self.values[i, :, :, : t + 1], attn.scaling)
             x = x + attn.c_proj(y.reshape(n, w))
             # the beams of one image form one block of queries against that image's keys
             q = cross.q_attn(block.ln_cross_attn(x)).view(n // self.group, self.group, h, -1).transpose(1, 2)
-            y = _attend(q, *self.cross[i], cross.scaling)
+            y = _attend(q.to(self.cross[i][0].dtype), *self.cross[i], cross.scaling)
             x = x + cross.c_proj(y.transpose(1, 2).reshape(n, w))
             x = x + (mlp.c_proj(F.gelu(mlp.c_fc(block.ln_2(x)), approximate="tanh")) if self.fused_gelu
                      else mlp(block.ln_2(x)))
@@ -211,11 +218,15 @@ def _process(scores: torch.Tensor, seqs: torch.Tensor, step: int, cfg: Generatio
 @torch.no_grad()
 def generate(model, memory: torch.Tensor, bos: int, eos: int, pad: int, cfg: GenerationConfig,
              output_attentions: bool = False, fusion=None,
-             prompts: Optional[Sequence[Sequence[int]]] = None) -> GenerationOutput:
+             prompts: Optional[Sequence[Sequence[int]]] = None,
+             attention_dtype: Optional[torch.dtype] = None) -> GenerationOutput:
     """Decode captions for image tokens `memory` [B, M, D] with the HF decoder `model`, reading
     them through its own cross-attention or through `fusion` (`mmcap.fusion`).
 
     `prompts`: per image, token ids that follow BOS; the captions continue them (and leave them out).
+    `attention_dtype`: where set, GPT-2's lean path keeps its attention caches and computes
+    attention in it (`precision="int8"` passes bf16 where bf16 measured fast); else in the dtype
+    of the decoder's own computation.
     """
     if cfg.max_new_tokens is None:
         raise ValueError("generate() needs max_new_tokens: use cfg.resolved(max_caption_tokens)")
@@ -228,14 +239,14 @@ def generate(model, memory: torch.Tensor, bos: int, eos: int, pad: int, cfg: Gen
         groups.setdefault(len(p), []).append(i)
     if len(groups) > 1:
         return _merged([(rows, generate(model, memory[rows], bos, eos, pad, cfg, output_attentions, fusion,
-                                        [prompts[i] for i in rows]))
+                                        [prompts[i] for i in rows], attention_dtype))
                         for rows in groups.values()], b, pad)
     start = torch.full((b, 1 + next(iter(groups), 0)), bos, dtype=torch.long, device=memory.device)
     if start.shape[1] > 1:
         start[:, 1:] = torch.tensor(prompts, dtype=torch.long)
     dec = fusion.decoding(model, memory, cfg.use_cache, output_attentions) if fusion is not None else None
     if dec is None and cfg.use_cache and _GPT2Decoder.supports(model, output_attentions):
-        dec = _GPT2Decoder(model, memory, max_len=start.shape[1] + cfg.max_new_tokens)
+        dec = _GPT2Decoder(model, memory, max_len=start.shape[1] + cfg.max_new_tokens, attention_dtype=attention_dtype)
     elif dec is None:
         dec = _Decoder(model, memory, cfg.use_cache, output_attentions)
     with _eager_attention(model, output_attentions):
