@@ -226,11 +226,12 @@ class Captioner(nn.Module):
         n = len(memory) if memory is not None else len(pixels)
         prompts = [self.tokenizer.prompt_ids(p) for p in _per_image(prompt, n)] if prompt is not None else None
         dtype = compute_dtype(precision, self.device)
+        int8 = decoder_int8(precision, self.device)
         with self._computing_in(dtype):
-            if memory is None:
-                memory = self._encode_in(pixels, dtype)
+            if memory is None:  # the fast modes encode through the folded twin (fp32 stays exact)
+                memory = self._encode_in(pixels, dtype, folded=int8 or dtype != torch.float32)
             tok = self.tokenizer
-            if not decoder_int8(precision, self.device):
+            if not int8:
                 return generate(self.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
                                 fusion=self.fusion, prompts=prompts)
         # int8: the decoder's linear layers in int8, the rest of it in fp32 (no autocast) but GPT-2's
@@ -240,10 +241,11 @@ class Captioner(nn.Module):
             return generate(self.decoder, memory.float(), tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
                             fusion=self.fusion, prompts=prompts, attention_dtype=dtype)
 
-    def _encode_in(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`encode` for inference in `dtype`: below fp32 (and in eval mode) through the encoder's
-        folded bf16 twin (`mmcap.folding`) on channels-last pixels, the fast layout of oneDNN/cuDNN."""
-        if dtype == torch.float32 or self.encoder.training:
+    def _encode_in(self, pixels: torch.Tensor, dtype: torch.dtype, folded: bool) -> torch.Tensor:
+        """`encode` for inference in `dtype`; `folded` (in eval mode) through the encoder's folded
+        twin in `dtype` (`mmcap.folding`) on channels-last pixels, the fast layout of oneDNN/cuDNN
+        (in fp32 too: ResNet-50 0.77 s NCHW against 0.49 s channels-last per 16 images here)."""
+        if not folded or self.encoder.training:
             return self.encode(pixels.to(self.device, next(self.encoder.parameters()).dtype))
         encoder = folded_encoder(self.encoder, dtype)
         return self.project(encoder(pixels.to(self.device, dtype).contiguous(memory_format=torch.channels_last)))

@@ -64,3 +64,20 @@ def test_folded_twin_is_cached_remade_on_change_and_leaves_the_encoder_alone():
 def test_folding_refuses_a_training_module():
     with pytest.raises(ValueError, match="eval-mode"):
         fold_batchnorms(_encoder().train())
+
+
+@pytest.mark.parametrize("bf16_fast", [True, False], ids=["bf16-machine", "fp32-machine"])
+def test_fast_modes_encode_through_the_twin_and_fp32_never_does(bf16_fast, peaky_gpt2, image_files, monkeypatch):
+    from mmcap import captioner, precision
+
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device="cpu": bf16_fast)
+    used = []
+    real = captioner.folded_encoder
+    monkeypatch.setattr(captioner, "folded_encoder", lambda enc, dtype: used.append(dtype) or real(enc, dtype))
+    paths = [str(p) for p in image_files]
+    fp32 = peaky_gpt2.caption(paths, precision="fp32", max_new_tokens=6)
+    assert used == []  # fp32 runs the model's own modules: exactly the reference computation
+    int8 = peaky_gpt2.caption(paths, precision="int8", max_new_tokens=6)
+    # int8 encodes in `auto`'s dtype: bf16 where it measured fast, else a folded fp32 channels-last twin
+    assert used == [torch.bfloat16 if bf16_fast else torch.float32]
+    assert int8 == fp32 and len(set(fp32)) > 1
