@@ -100,7 +100,8 @@ class _GPT2Decoder:
         fast = torch.is_autocast_enabled(memory.device.type) or not isinstance(self.body.h[0].mlp.c_fc, Conv1D)
         self.fused_gelu = fast and cfg.activation_function == "gelu_new"
         # attention caches and matmuls in `attention_dtype` (int8 mode: bf16 where bf16 measured
-        # fast), else in the dtype the linear layers give (autocast's, or fp32)
+        # fast; half the bytes per beam reorder: 0.661 -> 0.618 s per batch of 16 here, of which
+        # the image keys/values alone gave 0.028), else in the dtype the linear layers give
         self.attention_dtype = attention_dtype
         # self-attention cache, preallocated: keys [layers, rows, heads, head_dim, max_len] (stored
         # transposed, so q @ keys needs no copy) and values [layers, rows, heads, max_len, head_dim]
@@ -174,8 +175,8 @@ def _attend(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, scale: 
     """softmax(q keys * scale) values: q [..., queries, head_dim], keys_t [..., head_dim, keys]
     (transposed), values [..., keys, head_dim]. For a few queries plain matmuls beat the fused
     attention kernels on CPU, most of all in bf16."""
-    weights = torch.matmul(q, keys_t) * scale
-    return torch.matmul(weights.softmax(-1).to(values.dtype), values)
+    weights = torch.matmul(q, keys_t) * scale  # softmax in fp32 (as autocast runs it): bf16's is slower on CPU
+    return torch.matmul(weights.float().softmax(-1).to(values.dtype), values)
 
 
 def ban_repeated_ngrams(scores: torch.Tensor, seqs: torch.Tensor, n: int) -> torch.Tensor:
