@@ -13,6 +13,7 @@ matmul attention vs the fused SDPA) are timed on their own, on the shapes this d
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -28,6 +29,8 @@ from PIL import Image
 from common import GENERATION, NaivePipeline, TransformersForward, best_time, build_mmcap, log, make_photos
 from mmcap.generation import GenerationConfig, generate
 from mmcap.images import eval_transform, open_image
+from mmcap import quantize
+from mmcap.folding import folded_encoder
 from mmcap.quantize import int8_linears
 
 
@@ -73,6 +76,9 @@ def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             row("encoder", "bf16 autocast, channels_last input (mmcap bf16)", best_time(lambda: model.encoder(cl)))
             row("encoder", "bf16 autocast, channels_last input and weights", best_time(lambda: enc_cl(cl)))
+        folded = folded_encoder(model.encoder, torch.bfloat16)
+        cl16 = cl.bfloat16()
+        row("encoder", "folded twin: BatchNorm in the convs, bf16 weights (mmcap bf16/int8)", best_time(lambda: folded(cl16)))
         memory = model.encode(pixels)
 
     # --- decoder: image tokens -> 16 x beam 3 x 20 tokens
@@ -103,7 +109,17 @@ def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
             with int8_linears(model.decoder):
                 return ours()
 
-        row("decoder", "  int8 linear layers and LM head, rest fp32 (mmcap int8)", best_time(int8))
+        with _engines_forced("fbgemm"):  # fresh twins, every weight shape on fbgemm (mmcap 0.2)
+            row("decoder", "  int8 linear layers and LM head on fbgemm, rest fp32", best_time(int8))
+        with _engines_forced(None):  # each weight shape on the engine that measured fastest
+            row("decoder", "  int8, each weight shape on the engine measured fastest", best_time(int8))
+
+        def int8_bf16_attention():  # what precision="int8" decodes with on a machine where bf16 is fast
+            with int8_linears(model.decoder):
+                return generate(model.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, gen,
+                                attention_dtype=torch.bfloat16)
+
+        row("decoder", "    + attention (caches, matmuls) in bf16 (mmcap int8)", best_time(int8_bf16_attention))
 
         # beam search bookkeeping alone: generate() with a decoder that answers instantly
         b = memory.shape[0]
@@ -135,6 +151,25 @@ def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
     return {f"{g}: {name.strip()}": {"wall_s": round(w, 3), "cpu_s": round(c, 3)} for g, name, w, c in rows}
 
 
+@contextlib.contextmanager
+def _engines_forced(engine):
+    """Fresh int8 twins within the block, every weight shape on `engine` (None: each on the engine
+    that measures fastest, as mmcap does); mmcap's own twins and choices are restored afterwards."""
+    saved = dict(quantize._TWINS), dict(quantize._FASTEST), quantize._candidate_engines
+    quantize._TWINS.clear()
+    quantize._FASTEST.clear()
+    if engine is not None:
+        quantize._candidate_engines = lambda: (engine,)
+    try:
+        yield
+    finally:
+        quantize._TWINS.clear()
+        quantize._TWINS.update(saved[0])
+        quantize._FASTEST.clear()
+        quantize._FASTEST.update(saved[1])
+        quantize._candidate_engines = saved[2]
+
+
 def _bf16(fn):
     def run():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -156,7 +191,7 @@ class _InstantDecoder(torch.nn.Module):
 def _matmul_attention(q, keys_t, values, scale):
     """softmax(q keys * scale) values with plain matmuls; keys_t is [..., head_dim, keys]."""
     weights = torch.matmul(q, keys_t) * scale
-    return torch.matmul(weights.softmax(-1).to(values.dtype), values)
+    return torch.matmul(weights.float().softmax(-1).to(values.dtype), values)
 
 
 def _sdpa_attention(q, keys_t, values, scale):
