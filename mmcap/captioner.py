@@ -25,6 +25,7 @@ from .generation import GenerationOutput, generate
 from .generation_config import GenerationConfig
 from .images import ImageSource, eval_transform, open_image
 from .lora import apply_train_mode, has_lora, merged_lora
+from .ort_encoder import fastest_encoder
 from .precision import PRECISIONS, bf16_is_fast, compute_dtype, decoder_int8  # noqa: F401  (re-exported)
 from .projection import GridProjection
 from .quantize import int8_linears
@@ -229,7 +230,7 @@ class Captioner(nn.Module):
         int8 = decoder_int8(precision, self.device)
         with self._computing_in(dtype):
             if memory is None:  # the fast modes encode through the folded twin (fp32 stays exact)
-                memory = self._encode_in(pixels, dtype, folded=int8 or dtype != torch.float32)
+                memory = self._encode_in(pixels, dtype, folded=int8 or dtype != torch.float32, timed=int8)
             tok = self.tokenizer
             if not int8:
                 return generate(self.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
@@ -241,14 +242,19 @@ class Captioner(nn.Module):
             return generate(self.decoder, memory.float(), tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
                             fusion=self.fusion, prompts=prompts, attention_dtype=dtype)
 
-    def _encode_in(self, pixels: torch.Tensor, dtype: torch.dtype, folded: bool) -> torch.Tensor:
+    def _encode_in(self, pixels: torch.Tensor, dtype: torch.dtype, folded: bool, timed: bool = False) -> torch.Tensor:
         """`encode` for inference in `dtype`; `folded` (in eval mode) through the encoder's folded
         twin in `dtype` (`mmcap.folding`) on channels-last pixels, the fast layout of oneDNN/cuDNN
-        (in fp32 too: ResNet-50 0.77 s NCHW against 0.49 s channels-last per 16 images here)."""
+        (in fp32 too: ResNet-50 0.77 s NCHW against 0.49 s channels-last per 16 images here);
+        `timed` (int8, on CPUs): through that twin or ONNX Runtime, whichever measured faster
+        (`mmcap.ort_encoder`)."""
         if not folded or self.encoder.training:
             return self.encode(pixels.to(self.device, next(self.encoder.parameters()).dtype))
+        pixels = pixels.to(self.device)
+        if timed and self.device.type == "cpu":
+            return self.project(fastest_encoder(self.encoder, dtype, pixels)(pixels))
         encoder = folded_encoder(self.encoder, dtype)
-        return self.project(encoder(pixels.to(self.device, dtype).contiguous(memory_format=torch.channels_last)))
+        return self.project(encoder(pixels.to(dtype).contiguous(memory_format=torch.channels_last)))
 
     def generation_options(self, **overrides) -> GenerationConfig:
         """This model's generation defaults with a call's `overrides`, max_new_tokens resolved."""

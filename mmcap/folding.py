@@ -27,7 +27,7 @@ _TWINS: "weakref.WeakKeyDictionary[nn.Module, dict[torch.dtype, tuple[tuple, nn.
 def folded_encoder(encoder: nn.Module, dtype: torch.dtype) -> nn.Module:
     """An eval-mode copy of `encoder` (a torchvision ResNet's modules) with every BatchNorm folded
     into its convolution, weights in `dtype`, channels-last; cached until a weight changes."""
-    key = _fingerprint(encoder)
+    key = fingerprint(encoder)
     twins = _TWINS.setdefault(encoder, {})
     held = twins.get(dtype)
     if held is None or held[0] != key:
@@ -53,5 +53,6 @@ def fold_batchnorms(module: nn.Module) -> nn.Module:
     return module
 
 
-def _fingerprint(module: nn.Module) -> tuple:
+def fingerprint(module: nn.Module) -> tuple:
+    """Identifies the current values of `module`'s tensors: it changes when any is replaced or updated in place."""
     return tuple((t.data_ptr(), t._version) for t in itertools.chain(module.parameters(), module.buffers()))
