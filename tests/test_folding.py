@@ -68,12 +68,15 @@ def test_folding_refuses_a_training_module():
 
 @pytest.mark.parametrize("bf16_fast", [True, False], ids=["bf16-machine", "fp32-machine"])
 def test_fast_modes_encode_through_the_twin_and_fp32_never_does(bf16_fast, peaky_gpt2, image_files, monkeypatch):
-    from mmcap import captioner, precision
+    from mmcap import captioner, ort_encoder, precision
 
     monkeypatch.setattr(precision, "bf16_is_fast", lambda device="cpu": bf16_fast)
+    monkeypatch.setattr(ort_encoder, "onnxruntime_available", lambda: False)  # torch's twin (ONNX Runtime: test_ort_encoder)
     used = []
     real = captioner.folded_encoder
-    monkeypatch.setattr(captioner, "folded_encoder", lambda enc, dtype: used.append(dtype) or real(enc, dtype))
+    spy = lambda enc, dtype: used.append(dtype) or real(enc, dtype)  # noqa: E731
+    monkeypatch.setattr(captioner, "folded_encoder", spy)
+    monkeypatch.setattr(ort_encoder, "folded_encoder", spy)
     paths = [str(p) for p in image_files]
     fp32 = peaky_gpt2.caption(paths, precision="fp32", max_new_tokens=6)
     assert used == []  # fp32 runs the model's own modules: exactly the reference computation
