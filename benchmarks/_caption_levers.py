@@ -79,6 +79,9 @@ def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
         folded = folded_encoder(model.encoder, torch.bfloat16)
         cl16 = cl.bfloat16()
         row("encoder", "folded twin: BatchNorm in the convs, bf16 weights (mmcap bf16/int8)", best_time(lambda: folded(cl16)))
+        folded32 = folded_encoder(model.encoder, torch.float32)
+        row("encoder", "folded twin, fp32 channels_last (int8 where fp32 beats bf16)", best_time(lambda: folded32(cl)))
+        _onnxruntime_rows(model.encoder, pixels, row)
         memory = model.encode(pixels)
 
     # --- decoder: image tokens -> 16 x beam 3 x 20 tokens
@@ -128,6 +131,9 @@ def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
         stub = lambda: generate(instant, torch.zeros(b, 1, 1), tok.bos_id, tok.eos_id, tok.pad_id, stub_cfg)  # noqa: E731
         row("decoder", "beam search bookkeeping only (instant decoder), 20 steps", best_time(stub))
 
+    # --- one decoder weight (GPT-2's MLP up-projection) at one step's rows, in each weight format
+    _weight_format_rows(model.decoder.config.hidden_size, b * gen.num_beams, row)
+
     # --- the attention kernel of the GPT-2 path, alone: all calls of decoding this batch, bf16
     attention = _attention_calls(model.decoder.config, b, gen.num_beams, gen.max_new_tokens, memory.shape[1])
     torch.testing.assert_close(attention(_matmul_attention), attention(_sdpa_attention), atol=0.05, rtol=0.05)
@@ -168,6 +174,63 @@ def _engines_forced(engine):
         quantize._FASTEST.clear()
         quantize._FASTEST.update(saved[1])
         quantize._candidate_engines = saved[2]
+
+
+def _onnxruntime_rows(encoder, pixels, row):
+    """The encoder on ONNX Runtime (mmcap's session: the folded fp32 twin), and with ONNX Runtime's
+    dynamic int8 quantization (ConvInteger; needs no calibration data) for comparison."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from mmcap.ort_encoder import _ort_runner, export_onnx
+    except ImportError:
+        log("  encoder   ONNX Runtime rows skipped: pip install mmcap[onnx]")
+        return
+    run = _ort_runner(encoder)
+    row("encoder", "ONNX Runtime fp32, folded (int8's alternative, timed per machine)", best_time(lambda: run(pixels)))
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, quantized = Path(tmp) / "encoder.onnx", Path(tmp) / "encoder-int8.onnx"
+        plain.write_bytes(export_onnx(encoder))
+        quantize_dynamic(str(plain), str(quantized), weight_type=QuantType.QUInt8)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        q = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
+    x = {q.get_inputs()[0].name: pixels.numpy()}
+    row("encoder", "  ONNX Runtime dynamic int8 (not used)", best_time(lambda: q.run(None, x)))
+
+
+def _weight_format_rows(width: int, rows: int, row):
+    """y = x W^T for a [4 * width, width] weight and `rows` rows: bf16, mmcap's int8 (dynamic
+    activations, the engine measured fastest) and torch's int4 weight-only CPU kernel."""
+    torch.manual_seed(0)
+    w, x = torch.randn(4 * width, width) * 0.02, torch.randn(rows, width)
+    wb, xb = w.bfloat16(), x.bfloat16()
+    int8 = quantize.Int8Linear(w, None)
+    label = f"{width}x{4 * width} weight, {rows} rows, x1000 calls"
+    with torch.no_grad():
+        row("weights", f"bf16 {label}", best_time(lambda: [F.linear(xb, wb) for _ in range(1000)]))
+        row("weights", f"  int8, dynamic activations (mmcap int8, {int8.engine})", best_time(lambda: [int8(x) for _ in range(1000)]))
+        group = 128
+        try:
+            q, scales_zeros = _int4_weight(w, group)
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            row("weights", "  int4 weight-only, groups of 128 (torch's CPU kernel; not used)",
+                best_time(lambda: [torch._weight_int4pack_mm_for_cpu(xb, packed, group, scales_zeros) for _ in range(1000)]))
+        except (AttributeError, RuntimeError) as e:
+            log(f"  weights   int4 weight-only: not available here ({type(e).__name__})")
+
+
+def _int4_weight(w: torch.Tensor, group: int):
+    """Asymmetric int4 per group of `group` inputs, in the layout of torch's int4pack kernels."""
+    out, inp = w.shape
+    wg = w.view(out, inp // group, group)
+    low, high = wg.amin(-1), wg.amax(-1)
+    scale = ((high - low) / 15).clamp_min(1e-6)
+    q = ((wg - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(out, inp)
+    zero = low + scale * 8  # the kernels compute (q - 8) * scale + zero
+    return q, torch.stack([scale.t(), zero.t()], -1).contiguous().bfloat16()
 
 
 def _bf16(fn):

@@ -90,6 +90,19 @@ def ort_session(encoder: nn.Module):
     held = _SESSIONS.get(encoder)
     if held is not None and held[0] == key:
         return held[1]
+    model = export_onnx(encoder)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    _SESSIONS[encoder] = (key, session)
+    return session
+
+
+def export_onnx(encoder: nn.Module) -> bytes:
+    """The ONNX model (bytes) of `encoder`'s folded fp32 twin: input `pixels` [B, 3, H, W] of any
+    batch and size, output `grid`."""
     twin = folded_encoder(encoder, torch.float32)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), torch.autocast("cpu", enabled=False):
@@ -97,13 +110,7 @@ def ort_session(encoder: nn.Module):
         torch.onnx.export(twin, (torch.zeros(1, 3, 64, 64),), buffer, dynamo=False, input_names=["pixels"],
                           output_names=["grid"], opset_version=17,
                           dynamic_axes={"pixels": {0: "batch", 2: "height", 3: "width"}, "grid": {0: "batch", 2: "h", 3: "w"}})
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-    _SESSIONS[encoder] = (key, session)
-    return session
+    return buffer.getvalue()
 
 
 def _time(run: Runner, pixels: torch.Tensor, repeats: int = 2) -> float:
