@@ -13,7 +13,9 @@ and exactly 20 new tokens, batch 16, over JPEG photos (640x480) written here, al
   CIDEr-D stays within 1 % of fp32's on the demo test splits (``--quality``): the encoder as
   ``auto`` (bf16 where bf16 matmuls measured faster than fp32 on this machine: ``mmcap.precision``;
   ``bf16_matmul_speedup`` says by how much), the decoder's linear layers and LM head in int8.
-  ``precision`` and ``encoder_dtype`` in the output say which mode ran; ``--precision`` picks another;
+  ``precision`` and ``encoder_dtype`` in the output say which mode ran, ``encoder_runner`` and
+  ``int8_engines`` what int8 measured fastest on this machine (torch or ONNX Runtime for the
+  encoder; fbgemm or oneDNN per weight shape); ``--precision`` picks another;
 - ``naive`` (a): the same weights run the obvious way (``common.NaivePipeline``): fp32, PIL +
   torchvision transforms, a torchvision ResNet-50 grid -> Linear ->
   ``GPT2LMHeadModel.generate(encoder_hidden_states=...)``;
@@ -54,8 +56,9 @@ warnings.filterwarnings("ignore", message=".*attention_mask.*")
 from common import (BEAMS, GENERATION, NaivePipeline, VitGpt2Pipeline, build_mmcap, emit, log,  # noqa: E402
                     make_photos, peak_rss_mb, reset_peak_rss)
 
-from mmcap import Captioner  # noqa: E402
+from mmcap import Captioner, ort_encoder  # noqa: E402
 from mmcap.precision import compute_dtype, cpu_bf16_speedup, measure_matmuls  # noqa: E402
+from mmcap.quantize import engine_choices  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -161,6 +164,8 @@ def run(args) -> dict:
         "mmcap_fp32_equals_naive": not mismatches,
         "precision": precision,
         "encoder_dtype": str(compute_dtype(precision)).replace("torch.", ""),
+        "encoder_runner": ort_encoder.choice(model.encoder),  # int8: torch's folded twin or ONNX Runtime, as timed
+        "int8_engines": engine_choices(),  # int8: the engine each weight shape measured fastest on
         "bf16_matmul_speedup": round(cpu_bf16_speedup(), 2),
         "gflops_per_caption": round(flops / 1e9, 2),
         "bf16_matmul_gflops": round(matmuls["bf16_gflops"], 1),

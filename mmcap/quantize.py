@@ -125,6 +125,11 @@ def _pack(engine: str, qweight: torch.Tensor, scales: torch.Tensor, bias: Option
 _FASTEST: dict[tuple[int, int], str] = {}
 
 
+def engine_choices() -> dict[str, str]:
+    """The engine each int8 weight shape ("out x in") runs on in this process, as measured."""
+    return {f"{out} x {inp}": engine for (out, inp), engine in _FASTEST.items()}
+
+
 def _fastest(packed: dict, shape: tuple[int, int]) -> str:
     """The engine whose packed weight multiplies `TIMING_ROWS` rows fastest (median of 5 timed
     calls after 2 warm-ups); the figures are logged."""
