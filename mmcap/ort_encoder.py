@@ -50,8 +50,9 @@ def fastest_encoder(encoder: nn.Module, dtype: torch.dtype, pixels: torch.Tensor
     choices = _CHOICES.setdefault(encoder, {})
     if key not in choices:
         candidates = {f"torch {str(dtype).replace('torch.', '')}": _torch_runner(encoder, dtype)}
-        if onnxruntime_available():
-            candidates["onnxruntime fp32"] = _ort_runner(encoder)
+        ort_run = _ort_runner_if_usable(encoder, pixels)
+        if ort_run is not None:
+            candidates["onnxruntime fp32"] = ort_run
         times = {name: _time(run, pixels) for name, run in candidates.items()} if len(candidates) > 1 else {}
         best = min(times, key=times.get) if times else next(iter(candidates))
         if times:
@@ -63,6 +64,22 @@ def fastest_encoder(encoder: nn.Module, dtype: torch.dtype, pixels: torch.Tensor
         if not best.startswith("onnxruntime"):
             _SESSIONS.pop(encoder, None)  # not chosen: free its memory
     return choices[key][1]
+
+
+def _ort_runner_if_usable(encoder: nn.Module, pixels: torch.Tensor) -> Optional[Runner]:
+    """ONNX Runtime's runner, or None where onnxruntime is missing or cannot export or run this
+    encoder (then torch runs it, and the reason is logged)."""
+    if not onnxruntime_available():
+        return None
+    try:
+        run = _ort_runner(encoder)
+        run(pixels[:1])
+        return run
+    except Exception as e:  # noqa: BLE001 - any failure only removes a candidate
+        log.warning("mmcap int8 encoder: ONNX Runtime cannot run this encoder (%s: %s); torch runs it",
+                    type(e).__name__, e)
+        _SESSIONS.pop(encoder, None)
+        return None
 
 
 def _torch_runner(encoder: nn.Module, dtype: torch.dtype) -> Runner:

@@ -76,6 +76,21 @@ def test_without_onnxruntime_torch_runs_the_encoder(monkeypatch):
     assert out.dtype == torch.bfloat16 and ort_encoder.choice(enc) == "torch bfloat16"
 
 
+def test_an_encoder_onnxruntime_cannot_run_is_left_to_torch(monkeypatch, caplog):
+    def broken(encoder):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(ort_encoder, "_ort_runner", broken)
+    monkeypatch.setattr(ort_encoder, "_time", lambda run, pixels: pytest.fail("nothing to choose between"))
+    enc = _encoder()
+    x = torch.randn(2, 3, 64, 64)
+    with caplog.at_level("WARNING", logger="mmcap.ort_encoder"):
+        out = ort_encoder.fastest_encoder(enc, torch.float32, x)(x)
+    assert ort_encoder.choice(enc) == "torch float32" and "unsupported operator" in caplog.text
+    with torch.no_grad():
+        assert float((out - enc(x)).abs().max() / enc(x).abs().max()) < 1e-4
+
+
 def test_int8_captions_through_onnxruntime_equal_fp32(peaky_gpt2, image_files, monkeypatch):
     from mmcap import precision
 
