@@ -78,8 +78,9 @@ def test_int8_means_auto_for_the_encoder_and_falls_back_off_cpu():
     assert not decoder_int8("int8", "meta")  # no int8 engine there: the model decodes as auto
 
 
-@pytest.mark.parametrize("faster", ["fbgemm", "onednn"])
-def test_each_weight_shape_runs_on_the_engine_that_measured_faster(faster, monkeypatch):
+@pytest.mark.parametrize("faster,margin", [("fbgemm", 2.0), ("onednn", 2.0), ("onednn", 1.05)],
+                         ids=["fbgemm", "onednn", "onednn-by-5-percent"])
+def test_each_weight_shape_runs_on_the_engine_that_measured_faster(faster, margin, monkeypatch):
     engines = quantize._candidate_engines()
     if len(engines) < 2:
         pytest.skip("this torch build has one x86 quantized engine")
@@ -88,14 +89,16 @@ def test_each_weight_shape_runs_on_the_engine_that_measured_faster(faster, monke
 
     def fake_time(engine, packed, x):
         timed.append((engine, tuple(x.shape)))
-        return 1.0 if engine == faster else 2.0
+        return 1.0 if engine == faster else margin
 
     monkeypatch.setattr(quantize, "_time_engine", fake_time)
     torch.manual_seed(0)
     layer, same_shape = torch.nn.Linear(64, 96), torch.nn.Linear(64, 96)
     twin = Int8Linear(layer.weight, layer.bias)
-    assert twin.engine == faster and quantize.engine_choices() == {"96 x 64": faster}
+    # a few percent either way is noise: the first candidate (fbgemm) stays unless clearly beaten
+    expected = faster if margin >= quantize.ENGINE_MIN_SPEEDUP else engines[0]
+    assert twin.engine == expected and quantize.engine_choices() == {"96 x 64": expected}
     assert sorted(timed) == sorted((e, (quantize.TIMING_ROWS, 64)) for e in engines)
-    assert Int8Linear(same_shape.weight, same_shape.bias).engine == faster and len(timed) == 2  # timed once per shape
+    assert Int8Linear(same_shape.weight, same_shape.bias).engine == expected and len(timed) == 2  # timed once per shape
     x = torch.randn(3, 64)
     assert _relative_error(twin(x), layer(x)) < 0.02
