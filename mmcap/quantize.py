@@ -9,8 +9,8 @@ size is bound by arithmetic more than by memory. fbgemm and oneDNN are timed aga
 once per weight shape (`_fastest`); a layer runs on oneDNN where it measured at least 10 % faster
 than fbgemm on this machine (the LM head, here). On a 2-core AMD EPYC, decoding 16 images x beam 3
 x 20 tokens with a GPT-2-small-shaped decoder took 1.02 s in bf16 and 0.72 s in int8 on fbgemm
-alone; the LM head on oneDNN took 3-4 % off that in alternating runs
-(`python benchmarks/bench_caption.py --levers`).
+alone (`python benchmarks/bench_caption.py --levers`); the LM head on oneDNN took 3-4 % off
+the int8 figure in alternating runs (a throwaway script).
 
 Int8 changes the numbers, so it is never chosen by `auto`: callers ask for it. The weights stay as
 they are; `int8_linears(module)` swaps int8 twins in for the duration of a call (made once and

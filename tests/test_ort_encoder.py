@@ -67,13 +67,21 @@ def test_the_faster_runner_is_kept_per_encoder_and_image_shape(faster, monkeypat
     assert (enc in ort_encoder._SESSIONS) == (faster == "onnxruntime fp32")  # a session not chosen is freed
 
 
+def test_bf16_encoders_are_not_raced_against_onnxruntime(monkeypatch):
+    monkeypatch.setattr(ort_encoder, "_time", lambda run, pixels: pytest.fail("nothing to choose between"))
+    enc = _encoder()
+    x = torch.randn(2, 3, 64, 64)
+    assert ort_encoder.fastest_encoder(enc, torch.bfloat16, x)(x).dtype == torch.bfloat16
+    assert ort_encoder.choice(enc) == "torch bfloat16" and enc not in ort_encoder._SESSIONS
+
+
 def test_without_onnxruntime_torch_runs_the_encoder(monkeypatch):
     monkeypatch.setattr(ort_encoder, "onnxruntime_available", lambda: False)
     monkeypatch.setattr(ort_encoder, "_time", lambda run, pixels: pytest.fail("nothing to choose between"))
     enc = _encoder()
     x = torch.randn(2, 3, 64, 64)
-    out = ort_encoder.fastest_encoder(enc, torch.bfloat16, x)(x)
-    assert out.dtype == torch.bfloat16 and ort_encoder.choice(enc) == "torch bfloat16"
+    out = ort_encoder.fastest_encoder(enc, torch.float32, x)(x)
+    assert out.dtype == torch.float32 and ort_encoder.choice(enc) == "torch float32"
 
 
 def test_an_encoder_onnxruntime_cannot_run_is_left_to_torch(monkeypatch, caplog):
