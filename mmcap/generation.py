@@ -112,7 +112,8 @@ class _GPT2Decoder:
         self.cross = []
         for block in self.body.h:
             k, v = block.crossattention.c_attn(memory).split(self.width, dim=2)
-            k, v = (k, v) if attention_dtype is None else (k.to(attention_dtype), v.to(attention_dtype))
+            if attention_dtype is not None:
+                k, v = k.to(attention_dtype), v.to(attention_dtype)
             keys = k.view(b, m, self.heads, -1).permute(0, 2, 3, 1).contiguous()  # [B, heads, head_dim, M]
             self.cross.append((keys, v.view(b, m, self.heads, -1).transpose(1, 2).contiguous()))
 

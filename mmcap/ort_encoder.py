@@ -5,7 +5,7 @@ Runtime's kernels can beat torch's. On a 2-core AMD EPYC, ResNet-50 on 16 images
 ONNX Runtime and 0.39 s in torch (folded, channels-last). Neither wins on every CPU, so where int8
 encodes in fp32 it times both once per encoder and image size, keeps the faster, and logs the
 figures; no CPU flags are read. Where `auto` measured bf16 faster, torch's bf16 runs the encoder
-(0.19 s here): ONNX Runtime has no fast bf16 convolutions to race it with.
+(0.17 s here): ONNX Runtime has no fast bf16 convolutions to race it with.
 
 `onnxruntime` is optional (`pip install mmcap[onnx]`); without it torch runs the encoder. The graph
 exported is the folded fp32 twin's (`mmcap.folding`). It is re-exported when a weight changes. The
@@ -52,7 +52,7 @@ def fastest_encoder(encoder: nn.Module, dtype: torch.dtype, pixels: torch.Tensor
     if key not in choices:
         candidates = {f"torch {str(dtype).replace('torch.', '')}": _torch_runner(encoder, dtype)}
         # ONNX Runtime's CPU convolutions have no fast bf16 path: a candidate only where `auto`
-        # measured fp32 faster (here torch's bf16 ran 0.19 s, ONNX Runtime's fp32 0.30 s)
+        # measured fp32 faster (here torch's bf16 ran 0.17 s, ONNX Runtime's fp32 0.30 s)
         ort_run = _ort_runner_if_usable(encoder, pixels) if dtype == torch.float32 else None
         if ort_run is not None:
             candidates["onnxruntime fp32"] = ort_run

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .folding import fingerprint
+
 log = logging.getLogger(__name__)
 
 _ENGINES = ("x86", "fbgemm", "onednn")
@@ -161,15 +163,14 @@ def _time_engine(engine: str, packed, x: torch.Tensor, repeats: int = 5) -> floa
 
 
 @contextlib.contextmanager
-def _engine(wanted: Optional[str]) -> Iterator[None]:
+def _engine(wanted: str) -> Iterator[None]:
+    """torch's quantized engine set to `wanted` within the block (prepacking packs for it)."""
     before = torch.backends.quantized.engine
-    if wanted and before != wanted:
-        torch.backends.quantized.engine = wanted
+    torch.backends.quantized.engine = wanted
     try:
         yield
     finally:
-        if wanted and before != wanted:
-            torch.backends.quantized.engine = before
+        torch.backends.quantized.engine = before
 
 
 def _twin(module: nn.Module) -> Optional[Int8Linear]:
@@ -178,10 +179,6 @@ def _twin(module: nn.Module) -> Optional[Int8Linear]:
     if isinstance(module, Conv1D):  # transformers' GPT-2 layers: weight stored [in, out]
         return Int8Linear(module.weight.t(), module.bias)
     return None
-
-
-def _fingerprint(module: nn.Module) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in module.parameters(recurse=False))
 
 
 # int8 twins per model, made on first use and remade when a weight changes
@@ -194,7 +191,7 @@ def _twins(model: nn.Module) -> dict[str, Int8Linear]:
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, Conv1D)):
             continue
-        key = _fingerprint(module)
+        key = fingerprint(module)
         held = cache.get(name)
         if held is None or held[0] != key:
             held = cache[name] = (key, _twin(module))
