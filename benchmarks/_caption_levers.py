@@ -29,7 +29,7 @@ from PIL import Image
 from common import GENERATION, NaivePipeline, TransformersForward, best_time, build_mmcap, log, make_photos
 from mmcap.generation import GenerationConfig, generate
 from mmcap.images import eval_transform, open_image
-from mmcap import quantize
+from mmcap import int8_encoder, quantize
 from mmcap.folding import folded_encoder
 from mmcap.quantize import int8_linears
 
@@ -78,9 +78,11 @@ def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
         row("encoder", "bf16 autocast, channels_last input and weights", best_time(_bf16(lambda: enc_cl(cl))))
         folded = folded_encoder(model.encoder, torch.bfloat16)
         cl16 = cl.bfloat16()
-        row("encoder", "folded twin: BatchNorm in the convs, bf16 weights (mmcap bf16/int8)", best_time(lambda: folded(cl16)))
+        row("encoder", "folded twin: BatchNorm in the convs, bf16 weights (mmcap bf16)", best_time(lambda: folded(cl16)))
         folded32 = folded_encoder(model.encoder, torch.float32)
-        row("encoder", "folded twin, fp32 channels_last (int8 where fp32 beats bf16)", best_time(lambda: folded32(cl)))
+        row("encoder", "folded twin, fp32 channels_last (bf16's counterpart where fp32 beats bf16)", best_time(lambda: folded32(cl)))
+        int8_twin = int8_encoder.calibrate(model.encoder, pixels)
+        row("encoder", "int8 twin: u8 x s8 convs, calibrated (mmcap int8, where timed fastest)", best_time(lambda: int8_twin(pixels)))
         _onnxruntime_rows(model.encoder, pixels, row)
         memory = model.encode(pixels)
 
@@ -182,11 +184,11 @@ def _onnxruntime_rows(encoder, pixels, row):
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from mmcap.ort_encoder import _ort_runner, export_onnx
+        from mmcap.ort_encoder import export_onnx, ort_runner
     except ImportError:
         log("  encoder   ONNX Runtime rows skipped: pip install mmcap[onnx]")
         return
-    run = _ort_runner(encoder)
+    run = ort_runner(encoder)
     row("encoder", "ONNX Runtime fp32, folded (int8's alternative, timed per machine)", best_time(lambda: run(pixels)))
     import onnxruntime as ort
 

@@ -56,7 +56,7 @@ warnings.filterwarnings("ignore", message=".*attention_mask.*")
 from common import (BEAMS, GENERATION, NaivePipeline, VitGpt2Pipeline, build_mmcap, emit, log,  # noqa: E402
                     make_photos, peak_rss_mb, reset_peak_rss)
 
-from mmcap import Captioner, ort_encoder  # noqa: E402
+from mmcap import Captioner, encoder_runners  # noqa: E402
 from mmcap.precision import compute_dtype, cpu_bf16_speedup, measure_matmuls  # noqa: E402
 from mmcap.quantize import engine_choices  # noqa: E402
 
@@ -164,7 +164,7 @@ def run(args) -> dict:
         "mmcap_fp32_equals_naive": not mismatches,
         "precision": precision,
         "encoder_dtype": str(compute_dtype(precision)).replace("torch.", ""),
-        "encoder_runner": ort_encoder.choice(model.encoder),  # int8: torch's folded twin or ONNX Runtime, as timed
+        "encoder_runner": encoder_runners.choice(model.encoder),  # int8: torch float or int8 twin, or ONNX Runtime, as timed
         "int8_engines": engine_choices(),  # int8: the engine each weight shape measured fastest on
         "bf16_matmul_speedup": round(cpu_bf16_speedup(), 2),
         "gflops_per_caption": round(flops / 1e9, 2),

@@ -25,7 +25,7 @@ from .generation import GenerationOutput, generate
 from .generation_config import GenerationConfig
 from .images import ImageSource, eval_transform, open_image
 from .lora import apply_train_mode, has_lora, merged_lora
-from .ort_encoder import fastest_encoder
+from .encoder_runners import fastest_encoder
 from .precision import PRECISIONS, bf16_is_fast, compute_dtype, decoder_int8  # noqa: F401  (re-exported)
 from .projection import GridProjection
 from .quantize import int8_linears
@@ -246,8 +246,8 @@ class Captioner(nn.Module):
         """`encode` for inference in `dtype`; `folded` (in eval mode) through the encoder's folded
         twin in `dtype` (`mmcap.folding`) on channels-last pixels, the fast layout of oneDNN/cuDNN
         (in fp32 too: ResNet-50 took 0.77 s NCHW, 0.40 s folded channels-last per 16 images here);
-        `timed` (int8, on CPUs): through that twin or ONNX Runtime, whichever measured faster
-        (`mmcap.ort_encoder`)."""
+        `timed` (int8, on CPUs): through the fastest of that twin, the int8 twin and ONNX Runtime,
+        as timed on this machine (`mmcap.encoder_runners`)."""
         if not folded or self.encoder.training:
             return self.encode(pixels.to(self.device, next(self.encoder.parameters()).dtype))
         pixels = pixels.to(self.device)
