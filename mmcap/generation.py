@@ -21,6 +21,7 @@ tokens at the same positions (no left padding: each cache and position scheme st
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -151,8 +152,7 @@ class _GPT2Decoder:
             q = cross.q_attn(block.ln_cross_attn(x)).view(n // self.group, self.group, h, -1).transpose(1, 2)
             y = _attend(q.to(self.cross[i][0].dtype), *self.cross[i], cross.scaling)
             x = x + cross.c_proj(y.transpose(1, 2).reshape(n, w))
-            x = x + (mlp.c_proj(F.gelu(mlp.c_fc(block.ln_2(x)), approximate="tanh")) if self.fused_gelu
-                     else mlp(block.ln_2(x)))
+            x = x + (mlp.c_proj(gelu_tanh(mlp.c_fc(block.ln_2(x)))) if self.fused_gelu else mlp(block.ln_2(x)))
         self.t += 1
         return x
 
@@ -170,6 +170,39 @@ class _GPT2Decoder:
         src, t = rows[moved], self.t
         self.keys[:, moved, ..., :t] = self.keys[:, src, ..., :t]
         self.values[:, moved, :, :t] = self.values[:, src, :, :t]
+
+
+_GELU_C1 = 2 * math.sqrt(2 / math.pi)  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+_GELU_C3 = _GELU_C1 * 0.044715
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU, x sigmoid(2u), as F.gelu(approximate="tanh") computes it to fp32 rounding
+    (max difference 5e-7 at 48 x 3072) in 43 us instead of 87 here: torch's CPU tanh is slow and
+    its sigmoid fast."""
+    t = x * x
+    return t.mul_(_GELU_C3).add_(_GELU_C1).mul_(x).sigmoid_().mul_(x)
+
+
+def topk_rows(x: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk(x, k)` of each row of a 2-D `x` with long rows (a vocabulary), found through the
+    maxima of chunks of `chunk` entries: the row's top k lie in the k chunks with the largest
+    maxima, so one cheap max pass and a top-k of k * chunk candidates replace a top-k of the row.
+    For 48 x 50,257 and k = 7: 0.27 ms against 0.80 ms here (chunks of 128: 0.30, 1024: 0.54). Ties between equal values may
+    pick other indices than torch.topk, whose own choice among ties is unspecified."""
+    n, v = x.shape
+    full = v // chunk
+    if full <= k or x.stride(-1) != 1:
+        return torch.topk(x, k)
+    maxima = x[:, : full * chunk].view(n, full, chunk).amax(-1)
+    if v > full * chunk:  # the short last chunk
+        maxima = torch.cat([maxima, x[:, full * chunk :].amax(-1, keepdim=True)], 1)
+    chunks = torch.topk(maxima, k).indices  # [n, k]
+    positions = (chunks[:, :, None] * chunk + torch.arange(chunk, device=x.device)).view(n, -1)
+    outside = positions >= v
+    values = x.gather(1, positions.clamp_(max=v - 1)).masked_fill_(outside, float("-inf"))
+    best, where = torch.topk(values, k)
+    return best, positions.gather(1, where)
 
 
 def _attend(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -378,10 +411,10 @@ def _beam_search(dec: _Decoder, start: torch.Tensor, eos: int, pad: int, cfg: Ge
             # The best `keep` of every beam's row, then the best of those: the top-k of all k * vocab
             # sums without writing them out (a full-vocabulary add and sort per step saved).
             if cfg.no_repeat_ngram_size > 0:
-                row_best, row_tok = torch.topk(_process(logp.clone(), seqs, step, cfg, eos), min(keep, vocab))
+                row_best, row_tok = topk_rows(_process(logp.clone(), seqs, step, cfg, eos), min(keep, vocab))
             else:  # only min_new_tokens can ban a token (EOS): one spare candidate per row covers it
                 ban_eos = step < cfg.min_new_tokens
-                row_best, row_tok = torch.topk(logp, min(keep + ban_eos, vocab))
+                row_best, row_tok = topk_rows(logp, min(keep + ban_eos, vocab))
                 if ban_eos:
                     row_best = row_best.masked_fill(row_tok == eos, float("-inf"))
             top_scores, pos = torch.topk((row_best.view(b, k, -1) + run_scores[..., None]).view(b, -1), keep)

@@ -4,7 +4,7 @@ import torch
 from transformers import BertConfig, BertLMHeadModel, GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from mmcap.generation import GenerationConfig, ban_repeated_ngrams, generate, warp_for_sampling
+from mmcap.generation import GenerationConfig, ban_repeated_ngrams, gelu_tanh, generate, topk_rows, warp_for_sampling
 
 V, BOS, EOS, PAD = 12, 1, 2, 0
 SETTINGS = [
@@ -162,3 +162,26 @@ def test_bad_generation_arguments():
         GenerationConfig.from_kwargs(num_beam=3)
     with pytest.raises(ValueError):
         GenerationConfig.from_kwargs(min_new_tokens=5, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("rows,width,k,chunk", [(48, 50257, 7, 256), (5, 3000, 4, 256), (3, 2048, 3, 256),
+                                                (4, 1100, 2, 128), (2, 300, 7, 256)])
+def test_topk_rows_equals_torch_topk(rows, width, k, chunk):
+    torch.manual_seed(0)
+    x = torch.log_softmax(torch.randn(rows, width) * 3, -1)
+    assert all(torch.equal(a, b) for a, b in zip(topk_rows(x, k, chunk), torch.topk(x, k)))
+    x[0, -2:] = 5.0  # the best in the short last chunk, and a tie
+    x[-1] = float("-inf")  # a row with a single allowed token
+    x[-1, 7] = 0.0
+    values, index = topk_rows(x, k, chunk)
+    ref_values, ref_index = torch.topk(x, k)
+    assert torch.equal(values, ref_values)
+    assert set(index[0, :2].tolist()) == {width - 2, width - 1} and index[-1, 0] == 7
+    assert torch.equal(index[1:-1], ref_index[1:-1])
+
+
+def test_gelu_tanh_is_gpt2s_gelu_to_fp32_rounding():
+    x = torch.cat([torch.linspace(-20, 20, 4001), torch.randn(48 * 3072) * 3])
+    ref = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    assert float((gelu_tanh(x).double() - ref).abs().max()) < 2e-6
+    assert float((torch.nn.functional.gelu(x, approximate="tanh").double() - ref).abs().max()) < 2e-6  # torch's own error
