@@ -145,12 +145,11 @@ class _GPT2Decoder:
                 self.values = k.new_zeros(len(body.h), n, h, self.max_len, w // h, dtype=dtype)
             self.keys[i, ..., t] = k.view(n, h, -1)
             self.values[i, :, :, t] = v.view(n, h, -1)
-            q = q.view(n, h, 1, -1).to(self.keys.dtype)
-            y = _attend(q, self.keys[i, ..., : t + 1], self.values[i, :, :, : t + 1], attn.scaling)
+            y = _attend(q.view(n, h, 1, -1), self.keys[i, ..., : t + 1], self.values[i, :, :, : t + 1], attn.scaling)
             x = x + attn.c_proj(y.reshape(n, w))
             # the beams of one image form one block of queries against that image's keys
             q = cross.q_attn(block.ln_cross_attn(x)).view(n // self.group, self.group, h, -1).transpose(1, 2)
-            y = _attend(q.to(self.cross[i][0].dtype), *self.cross[i], cross.scaling)
+            y = _attend(q, *self.cross[i], cross.scaling)
             x = x + cross.c_proj(y.transpose(1, 2).reshape(n, w))
             x = x + (mlp.c_proj(gelu_tanh(mlp.c_fc(block.ln_2(x)))) if self.fused_gelu else mlp(block.ln_2(x)))
         self.t += 1
@@ -207,10 +206,15 @@ def topk_rows(x: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, 
 
 def _attend(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q keys * scale) values: q [..., queries, head_dim], keys_t [..., head_dim, keys]
-    (transposed), values [..., keys, head_dim]. For a few queries plain matmuls beat the fused
-    attention kernels on CPU, most of all in bf16."""
-    weights = torch.matmul(q, keys_t) * scale  # softmax in fp32 (as autocast runs it): bf16's is slower on CPU
-    return torch.matmul(weights.float().softmax(-1).to(values.dtype), values)
+    (transposed), values [..., keys, head_dim], the result in the keys' dtype. For a few queries
+    plain matmuls beat the fused attention kernels on CPU, most of all in bf16."""
+    if q.dtype != keys_t.dtype:  # (int8 mode) one pass casts q to the caches' dtype, scales it and makes it contiguous
+        q = torch.mul(q, scale, out=torch.empty(q.shape, dtype=keys_t.dtype, device=q.device))
+        weights = torch.matmul(q, keys_t)
+    else:  # scaled after the matmul, as transformers does: fp32 stays identical to it
+        weights = torch.matmul(q, keys_t) * scale
+    # softmax in fp32 (as autocast runs it): bf16's is slower on CPU
+    return torch.matmul(torch.softmax(weights, -1, dtype=torch.float32).to(values.dtype), values)
 
 
 def ban_repeated_ngrams(scores: torch.Tensor, seqs: torch.Tensor, n: int) -> torch.Tensor:
