@@ -64,3 +64,24 @@ def circle_images(size: tuple[int, int] = (80, 64), left: int = 8) -> list:
         ImageDraw.Draw(im).ellipse([left + 10 * i, 8, left + 32 + 10 * i, 40], fill=colour)
         images.append(im)
     return images
+
+
+def trained_like_encoder(arch: str = "resnet18", **encoder_config):
+    """A random `ResNetEncoder` in eval mode whose BatchNorms are not the identity of a fresh init
+    (running statistics and affine parameters as training leaves them), so that folding them, or
+    quantizing the result, has work to do."""
+    import torch
+    from torch import nn
+
+    from mmcap.config import EncoderConfig
+    from mmcap.encoder import ResNetEncoder
+
+    torch.manual_seed(0)
+    enc = ResNetEncoder(EncoderConfig(arch=arch, **encoder_config), image_size=64)
+    with torch.no_grad():
+        for bn in (m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    return enc.eval()

@@ -2,23 +2,11 @@
 on this machine (`mmcap.encoder_runners`); each computes the encoder's grid."""
 import pytest
 import torch
-from torch import nn
 
 from mmcap import encoder_runners, int8_encoder, ort_encoder
-from mmcap.config import EncoderConfig
-from mmcap.encoder import ResNetEncoder
+from helpers import trained_like_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _encoder():
-    torch.manual_seed(0)
-    enc = ResNetEncoder(EncoderConfig(arch="resnet18"))
-    with torch.no_grad():
-        for bn in (m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-    return enc.eval()
 
 
 def _name(run) -> str:
@@ -44,7 +32,7 @@ def test_the_fastest_runner_is_kept_per_encoder_and_image_shape(faster, monkeypa
         return 1.0 if _name(run) == faster else 2.0
 
     monkeypatch.setattr(encoder_runners, "_time", fake_time)
-    enc = _encoder()
+    enc = trained_like_encoder()
     x = torch.randn(2, 3, 64, 64)
     run = encoder_runners.fastest_encoder(enc, torch.float32, x)
     candidates = 3 if int8_encoder.available() else 2
@@ -62,7 +50,7 @@ def test_the_fastest_runner_is_kept_per_encoder_and_image_shape(faster, monkeypa
 def test_bf16_encoders_race_the_int8_twin_but_not_onnxruntime(monkeypatch):
     timed = []
     monkeypatch.setattr(encoder_runners, "_time", lambda run, pixels: timed.append(_name(run)) or 1.0)
-    enc = _encoder()
+    enc = trained_like_encoder()
     x = torch.randn(2, 3, 64, 64)
     out = encoder_runners.fastest_encoder(enc, torch.bfloat16, x)(x)
     assert "onnxruntime fp32" not in timed and enc not in ort_encoder._SESSIONS
@@ -73,7 +61,7 @@ def test_with_no_other_runner_torch_runs_the_encoder_untimed(monkeypatch):
     monkeypatch.setattr(ort_encoder, "onnxruntime_available", lambda: False)
     monkeypatch.setattr(int8_encoder, "available", lambda: False)
     monkeypatch.setattr(encoder_runners, "_time", lambda run, pixels: pytest.fail("nothing to choose between"))
-    enc = _encoder()
+    enc = trained_like_encoder()
     x = torch.randn(2, 3, 64, 64)
     out = encoder_runners.fastest_encoder(enc, torch.float32, x)(x)
     assert out.dtype == torch.float32 and encoder_runners.choice(enc) == "torch float32"
@@ -86,7 +74,7 @@ def test_runners_that_fail_are_left_out_and_logged(monkeypatch, caplog):
     monkeypatch.setattr(ort_encoder, "ort_runner", broken)
     monkeypatch.setattr(int8_encoder, "int8_encoder", broken)
     monkeypatch.setattr(encoder_runners, "_time", lambda run, pixels: pytest.fail("nothing to choose between"))
-    enc = _encoder()
+    enc = trained_like_encoder()
     x = torch.randn(2, 3, 64, 64)
     with caplog.at_level("WARNING", logger="mmcap.encoder_runners"):
         out = encoder_runners.fastest_encoder(enc, torch.float32, x)(x)

@@ -6,28 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from mmcap.config import EncoderConfig
-from mmcap.encoder import ResNetEncoder
 from mmcap.folding import fold_batchnorms, folded_encoder
+from helpers import trained_like_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _encoder(arch="resnet18", stride=32):
-    torch.manual_seed(0)
-    enc = ResNetEncoder(EncoderConfig(arch=arch, output_stride=stride))
-    with torch.no_grad():  # running statistics that are not the identity, so folding has work to do
-        for bn in (m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
-    return enc.eval()
-
-
 @pytest.mark.parametrize("arch,stride", [("resnet18", 32), ("resnet50", 16)])
 def test_folded_encoder_computes_the_same_grid(arch, stride):
-    enc = _encoder(arch, stride)
+    enc = trained_like_encoder(arch, output_stride=stride)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = enc(x)
@@ -45,7 +32,7 @@ def test_folded_encoder_computes_the_same_grid(arch, stride):
 
 
 def test_folded_twin_is_cached_remade_on_change_and_leaves_the_encoder_alone():
-    enc = _encoder()
+    enc = trained_like_encoder()
     bns = [m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)]
     twin = folded_encoder(enc, torch.bfloat16)
     assert folded_encoder(enc, torch.bfloat16) is twin
@@ -63,20 +50,22 @@ def test_folded_twin_is_cached_remade_on_change_and_leaves_the_encoder_alone():
 
 def test_folding_refuses_a_training_module():
     with pytest.raises(ValueError, match="eval-mode"):
-        fold_batchnorms(_encoder().train())
+        fold_batchnorms(trained_like_encoder().train())
 
 
 @pytest.mark.parametrize("bf16_fast", [True, False], ids=["bf16-machine", "fp32-machine"])
 def test_fast_modes_encode_through_the_twin_and_fp32_never_does(bf16_fast, peaky_gpt2, image_files, monkeypatch):
-    from mmcap import captioner, ort_encoder, precision
+    from mmcap import captioner, encoder_runners, int8_encoder, ort_encoder, precision
 
     monkeypatch.setattr(precision, "bf16_is_fast", lambda device="cpu": bf16_fast)
-    monkeypatch.setattr(ort_encoder, "onnxruntime_available", lambda: False)  # torch's twin (ONNX Runtime: test_ort_encoder)
+    # torch's float twin alone (the int8 twin and ONNX Runtime: test_encoder_runners)
+    monkeypatch.setattr(ort_encoder, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr(int8_encoder, "available", lambda: False)
     used = []
     real = captioner.folded_encoder
     spy = lambda enc, dtype: used.append(dtype) or real(enc, dtype)  # noqa: E731
     monkeypatch.setattr(captioner, "folded_encoder", spy)
-    monkeypatch.setattr(ort_encoder, "folded_encoder", spy)
+    monkeypatch.setattr(encoder_runners, "folded_encoder", spy)
     paths = [str(p) for p in image_files]
     fp32 = peaky_gpt2.caption(paths, precision="fp32", max_new_tokens=6)
     assert used == []  # fp32 runs the model's own modules: exactly the reference computation

@@ -6,24 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcap import int8_encoder
-from mmcap.config import EncoderConfig
-from mmcap.encoder import ResNetEncoder
 from mmcap.images import IMAGENET_MEAN, IMAGENET_STD
+from helpers import trained_like_encoder
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not int8_encoder.available(), reason="this torch has no oneDNN int8 convolutions")]
-
-
-def _encoder(arch="resnet18", **kw):
-    torch.manual_seed(0)
-    enc = ResNetEncoder(EncoderConfig(arch=arch, **kw), image_size=64)
-    with torch.no_grad():  # BatchNorms as training leaves them, not the identity of a fresh init
-        for bn in (m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.running_mean.uniform_(-0.2, 0.2)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.1, 0.1)
-    return enc.eval()
 
 
 def _pixels(n, seed, size=64):
@@ -42,7 +29,7 @@ def _relative_error(out, ref):
                                      ("resnet18", {"output_stride": 16}), ("resnet34", {"output_stride": 8}),
                                      ("resnet18", {"output_stride": 16, "last_stage": "layer3"})])
 def test_the_int8_twin_computes_the_encoders_grid(arch, kw):
-    enc = _encoder(arch, **kw)
+    enc = trained_like_encoder(arch, **kw)
     twin = int8_encoder.int8_encoder(enc, _pixels(8, 0))
     x = _pixels(3, 1)  # other images than the calibration's
     with torch.no_grad():
@@ -59,7 +46,7 @@ def test_the_int8_twin_computes_the_encoders_grid(arch, kw):
 
 
 def test_made_once_per_weights_and_recalibrated_on_request():
-    enc = _encoder()
+    enc = trained_like_encoder()
     calib = _pixels(4, 0)
     twin = int8_encoder.int8_encoder(enc, calib)
     assert int8_encoder.int8_encoder(enc, _pixels(4, 5)) is twin  # calibrated once: later images do not move it
@@ -76,7 +63,7 @@ def test_made_once_per_weights_and_recalibrated_on_request():
 
 
 def test_activations_beyond_the_calibrated_range_saturate_instead_of_wrapping():
-    enc = _encoder()
+    enc = trained_like_encoder()
     twin = int8_encoder.calibrate(enc, _pixels(4, 0) * 0.1)  # calibrated on near-grey images
     x = _pixels(2, 1)
     with torch.no_grad():

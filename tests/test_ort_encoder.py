@@ -2,28 +2,16 @@
 encoder's grid."""
 import pytest
 import torch
-from torch import nn
 
 from mmcap import ort_encoder
-from mmcap.config import EncoderConfig
-from mmcap.encoder import ResNetEncoder
+from helpers import trained_like_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("onnxruntime")
 
 
-def _encoder():
-    torch.manual_seed(0)
-    enc = ResNetEncoder(EncoderConfig(arch="resnet18"))
-    with torch.no_grad():
-        for bn in (m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-    return enc.eval()
-
-
 def test_onnxruntime_session_computes_the_encoders_grid_at_any_batch_and_size():
-    enc = _encoder()
+    enc = trained_like_encoder()
     session = ort_encoder.ort_session(enc)
     run = ort_encoder.ort_runner(enc)
     for shape in [(1, 3, 64, 64), (3, 3, 96, 128)]:
