@@ -20,7 +20,7 @@ from .config import CaptionerConfig
 from .decoder import build_decoder
 from .encoder import ResNetEncoder
 from .folding import folded_encoder
-from .fusion import build_fusion
+from .fusion import OwnCrossAttention, build_fusion
 from .generation import GenerationOutput, generate
 from .generation_config import GenerationConfig
 from .images import ImageSource, eval_transform, open_image
@@ -226,6 +226,7 @@ class Captioner(nn.Module):
         cfg = self.generation_options(**generation_kwargs)
         n = len(memory) if memory is not None else len(pixels)
         prompts = [self.tokenizer.prompt_ids(p) for p in _per_image(prompt, n)] if prompt is not None else None
+        self._check_positions(prompts, cfg.max_new_tokens)
         dtype = compute_dtype(precision, self.device)
         int8 = decoder_int8(precision, self.device)
         with self._computing_in(dtype):
@@ -241,6 +242,19 @@ class Captioner(nn.Module):
         with torch.autocast(self.device.type, enabled=False), int8_linears(self.decoder):
             return generate(self.decoder, memory.float(), tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
                             fusion=self.fusion, prompts=prompts, attention_dtype=dtype)
+
+    def _check_positions(self, prompts: Optional[list[list[int]]], max_new_tokens: int) -> None:
+        """A clear error where BOS, a prompt and `max_new_tokens` need more positions than GPT-2's
+        or BERT's position table holds (it would fail as an index error deep in the decoder)."""
+        limit = getattr(self.decoder.config, "max_position_embeddings", None)
+        if not isinstance(self.fusion, OwnCrossAttention) or limit is None:  # a prefix takes positions too
+            return
+        lengths = [len(p) for p in prompts] if prompts else [0]
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        if 1 + lengths[i] + max_new_tokens > limit:
+            what = f"image {i}'s prompt of {lengths[i]} tokens, " if prompts else ""
+            raise ValueError(f"BOS, {what}and max_new_tokens={max_new_tokens} need {1 + lengths[i] + max_new_tokens} "
+                             f"positions; the decoder has {limit}: shorten the prompt or lower max_new_tokens")
 
     def _encode_in(self, pixels: torch.Tensor, dtype: torch.dtype, folded: bool, timed: bool = False) -> torch.Tensor:
         """`encode` for inference in `dtype`; `folded` (in eval mode) through the encoder's folded

@@ -453,7 +453,6 @@ def _beam_search(dec: _Decoder, start: torch.Tensor, eos: int, pad: int, cfg: Ge
         if track_att:
             fin_att = _gather(torch.cat([fin_att, top_att], 1), best)
 
-        dec.reorder((_gather(beam, nxt) + batch_offset).view(-1))
         cur += 1
         # stop when no running beam can beat the worst finished one (transformers' heuristic)
         if cfg.early_stopping == "never" and cfg.length_penalty > 0:
@@ -466,6 +465,7 @@ def _beam_search(dec: _Decoder, start: torch.Tensor, eos: int, pad: int, cfg: Ge
         open_beams = not (bool(is_fin.all()) and cfg.early_stopping is True)
         if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
             break
+        dec.reorder((_gather(beam, nxt) + batch_offset).view(-1))  # only when decoding goes on (the last is the longest)
 
     lengths = fin_len[:, 0]
     t = int(lengths.max())

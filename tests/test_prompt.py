@@ -171,6 +171,19 @@ def test_caption_with_prompt_on_images():
         model.caption(images, prompt=["a photo of"] * 3)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_a_prompt_longer_than_the_position_table_is_refused_by_name(kind):
+    model, images = model_of(kind), circle_images()[:2]
+    limit = model.decoder.config.max_position_embeddings
+    long = " ".join(["circle"] * limit)
+    with pytest.raises(ValueError, match=rf"image 1's prompt of \d+ tokens.*the decoder has {limit}"):
+        model.caption(images, prompt=["a", long], max_new_tokens=4)
+    with pytest.raises(ValueError, match=rf"max_new_tokens={limit}.*the decoder has {limit}"):
+        model.caption(images, max_new_tokens=limit)
+    fits = limit - 1 - 4 - 1  # BOS, the prompt, 4 new tokens: one position to spare
+    assert len(model.caption(images, prompt=" ".join(["circle"] * fits), max_new_tokens=4)) == 2
+
+
 def test_score_given_a_prompt_counts_the_caption_only():
     model, images = model_of("llama-prefix"), circle_images()[:2]
     captions = ["a red circle", "a blue square on the left"]
