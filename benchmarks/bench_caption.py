@@ -197,6 +197,8 @@ def quality_check(model_dir: str, data: str, num_beams: int = BEAMS, batch_size:
         t0 = time.perf_counter()
         captions[precision] = model.caption(images, batch_size=batch_size, precision=precision, num_beams=num_beams)
         result[f"seconds_{precision}"] = round(time.perf_counter() - t0, 2)
+        if precision == "int8":  # which encoder int8's race chose (the int8 one is calibrated on the first batch)
+            result["encoder_runner_int8"] = encoder_runners.choice(model.encoder)
         predictions = {ex.key: c for ex, c in zip(examples, captions[precision])}
         result[f"cider_{precision}"] = round(caption_metrics(references, predictions, meteor=False)["CIDEr"], 4)
     for mode in modes:
