@@ -39,10 +39,13 @@ def test_the_int8_twin_computes_the_encoders_grid(arch, kw):
     # int8 rounding (about 6 % here, with the calibration headroom), not float and not another function
     assert 1e-4 < _relative_error(out, ref) < 0.1
     assert float(F.cosine_similarity(out.flatten(1), ref.flatten(1)).min()) > 0.995
-    # batch size and image size are free: weights are packed per input shape
+    # batch size and image size are free: weights are packed once per image size
+    packs = len(twin.stem._packed)
     y = _pixels(1, 2, size=96)
     with torch.no_grad():
         assert _relative_error(twin(y), enc(y)) < 0.1
+        assert _relative_error(twin(x[:2]), enc(x[:2])) < 0.1
+    assert len(twin.stem._packed) == packs + 1  # 96 px: one more; two images instead of three: none
 
 
 def test_made_once_per_weights_and_recalibrated_on_request():
