@@ -59,6 +59,8 @@ def int8_encoder(encoder: nn.Module, pixels: torch.Tensor) -> "Int8ResNet":
     held = _TWINS.get(encoder)
     if held is None or held[0] != key:
         held = _TWINS[encoder] = (key, Int8ResNet(encoder, pixels))
+        log.info("mmcap int8 encoder: activation ranges calibrated on %d images (mmcap.int8_encoder.calibrate "
+                 "redoes it on others)", len(pixels))
     return held[1]
 
 
