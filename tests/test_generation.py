@@ -4,7 +4,7 @@ import torch
 from transformers import BertConfig, BertLMHeadModel, GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from mmcap.generation import GenerationConfig, ban_repeated_ngrams, gelu_tanh, generate, topk_rows, warp_for_sampling
+from mmcap.generation import GenerationConfig, _slot_order, ban_repeated_ngrams, gelu_tanh, generate, topk_rows, warp_for_sampling
 
 V, BOS, EOS, PAD = 12, 1, 2, 0
 SETTINGS = [
@@ -185,3 +185,12 @@ def test_gelu_tanh_is_gpt2s_gelu_to_fp32_rounding():
     ref = torch.nn.functional.gelu(x.double(), approximate="tanh")
     assert float((gelu_tanh(x).double() - ref).abs().max()) < 2e-6
     assert float((torch.nn.functional.gelu(x, approximate="tanh").double() - ref).abs().max()) < 2e-6  # torch's own error
+
+
+def test_new_beams_keep_their_parents_slots_where_they_can():
+    parent = torch.tensor([[0, 0, 1], [2, 2, 2], [1, 2, 0], [0, 1, 2]])
+    order = _slot_order(parent)
+    assert order.tolist() == [[0, 2, 1], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+    assert sorted(order[1].tolist()) == [0, 1, 2]  # a permutation of the new beams
+    stays = (parent.gather(1, order) == torch.arange(3)).sum(1)
+    assert stays.tolist() == [2, 1, 3, 3]  # one per distinct parent: the fewest cache copies
