@@ -16,16 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .allocator import keep_freed_memory
 from .config import CaptionerConfig
 from .decoder import build_decoder
 from .encoder import ResNetEncoder
+from .encoder_runners import fastest_encoder
 from .folding import folded_encoder
 from .fusion import OwnCrossAttention, build_fusion
 from .generation import GenerationOutput, generate
 from .generation_config import GenerationConfig
 from .images import ImageSource, eval_transform, open_image
 from .lora import apply_train_mode, has_lora, merged_lora
-from .encoder_runners import fastest_encoder
 from .precision import PRECISIONS, bf16_is_fast, compute_dtype, decoder_int8  # noqa: F401  (re-exported)
 from .projection import GridProjection
 from .quantize import int8_linears
@@ -229,6 +230,8 @@ class Captioner(nn.Module):
         self._check_positions(prompts, cfg.max_new_tokens)
         dtype = compute_dtype(precision, self.device)
         int8 = decoder_int8(precision, self.device)
+        if precision != "fp32" and self.device.type == "cpu":
+            keep_freed_memory()  # steps and calls reuse their large temporaries instead of faulting them in
         with self._computing_in(dtype):
             if memory is None:  # the fast modes encode through the folded twin (fp32 stays exact)
                 memory = self._encode_in(pixels, dtype, folded=int8 or dtype != torch.float32, timed=int8)
