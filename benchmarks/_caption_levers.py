@@ -30,6 +30,7 @@ from common import GENERATION, NaivePipeline, TransformersForward, best_time, bu
 from mmcap.generation import GenerationConfig, generate
 from mmcap.images import eval_transform, open_image
 from mmcap import int8_encoder, quantize
+from mmcap.decoding import attend
 from mmcap.folding import folded_encoder
 from mmcap.quantize import int8_linears
 
@@ -138,8 +139,8 @@ def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
 
     # --- the attention kernel of the GPT-2 path, alone: all calls of decoding this batch, bf16
     attention = _attention_calls(model.decoder.config, b, gen.num_beams, gen.max_new_tokens, memory.shape[1])
-    torch.testing.assert_close(attention(_matmul_attention), attention(_sdpa_attention), atol=0.05, rtol=0.05)
-    row("attention", "matmul attention (mmcap's kernel), bf16, 20 steps x all layers", best_time(lambda: attention(_matmul_attention)))
+    torch.testing.assert_close(attention(attend), attention(_sdpa_attention), atol=0.05, rtol=0.05)
+    row("attention", "matmul attention (mmcap's kernel), bf16, 20 steps x all layers", best_time(lambda: attention(attend)))
     row("attention", "  fused SDPA kernel instead", best_time(lambda: attention(_sdpa_attention)))
 
     # --- end to end: files -> strings
@@ -251,12 +252,6 @@ class _InstantDecoder(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         return SimpleNamespace(logits=self.logits[: input_ids.shape[0], None])
-
-
-def _matmul_attention(q, keys_t, values, scale):
-    """softmax(q keys * scale) values with plain matmuls; keys_t is [..., head_dim, keys]."""
-    weights = torch.matmul(q, keys_t) * scale
-    return torch.matmul(weights.float().softmax(-1).to(values.dtype), values)
 
 
 def _sdpa_attention(q, keys_t, values, scale):

@@ -14,8 +14,8 @@ and exactly 20 new tokens, batch 16, over JPEG photos (640x480) written here, al
   ``auto`` (bf16 where bf16 matmuls measured faster than fp32 on this machine: ``mmcap.precision``;
   ``bf16_matmul_speedup`` says by how much), the decoder's linear layers and LM head in int8.
   ``precision`` and ``encoder_dtype`` in the output say which mode ran, ``encoder_runner`` and
-  ``int8_engines`` what int8 measured fastest on this machine (torch or ONNX Runtime for the
-  encoder; fbgemm or oneDNN per weight shape); ``--precision`` picks another;
+  ``int8_engines`` what int8 measured fastest on this machine (torch's float or int8 twin, or ONNX
+  Runtime, for the encoder; fbgemm or oneDNN per weight shape); ``--precision`` picks another;
 - ``naive`` (a): the same weights run the obvious way (``common.NaivePipeline``): fp32, PIL +
   torchvision transforms, a torchvision ResNet-50 grid -> Linear ->
   ``GPT2LMHeadModel.generate(encoder_hidden_states=...)``;

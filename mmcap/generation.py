@@ -6,12 +6,9 @@ image tokens enter once per image (the first step runs on the un-expanded batch,
 is repeated per beam), and reordering beams touches only the self-attention cache, because every
 beam of one image shares the same cross-attention keys and values.
 
-GPT-2 decoders take a leaner path (`_GPT2Decoder`): the same modules and weights, but a
-preallocated self-attention cache, cross-attention keys/values kept once per image (the beams of
-an image attend to them together, never copied) and plain matmul attention, which for one new
-token is much faster on CPU than the fused kernels. Other decoders, uncached decoding and
-attention maps use the transformers forward (`_Decoder`). LMs that read the image through a
-prefix or inserted cross-attention bring their own decoder (`mmcap.fusion.LMDecoding`).
+The decoding passes the search runs over are in `mmcap.decoding`: GPT-2's lean pass
+(`GPT2Decoding`) and the transformers forward (`HFDecoding`); LMs that read the image through a
+prefix or inserted cross-attention bring their own (`mmcap.fusion.LMDecoding`).
 
 A prompt (token ids per image) follows BOS: decoding starts from `BOS prompt` as transformers'
 `generate(input_ids=BOS + prompt)` does, and returns the continuation only. Images whose prompts
@@ -21,16 +18,13 @@ tokens at the same positions (no left padding: each cache and position scheme st
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import GPT2LMHeadModel
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.pytorch_utils import Conv1D
 
+from .decoding import GPT2Decoding, HFDecoding
 from .generation_config import GenerationConfig  # noqa: F401  (re-exported: mmcap.generation.GenerationConfig)
 
 NEG = -1.0e9
@@ -46,150 +40,13 @@ class GenerationOutput:
     hypotheses: Optional[list[list[tuple[torch.Tensor, float]]]] = None
 
 
-class _Decoder:
-    """One decoding pass: feeds new tokens, keeps (or, uncached, recomputes) the past."""
-
-    def __init__(self, model, memory: torch.Tensor, use_cache: bool, attentions: bool):
-        self.model, self.memory, self.use_cache, self.attentions = model, memory, use_cache, attentions
-        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if use_cache else None
-        self.seen = 0  # tokens in the cache
-
-    def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Logits [N, V] (fp32) for the next token after `seqs` [N, t], and cross-attention [N, M]."""
-        ids = seqs[:, self.seen:] if self.use_cache else seqs  # the first call feeds BOS and the prompt
-        self.seen = seqs.shape[1] if self.use_cache else 0
-        out = self.model(
-            input_ids=ids,
-            encoder_hidden_states=self.memory,
-            cache=self.cache,
-            use_cache=self.use_cache,
-            output_attentions=self.attentions,
-            return_dict=True,
-        )
-        att = None
-        if self.attentions:
-            # mean over layers and heads of the last query's attention to the image tokens
-            att = torch.stack([a[:, :, -1, :] for a in out.cross_attentions]).float().mean(dim=(0, 2))
-        return out.logits[:, -1, :].float(), att
-
-    def expand(self, k: int) -> None:
-        """Repeat every row k times (after the first step on the un-expanded batch)."""
-        self.memory = self.memory.repeat_interleave(k, dim=0)
-        if self.cache is not None:
-            self.cache.batch_repeat_interleave(k)
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        if self.cache is not None:
-            self.cache.self_attention_cache.reorder_cache(rows)
-
-
-class _GPT2Decoder:
-    """Cached decoding for a Hugging Face GPT-2 with cross-attention (eval mode): the math of its
-    forward on its own modules, with less copying and fewer kernels per token."""
-
-    attentions = False  # attention maps come from the transformers forward (`_Decoder`)
-
-    def __init__(self, model: GPT2LMHeadModel, memory: torch.Tensor, max_len: int,
-                 attention_dtype: Optional[torch.dtype] = None):
-        cfg = model.config
-        self.model, self.body = model, model.transformer
-        self.width, self.heads = cfg.hidden_size, cfg.num_attention_heads
-        self.memory, self.max_len = memory, max_len
-        self.t, self.group = 0, 1  # tokens fed so far; consecutive rows (beams) per image
-        # GPT-2's tanh GELU as one kernel (not transformers' eight) in the fast modes (autocast, or
-        # int8 twins in place of its Conv1D layers); fp32 keeps transformers' exact arithmetic.
-        fast = torch.is_autocast_enabled(memory.device.type) or not isinstance(self.body.h[0].mlp.c_fc, Conv1D)
-        self.fused_gelu = fast and cfg.activation_function == "gelu_new"
-        # attention caches and matmuls in `attention_dtype` (int8 mode: bf16 where bf16 measured
-        # fast; a beam reorder moves half the bytes: about 5 % of int8 decoding in 2 of 3 A/B runs
-        # here, 0 in the third), else in the dtype the linear layers give
-        self.attention_dtype = attention_dtype
-        # self-attention cache, preallocated: keys [layers, rows, heads, head_dim, max_len] (stored
-        # transposed, so q @ keys needs no copy) and values [layers, rows, heads, max_len, head_dim]
-        self.keys: Optional[torch.Tensor] = None
-        self.values: Optional[torch.Tensor] = None
-        # image keys/values once per image, [B, heads, M, head_dim]: never repeated per beam
-        b, m, _ = memory.shape
-        self.cross = []
-        for block in self.body.h:
-            k, v = block.crossattention.c_attn(memory).split(self.width, dim=2)
-            if attention_dtype is not None:
-                k, v = k.to(attention_dtype), v.to(attention_dtype)
-            keys = k.view(b, m, self.heads, -1).permute(0, 2, 3, 1).contiguous()  # [B, heads, head_dim, M]
-            self.cross.append((keys, v.view(b, m, self.heads, -1).transpose(1, 2).contiguous()))
-
-    @staticmethod
-    def supports(model, attentions: bool) -> bool:
-        cfg = model.config
-        return (isinstance(model, GPT2LMHeadModel) and cfg.add_cross_attention and not model.training
-                and not attentions)
-
-    def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if seqs.shape[1] > self.max_len:
-            raise ValueError(f"cannot decode past the {self.max_len} preallocated positions")
-        while self.t < seqs.shape[1]:  # the first call feeds BOS and the prompt, one position at a time
-            x = self._step(seqs[:, self.t])
-        return self.model.lm_head(self.body.ln_f(x)).float(), None
-
-    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The last hidden state [N, width] of `tokens` [N] at position `self.t`, cached."""
-        n, t, h, w = tokens.shape[0], self.t, self.heads, self.width
-        body = self.body
-        x = body.wte(tokens) + body.wpe.weight[t]
-        for i, block in enumerate(body.h):
-            attn, cross, mlp = block.attn, block.crossattention, block.mlp
-            q, k, v = attn.c_attn(block.ln_1(x)).split(w, dim=-1)
-            if self.keys is None:
-                dtype = self.attention_dtype or k.dtype
-                # uninitialised: a position is written before any step reads it (no 37 MB memset per call)
-                self.keys = k.new_empty(len(body.h), n, h, w // h, self.max_len, dtype=dtype)
-                self.values = k.new_empty(len(body.h), n, h, self.max_len, w // h, dtype=dtype)
-            self.keys[i, ..., t] = k.view(n, h, -1)
-            self.values[i, :, :, t] = v.view(n, h, -1)
-            y = _attend(q.view(n, h, 1, -1), self.keys[i, ..., : t + 1], self.values[i, :, :, : t + 1], attn.scaling)
-            x = x + attn.c_proj(y.reshape(n, w))
-            # the beams of one image form one block of queries against that image's keys
-            q = cross.q_attn(block.ln_cross_attn(x)).view(n // self.group, self.group, h, -1).transpose(1, 2)
-            y = _attend(q, *self.cross[i], cross.scaling)
-            x = x + cross.c_proj(y.transpose(1, 2).reshape(n, w))
-            x = x + (mlp.c_proj(gelu_tanh(mlp.c_fc(block.ln_2(x)))) if self.fused_gelu else mlp(block.ln_2(x)))
-        self.t += 1
-        return x
-
-    def expand(self, k: int) -> None:
-        self.group *= k
-        self.keys = self.keys.repeat_interleave(k, dim=1)
-        self.values = self.values.repeat_interleave(k, dim=1)
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        # Copy only the rows whose beam changed (about a third per step) and only the filled
-        # positions: later positions are written before they are read.
-        moved = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
-        if moved.numel() == 0:
-            return
-        src, t = rows[moved], self.t
-        self.keys[:, moved, ..., :t] = self.keys[:, src, ..., :t]
-        self.values[:, moved, :, :t] = self.values[:, src, :, :t]
-
-
-_GELU_C1 = 2 * math.sqrt(2 / math.pi)  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
-_GELU_C3 = _GELU_C1 * 0.044715
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh GELU, x sigmoid(2u), as F.gelu(approximate="tanh") computes it to fp32 rounding
-    (max difference 5e-7 at 48 x 3072) in 39 us instead of 87 here: torch's CPU tanh is slow and
-    its sigmoid fast."""
-    u2 = torch.addcmul(x.new_tensor(_GELU_C1), x, x, value=_GELU_C3)  # C1 + C3 x^2, one pass
-    return u2.mul_(x).sigmoid_().mul_(x)
-
-
 def topk_rows(x: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """`torch.topk(x, k)` of each row of a 2-D `x` with long rows (a vocabulary), found through the
     maxima of chunks of `chunk` entries: the row's top k lie in the k chunks with the largest
     maxima, so one cheap max pass and a top-k of k * chunk candidates replace a top-k of the row.
-    For 48 x 50,257 and k = 7: 0.27 ms against 0.80 ms here (chunks of 128: 0.30, 1024: 0.54). Ties between equal values may
-    pick other indices than torch.topk, whose own choice among ties is unspecified."""
+    For 48 x 50,257 and k = 7: 0.27 ms against 0.80 ms here (chunks of 128: 0.30, 1024: 0.54).
+    Ties between equal values may pick other indices than torch.topk, whose own choice among ties
+    is unspecified."""
     n, v = x.shape
     full = v // chunk
     if full <= k or x.stride(-1) != 1:
@@ -203,19 +60,6 @@ def topk_rows(x: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, 
     values = x.gather(1, positions.clamp_(max=v - 1)).masked_fill_(outside, float("-inf"))
     best, where = torch.topk(values, k)
     return best, positions.gather(1, where)
-
-
-def _attend(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q keys * scale) values: q [..., queries, head_dim], keys_t [..., head_dim, keys]
-    (transposed), values [..., keys, head_dim], the result in the keys' dtype. For a few queries
-    plain matmuls beat the fused attention kernels on CPU, most of all in bf16."""
-    if q.dtype != keys_t.dtype:  # (int8 mode) one pass casts q to the caches' dtype, scales it and makes it contiguous
-        q = torch.mul(q, scale, out=torch.empty(q.shape, dtype=keys_t.dtype, device=q.device))
-        weights = torch.matmul(q, keys_t)
-    else:  # scaled after the matmul, as transformers does: fp32 stays identical to it
-        weights = torch.matmul(q, keys_t) * scale
-    # softmax in fp32 (as autocast runs it): bf16's is slower on CPU
-    return torch.matmul(torch.softmax(weights, -1, dtype=torch.float32).to(values.dtype), values)
 
 
 def ban_repeated_ngrams(scores: torch.Tensor, seqs: torch.Tensor, n: int) -> torch.Tensor:
@@ -285,10 +129,10 @@ def generate(model, memory: torch.Tensor, bos: int, eos: int, pad: int, cfg: Gen
     if start.shape[1] > 1:
         start[:, 1:] = torch.tensor(prompts, dtype=torch.long)
     dec = fusion.decoding(model, memory, cfg.use_cache, output_attentions) if fusion is not None else None
-    if dec is None and cfg.use_cache and _GPT2Decoder.supports(model, output_attentions):
-        dec = _GPT2Decoder(model, memory, max_len=start.shape[1] + cfg.max_new_tokens, attention_dtype=attention_dtype)
+    if dec is None and cfg.use_cache and GPT2Decoding.supports(model, output_attentions):
+        dec = GPT2Decoding(model, memory, max_len=start.shape[1] + cfg.max_new_tokens, attention_dtype=attention_dtype)
     elif dec is None:
-        dec = _Decoder(model, memory, cfg.use_cache, output_attentions)
+        dec = HFDecoding(model, memory, cfg.use_cache, output_attentions)
     with _eager_attention(model, output_attentions):
         if cfg.num_beams == 1:
             return _greedy_or_sample(dec, start, eos, pad, cfg)
@@ -328,7 +172,7 @@ def _eager_attention(model, needed: bool):
             model.set_attn_implementation(before)
 
 
-def _greedy_or_sample(dec: _Decoder, start: torch.Tensor, eos: int, pad: int,
+def _greedy_or_sample(dec: HFDecoding, start: torch.Tensor, eos: int, pad: int,
                       cfg: GenerationConfig) -> GenerationOutput:
     """`start` [B, L]: BOS and the prompt of every row (L the same for all)."""
     device, (b, prompt_len) = start.device, start.shape
@@ -385,7 +229,7 @@ def _slot_order(parent: torch.Tensor) -> torch.Tensor:
     return torch.tensor(order, device=parent.device)
 
 
-def _beam_search(dec: _Decoder, start: torch.Tensor, eos: int, pad: int, cfg: GenerationConfig) -> GenerationOutput:
+def _beam_search(dec: HFDecoding, start: torch.Tensor, eos: int, pad: int, cfg: GenerationConfig) -> GenerationOutput:
     """Vectorised beam search with transformers' semantics (hypothesis scores, early stopping);
     `start` [B, L] as in `_greedy_or_sample`."""
     k, device, (b, prompt_len) = cfg.num_beams, start.device, start.shape
@@ -453,7 +297,9 @@ def _beam_search(dec: _Decoder, start: torch.Tensor, eos: int, pad: int, cfg: Ge
         # running beams for the next step: the best k candidates that did not just finish
         live_scores = top_scores + hits.float() * NEG
         nxt = torch.topk(live_scores, k).indices
-        nxt = nxt.gather(1, _slot_order(_gather(beam, nxt)))  # beams stay in their parents' slots where they can
+        parent = _gather(beam, nxt)
+        order = _slot_order(parent)  # beams stay in their parents' slots where they can
+        nxt, parent = nxt.gather(1, order), parent.gather(1, order)
         run_seqs, run_scores, run_logp = _gather(top_seqs, nxt), _gather(live_scores, nxt), _gather(top_logp, nxt)
         if track_att:
             run_att = _gather(top_att, nxt)
@@ -484,7 +330,7 @@ def _beam_search(dec: _Decoder, start: torch.Tensor, eos: int, pad: int, cfg: Ge
         open_beams = not (bool(is_fin.all()) and cfg.early_stopping is True)
         if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
             break
-        dec.reorder((_gather(beam, nxt) + batch_offset).view(-1))  # only when decoding goes on (the last is the longest)
+        dec.reorder((parent + batch_offset).view(-1))  # only when decoding goes on (the last is the longest)
 
     lengths = fin_len[:, 0]
     t = int(lengths.max())

@@ -4,7 +4,8 @@ import torch
 from transformers import BertConfig, BertLMHeadModel, GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from mmcap.generation import GenerationConfig, _slot_order, ban_repeated_ngrams, gelu_tanh, generate, topk_rows, warp_for_sampling
+from mmcap.decoding import gelu_tanh
+from mmcap.generation import GenerationConfig, _slot_order, ban_repeated_ngrams, generate, topk_rows, warp_for_sampling
 
 V, BOS, EOS, PAD = 12, 1, 2, 0
 SETTINGS = [
