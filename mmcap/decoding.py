@@ -4,9 +4,9 @@ the search over it; LMs that read the image through `mmcap.fusion` bring their o
 (`LMDecoding`) with the same four calls (`__call__`, `expand`, `reorder`, `attentions`).
 
 GPT-2 decoders take a leaner pass (`GPT2Decoding`): the same modules and weights, but a
-preallocated self-attention cache, cross-attention keys/values kept once per image (the beams of
-an image attend to them together, never copied) and plain matmul attention, which for one new
-token is much faster on CPU than the fused kernels. Other decoders, uncached decoding and
+self-attention cache that beam moves copy only where a beam changed, cross-attention keys/values
+kept once per image (the beams of an image attend to them together, never copied) and plain
+matmul attention, which for one new token is much faster on CPU than the fused kernels. Other decoders, uncached decoding and
 attention maps use the transformers forward (`HFDecoding`).
 """
 from __future__ import annotations
@@ -76,13 +76,13 @@ class GPT2Decoding:
         fast = torch.is_autocast_enabled(memory.device.type) or not isinstance(self.body.h[0].mlp.c_fc, Conv1D)
         self.fused_gelu = fast and cfg.activation_function == "gelu_new"
         # attention caches and matmuls in `attention_dtype` (int8 mode: bf16 where bf16 measured
-        # fast; a beam reorder moves half the bytes: about 5 % of int8 decoding in 2 of 3 A/B runs
-        # here, 0 in the third), else in the dtype the linear layers give
+        # fast; a step copies half the bytes), else in the dtype the linear layers give
         self.attention_dtype = attention_dtype
-        # self-attention cache, preallocated: keys [layers, rows, heads, head_dim, max_len] (stored
-        # transposed, so q @ keys needs no copy) and values [layers, rows, heads, max_len, head_dim]
-        self.keys: Optional[torch.Tensor] = None
-        self.values: Optional[torch.Tensor] = None
+        # self-attention keys and values per layer, [2, rows, heads, positions, head_dim], made
+        # anew each step (the past and the new position, one `cat`): contiguous, as oneDNN's bf16
+        # matmul needs (it copies any other layout itself), keys read transposed
+        self.kv: list[Optional[torch.Tensor]] = [None] * cfg.num_hidden_layers
+        self.moves: list[tuple[int, int]] = []  # beam moves (row, from row) not yet applied
         # image keys/values once per image, [B, heads, M, head_dim]: never repeated per beam
         b, m, _ = memory.shape
         self.cross = []
@@ -101,7 +101,7 @@ class GPT2Decoding:
 
     def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, None]:
         if seqs.shape[1] > self.max_len:
-            raise ValueError(f"cannot decode past the {self.max_len} preallocated positions")
+            raise ValueError(f"cannot decode past the {self.max_len} positions this pass was made for")
         while self.t < seqs.shape[1]:  # the first call feeds BOS and the prompt, one position at a time
             x = self._step(seqs[:, self.t])
         return self.model.lm_head(self.body.ln_f(x)).float(), None
@@ -111,17 +111,19 @@ class GPT2Decoding:
         n, t, h, w = tokens.shape[0], self.t, self.heads, self.width
         body = self.body
         x = body.wte(tokens) + body.wpe.weight[t]
+        moves, self.moves = self.moves, []
         for i, block in enumerate(body.h):
             attn, cross, mlp = block.attn, block.crossattention, block.mlp
-            q, k, v = attn.c_attn(block.ln_1(x)).split(w, dim=-1)
-            if self.keys is None:
-                dtype = self.attention_dtype or k.dtype
-                # uninitialised: a position is written before any step reads it (no 37 MB memset per call)
-                self.keys = k.new_empty(len(body.h), n, h, w // h, self.max_len, dtype=dtype)
-                self.values = k.new_empty(len(body.h), n, h, self.max_len, w // h, dtype=dtype)
-            self.keys[i, ..., t] = k.view(n, h, -1)
-            self.values[i, :, :, t] = v.view(n, h, -1)
-            y = attend(q.view(n, h, 1, -1), self.keys[i, ..., : t + 1], self.values[i, :, :, : t + 1], attn.scaling)
+            qkv = attn.c_attn(block.ln_1(x))
+            dtype = self.attention_dtype or qkv.dtype
+            kv = qkv[:, w:].view(n, 2, h, 1, -1).transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
+            if t > 0:  # append to the past, after the pending beam moves
+                past = self.kv[i]
+                for dst, src in moves:
+                    past[:, dst].copy_(past[:, src])
+                kv = torch.cat([past, kv], dim=3)
+            self.kv[i] = kv
+            y = attend(qkv[:, :w].view(n, h, 1, -1), kv[0].transpose(-1, -2), kv[1], attn.scaling)
             x = x + attn.c_proj(y.reshape(n, w))
             # the beams of one image form one block of queries against that image's keys
             q = cross.q_attn(block.ln_cross_attn(x)).view(n // self.group, self.group, h, -1).transpose(1, 2)
@@ -132,28 +134,30 @@ class GPT2Decoding:
         return x
 
     def expand(self, k: int) -> None:
+        self._apply_moves()
         self.group *= k
-        self.keys = self.keys.repeat_interleave(k, dim=1)
-        self.values = self.values.repeat_interleave(k, dim=1)
+        self.kv = [kv.repeat_interleave(k, dim=1) for kv in self.kv]
 
     def reorder(self, rows: torch.Tensor) -> None:
-        # Copy only the rows whose beam changed (about a third per step). Where no moved row is also
-        # a source (beam search keeps a parent's first child in its slot, so none is), each row is
-        # copied whole, all positions of all layers in one call: a few contiguous blocks. Per 16-image
-        # batch that took 6 ms here against 29 ms for indexing the filled positions only, whose short
-        # runs copy element by element. Positions past `t` hold garbage, which is never read.
+        # Only the rows whose beam changed move (about a third per step). Where no moved row is
+        # also a source (beam search keeps a parent's first child in its slot, so none is), each
+        # moves as one contiguous block per layer, just before that layer's next step reads it;
+        # else every row is gathered at once.
+        self._apply_moves()
         moved = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
         if moved.numel() == 0:
             return
         dst, src = moved.tolist(), rows[moved].tolist()
-        if not set(dst).isdisjoint(src):  # a source is overwritten too: gather first
-            t = self.t
-            self.keys[:, moved, ..., :t] = self.keys[:, src, ..., :t]
-            self.values[:, moved, :, :t] = self.values[:, src, :, :t]
-            return
-        for d, s in zip(dst, src):
-            self.keys[:, d].copy_(self.keys[:, s])
-            self.values[:, d].copy_(self.values[:, s])
+        if set(dst).isdisjoint(src):
+            self.moves = list(zip(dst, src))
+        else:
+            self.kv = [kv.index_select(1, rows) for kv in self.kv]
+
+    def _apply_moves(self) -> None:
+        for kv in self.kv:
+            for dst, src in self.moves:
+                kv[:, dst].copy_(kv[:, src])
+        self.moves = []
 
 
 _GELU_C1 = 2 * math.sqrt(2 / math.pi)  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)

@@ -195,3 +195,33 @@ def test_new_beams_keep_their_parents_slots_where_they_can():
     assert sorted(order[1].tolist()) == [0, 1, 2]  # a permutation of the new beams
     stays = (parent.gather(1, order) == torch.arange(3)).sum(1)
     assert stays.tolist() == [2, 1, 3, 3]  # one per distinct parent: the fewest cache copies
+
+
+def test_gpt2_pass_reorders_like_transformers_cache():
+    """GPT-2's lean pass against the transformers forward over the same rows: beam moves that
+    keep their sources (applied lazily, per layer), moves that overwrite a source (gathered at
+    once) and two reorders between steps all give the same next-token logits."""
+    from mmcap.decoding import GPT2Decoding, HFDecoding
+
+    model = peaky_decoder("gpt2", 0)
+    memory = image_tokens(2)
+    lean = GPT2Decoding(model, memory, max_len=8)
+    ref = HFDecoding(model, memory, use_cache=True, attentions=False)
+    seqs = torch.full((2, 1), BOS)
+    for dec in (lean, ref):
+        dec(seqs)
+        dec.expand(3)
+    seqs = seqs.repeat_interleave(3, 0)
+    torch.manual_seed(1)
+    reorders = [[[0, 0, 2, 3, 3, 5]], [[1, 0, 2, 4, 5, 3]], [[0, 0, 1, 3, 3, 3], [2, 1, 0, 5, 4, 3]], [[0, 1, 2, 3, 4, 5]]]
+    for step, rows_list in enumerate(reorders):
+        seqs = torch.cat([seqs, torch.randint(3, V, (6, 1))], 1)
+        a, b = lean(seqs)[0], ref(seqs)[0]
+        assert torch.allclose(a, b, atol=1e-5), step
+        for rows in rows_list:
+            rows = torch.tensor(rows)
+            seqs = seqs[rows]
+            lean.reorder(rows)
+            ref.reorder(rows)
+    seqs = torch.cat([seqs, torch.randint(3, V, (6, 1))], 1)
+    assert torch.allclose(lean(seqs)[0], ref(seqs)[0], atol=1e-5)
