@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -300,17 +299,8 @@ class Captioner(nn.Module):
         transform = eval_transform(size)
         names = [str(x) if isinstance(x, (str, os.PathLike)) else f"image {i}"
                  for i, x in enumerate(items, first_index)]
-        min_size = size if draft else None
-
-        def load(item, name):
-            return transform(open_image(item, name, min_size=min_size))
-
-        # PIL decodes with the GIL released: on 2 cores, 16 photos took 18 ms in 2 threads against 31 ms
-        workers = min(len(items), torch.get_num_threads())
-        if workers < 2:
-            return torch.stack([load(x, name) for x, name in zip(items, names)]), names
-        with ThreadPoolExecutor(workers) as pool:  # results (and the first error) in the images' order
-            return torch.stack(list(pool.map(load, items, names))), names
+        opened = (open_image(x, name, min_size=size) if draft else open_image(x, name) for x, name in zip(items, names))
+        return torch.stack([transform(im) for im in opened]), names
 
     @torch.no_grad()
     def caption(self, images: Images, batch_size: int = 16, return_scores: bool = False,

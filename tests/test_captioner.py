@@ -239,20 +239,6 @@ def test_caption_errors_name_the_file(tiny_gpt2, tmp_path):
         tiny_gpt2.caption(str(bad))
 
 
-def test_batch_preprocessing_in_threads_keeps_order_and_first_error(tiny_gpt2, image_files, tmp_path):
-    """A batch decodes in threads: the same pixels, in the same order, as one image at a time, and
-    of two broken files the first in the batch is the one named."""
-    batch, names = tiny_gpt2.preprocess(image_files, draft=True)
-    one_by_one = torch.cat([tiny_gpt2.preprocess(f, draft=True)[0] for f in image_files])
-    assert batch.shape == (len(image_files), 3, tiny_gpt2.config.image_size, tiny_gpt2.config.image_size)
-    assert torch.equal(batch, one_by_one) and names == [str(f) for f in image_files]
-    first, second = tmp_path / "first_broken.jpg", tmp_path / "second_broken.jpg"
-    for bad in (first, second):
-        bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with pytest.raises(ImageError, match="first_broken.jpg"):
-        tiny_gpt2.preprocess([*image_files[:2], first, image_files[2], second])
-
-
 @pytest.mark.slow
 def test_cli_caption(tiny_gpt2, image_files, tmp_path):
     tiny_gpt2.save_pretrained(tmp_path / "m")
