@@ -355,7 +355,7 @@ class Captioner(nn.Module):
         was_training = self.training
         self.eval()
         results = []
-        seq = [images] if _is_single(images) else images
+        seq = _image_sequence(images)
         prompts = _per_image(prompt, len(seq))
         try:
             with self._computing_in(dtype):  # one context for all batches: weights are cast once
@@ -398,7 +398,7 @@ class Captioner(nn.Module):
         (and `prompt`, as in `caption`; its own tokens are not counted)."""
         single = isinstance(captions, str)
         captions = [captions] if single else list(captions)
-        seq = [images] if _is_single(images) else images
+        seq = _image_sequence(images)
         if len(seq) != len(captions):
             raise ValueError(f"score() got {len(seq)} images but {len(captions)} captions")
         prompts = _per_image(prompt, len(captions))
@@ -424,6 +424,14 @@ def saved_decoder_config(saved: dict) -> Optional[dict]:
     `decoder.hf_config` (0.1)."""
     resolved = (saved.get("resolved") or {}).get("decoder")
     return resolved if resolved is not None else (saved.get("decoder") or {}).get("hf_config")
+
+
+def _image_sequence(images: Images):
+    """Images as a sequence: one image (a path, PIL image or bytes, or a [3, H, W] tensor) becomes a
+    batch of one, not three channels."""
+    if isinstance(images, torch.Tensor) and images.dim() == 3:
+        return images[None]
+    return [images] if _is_single(images) else images
 
 
 def _per_image(prompt: Prompt, n: int) -> list[Optional[str]]:

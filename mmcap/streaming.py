@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .images import IMAGE_EXTENSIONS, ImageError, eval_transform, open_image
-from .data.samples import MAX_IMAGE_BYTES, SkipCounter, one_torch_thread, read_shards
+from .data.samples import MAX_IMAGE_BYTES, SkipCounter, one_torch_thread, read_prompt, read_shards
 from .data.shardlist import SAMPLE_MEMBERS, TAR_SUFFIXES, count_samples, is_url, resolve_shards
 from .data.shards import IMAGE_MEMBERS
 from .precision import compute_dtype
@@ -81,7 +81,8 @@ class ImageStream(IterableDataset):
     DataLoader's workers; use with `batch_size=None`.
 
     A batch: `pixels` float[B,3,S,S]; `keys` (image names) and `shards` (the shard of each, or
-    None) of those B images; `errors`, the batch's unusable images as result dicts; `members`
+    None) of those B images; `prompts` (only where a shard sample's json member has a `prompt`:
+    per image, that text or None); `errors`, the batch's unusable images as result dicts; `members`
     (with `keep_members`, the raw members of each sample, errors' included, in `keys` + `errors`
     order); `finished_shards`, shards read to the end with this batch; `skipped`, shard-level
     read errors by reason. Worker w of W takes units w, w+W, ... so that with files, the
@@ -142,6 +143,9 @@ class ImageStream(IterableDataset):
             if len(data) > MAX_IMAGE_BYTES:
                 raise ImageError(key, "too_large", f"{len(data)} bytes")
             item = {"image": key, "shard": url, "pixels": self._decode(data, key, transform)}
+            prompt = read_prompt(raw)
+            if prompt is not None:
+                item["prompt"] = prompt
         except ImageError as e:
             item = error_item(key, url, e)
         if self.keep_members:
@@ -157,6 +161,9 @@ class ImageStream(IterableDataset):
         batch = {"pixels": pixels, "keys": [it["image"] for it in good], "shards": [it.get("shard") for it in good],
                  "errors": [{k: v for k, v in it.items() if k != "members"} for it in errors],
                  "finished_shards": list(finished), "skipped": skipped or {}}
+        prompts = [it.get("prompt") for it in good]
+        if any(p is not None for p in prompts):
+            batch["prompts"] = prompts
         if self.keep_members:
             batch["members"] = [it["members"] for it in good + errors]
         return batch

@@ -392,3 +392,40 @@ def test_service_takes_a_prompt_per_request(image_files):
         too_long = post(image_files[0], prompt="there is " * 20)
         assert too_long.status_code == 422 and too_long.json()["error"] == "invalid_option"
         assert "prompt" in client.get("/openapi.json").text
+
+
+def test_predict_captions_each_shard_sample_from_its_prompt(tmp_path):
+    """`mmcap predict` (CaptionModule.predict_step over predict_shards): a sample whose json has a
+    `prompt` is captioned from it, as `Captioner.caption(image, prompt=...)` would; the others from BOS."""
+    from helpers import module_args
+
+    from mmcap.data import CaptionDataModule
+    from mmcap.training import CaptionModule
+
+    pattern, prompts = prompted_shards(tmp_path)
+    torch.manual_seed(0)
+    module = CaptionModule(**module_args(**tiny_config(), generation={"max_new_tokens": 6, "num_beams": 2})).eval()
+    module.set_captioner(model_of("gpt2"))  # sharpened: captions that depend on the prompt
+    dm = CaptionDataModule(predict_shards=pattern, image_size=tiny_config()["image_size"], eval_batch_size=8, num_workers=0)
+    records, seen = [], 0
+    for batch in dm.predict_dataloader():
+        assert batch["prompts"] == [prompts[k] for k in batch["keys"]]
+        with torch.no_grad():
+            records += module.predict_step(batch, 0)
+        for i, key in enumerate(batch["keys"]):
+            alone = module.captioner.caption(batch["pixels"][i], prompt=prompts[key], max_new_tokens=6, num_beams=2)
+            assert records[seen + i]["image"] == key and records[seen + i]["caption"] == alone
+        seen += len(batch["keys"])
+    assert seen == len(prompts) == 8
+    with_prompt = {r["caption"] for r in records if prompts[r["image"]]}
+    assert len(with_prompt) > 1  # the prompts steer the captions
+
+
+def test_one_image_tensor_is_one_image_with_its_prompt():
+    """A [3, H, W] tensor is one image for `caption` and `score`, prompt and all (not three channels)."""
+    model = model_of("gpt2")
+    pixels, _ = model.preprocess(circle_images()[:2])
+    one = model.caption(pixels[1], prompt="there is", max_new_tokens=6)
+    assert isinstance(one, str) and one == model.caption(pixels, prompt="there is", max_new_tokens=6)[1]
+    both = model.score(pixels, [one, one], prompt="there is")
+    assert torch.allclose(model.score(pixels[1], one, prompt="there is"), both[1])

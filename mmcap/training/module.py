@@ -395,13 +395,14 @@ class CaptionModule(L.LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Results as `mmcap caption --output` writes them: `{"image": key, "caption", "log_prob"}`
-        plus `"shard"` (see `mmcap.streaming`), with the model's generation defaults."""
+        plus `"shard"` (see `mmcap.streaming`), with the model's generation defaults. A sample whose
+        json member has a `prompt` is captioned from that prompt, as `mmcap eval` does."""
         from ..streaming import caption_records
 
         if not batch["keys"]:  # every image of this batch was unusable (they are in batch["errors"])
             return []
         pixels, memory = self._inputs(batch)
-        out = self.captioner.generate(pixels, memory=memory, **self.generation.to_dict())
+        out = self.captioner.generate(pixels, memory=memory, prompt=batch.get("prompts"), **self.generation.to_dict())
         shards = batch.get("shards", [None] * len(batch["keys"]))
         return caption_records(self.captioner.tokenizer, out, batch["keys"], shards)
 
