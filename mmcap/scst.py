@@ -55,21 +55,27 @@ def cider_rewards(scorer: CiderD, captions: Sequence[str], references: Sequence[
 
 
 def self_critical_loss(model, pixels: Optional[torch.Tensor], references: Sequence[Sequence[str]], scorer: CiderD,
-                       cfg: SCSTConfig, memory: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """SCST loss for one batch of images (or their image tokens `memory`) and their reference captions."""
+                       cfg: SCSTConfig, memory: Optional[torch.Tensor] = None,
+                       prompts: Optional[Sequence[Optional[str]]] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """SCST loss for one batch of images (or their image tokens `memory`) and their reference captions.
+    `prompts` (per image, text or None): each image's captions continue its prompt, as `caption`'s
+    do; the reward is the continuation's, and the prompt's own tokens carry no gradient."""
     tok, k = model.tokenizer, cfg.num_samples
     if memory is None:
         memory = model.encode(pixels)
+    prompt_ids = [tok.prompt_ids(p) if p else [] for p in prompts] if prompts is not None else [[]] * len(references)
+    prompt_ids_k = [ids for ids in prompt_ids for _ in range(k)]
     sampling = cfg.sampling
     was_training = model.training
     model.eval()  # no dropout while sampling, as at test time
     with torch.no_grad():
         samples = generate(model.decoder, memory.detach().repeat_interleave(k, 0), tok.bos_id, tok.eos_id,
-                           tok.pad_id, sampling)
+                           tok.pad_id, sampling, fusion=model.fusion, prompts=prompt_ids_k)
         greedy = None
         if cfg.baseline == "greedy":
             greedy = generate(model.decoder, memory.detach(), tok.bos_id, tok.eos_id, tok.pad_id,
-                              GenerationConfig(max_new_tokens=sampling.max_new_tokens))
+                              GenerationConfig(max_new_tokens=sampling.max_new_tokens), fusion=model.fusion,
+                              prompts=prompt_ids)
     model.train(was_training)
 
     refs_k = [r for r in references for _ in range(k)]
@@ -82,11 +88,27 @@ def self_critical_loss(model, pixels: Optional[torch.Tensor], references: Sequen
         baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
     advantage = (rewards - baseline).view(-1).to(memory.device)
 
-    # teacher-forced log p(sample | image), with gradients
-    ids = torch.cat([torch.full((len(refs_k), 1), tok.bos_id, device=memory.device), samples.sequences], 1)
-    mask = (torch.arange(ids.shape[1], device=ids.device)[None] <= samples.lengths[:, None]).long()
-    log_probs = model.token_log_probs(memory.repeat_interleave(k, 0), ids, mask).sum(1)
+    # teacher-forced log p(sample | image, prompt), with gradients: `BOS prompt sample`, the sample's tokens counted
+    ids, mask, labels = _sample_tokens(tok, prompt_ids_k, samples.sequences, samples.lengths)
+    log_probs = model.token_log_probs(memory.repeat_interleave(k, 0), ids.to(memory.device), mask.to(memory.device),
+                                      labels.to(memory.device)).sum(1)
     loss = -(advantage * log_probs).mean()
     stats = {"reward": rewards.mean().item(), "baseline": baseline.mean().item(),
              "advantage_abs": advantage.abs().mean().item()}
     return loss, stats
+
+
+def _sample_tokens(tok, prompt_ids: Sequence[Sequence[int]], sequences: torch.Tensor,
+                   lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and labels [N, T] of `BOS prompt sample` per row, right-padded;
+    labels -100 at BOS, the prompt and padding."""
+    rows = [[tok.bos_id, *p, *sequences[i, : int(lengths[i])].tolist()] for i, p in enumerate(prompt_ids)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row, p) in enumerate(zip(rows, prompt_ids)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, 1 + len(p) : len(row)] = ids[i, 1 + len(p) : len(row)]
+    return ids, mask, labels

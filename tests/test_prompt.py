@@ -429,3 +429,38 @@ def test_one_image_tensor_is_one_image_with_its_prompt():
     assert isinstance(one, str) and one == model.caption(pixels, prompt="there is", max_new_tokens=6)[1]
     both = model.score(pixels, [one, one], prompt="there is")
     assert torch.allclose(model.score(pixels[1], one, prompt="there is"), both[1])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-prefix"])
+def test_scst_samples_continue_the_prompt_and_score_the_continuation(kind, monkeypatch):
+    """SCST with prompts: captions are sampled from `BOS prompt` through the model's own fusion, and
+    the teacher-forced log-probability the loss weighs is the sampled continuation's, the same
+    number sampling computed (the prompt in the context, its tokens not counted)."""
+    import mmcap.scst as scst
+
+    model = model_of(kind)
+    memory = image_tokens(4)
+    k = 3
+    sampled, teacher = {}, {}
+    original_generate, original_logp = scst.generate, model.token_log_probs
+
+    def recording_generate(*args, **kwargs):
+        out = original_generate(*args, **kwargs)
+        sampled.setdefault("out", out)
+        sampled.setdefault("prompts", kwargs["prompts"])
+        assert kwargs["fusion"] is model.fusion
+        return out
+
+    def recording_logp(*args, **kwargs):
+        teacher["logp"] = original_logp(*args, **kwargs)
+        return teacher["logp"]
+
+    monkeypatch.setattr(scst, "generate", recording_generate)
+    monkeypatch.setattr(model, "token_log_probs", recording_logp)
+    cfg = scst.SCSTConfig(num_samples=k, sampling={"max_new_tokens": 6})
+    scorer = scst.reward_scorer([[c] for c in CAPTIONS])
+    torch.manual_seed(0)
+    loss, _ = scst.self_critical_loss(model, None, [[c] for c in CAPTIONS], scorer, cfg, memory=memory, prompts=PROMPTS)
+    assert sampled["prompts"] == [model.tokenizer.prompt_ids(p) for p in PROMPTS for _ in range(k)]
+    assert torch.allclose(teacher["logp"].sum(1), sampled["out"].scores, atol=1e-4)
+    assert torch.isfinite(loss)

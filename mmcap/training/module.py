@@ -255,7 +255,7 @@ class CaptionModule(L.LightningModule):
                 stack.enter_context(self._token_dropout(opts.token_dropout))
             if opts.scst is not None:
                 loss, stats = self_critical_loss(self.captioner, pixels, batch["references"], self._reward_scorer,
-                                                 opts.scst, memory=memory)
+                                                 opts.scst, memory=memory, prompts=batch.get("prompts"))
                 for name, value in stats.items():
                     self.log(f"train/scst_{name}", value, batch_size=len(batch["keys"]))
             else:
