@@ -11,6 +11,8 @@ The runs (`RUNS`), each `mmcap fit` of a demo recipe with a few overrides:
     llama_prefix_lora             the same, decoder.train lora (LoRA on the random-init LM)
     llama_prefix_lora_pretrained  decoder.train lora on `decoder.pretrained` = the LM that llama_prefix
                                   trained, saved as a local checkpoint directory (runs after it)
+    llama_prefix_frozen_pretrained  decoder.train frozen on that same LM: only the encoder and the
+                                  projection learn; the LM reads the image tokens as it is
 
 Every run trains `--steps` steps (LR warm-up 10 % of them, the recipes' 40 of 400; no validation)
 in its own subprocess, so that its peak memory is its own. Reported per run:
@@ -51,8 +53,10 @@ RUNS = {
     "llama_prefix_lora": ("configs/demo_llama.yaml", ["--model.captioner.decoder.train", "lora"]),
     "llama_prefix_lora_pretrained": ("configs/demo_llama.yaml", ["--model.captioner.decoder.train", "lora",
                                                                  "--model.captioner.decoder.pretrained", "{lm_dir}"]),
+    "llama_prefix_frozen_pretrained": ("configs/demo_llama.yaml", ["--model.captioner.decoder.train", "frozen",
+                                                                   "--model.captioner.decoder.pretrained", "{lm_dir}"]),
 }
-PRETRAINED_FROM = "llama_prefix"  # whose trained LM llama_prefix_lora_pretrained starts from
+PRETRAINED_FROM = "llama_prefix"  # whose trained LM the *_pretrained runs start from
 COLUMNS = [("CIDEr", "CIDEr"), ("trainable_params", "trainable"), ("total_params", "total"),
            ("samples_per_s", "samples/s"), ("samples_per_cpu_s", "samples/cpu-s"), ("captions_per_s", "captions/s"),
            ("peak_rss_growth_mb", "peak MB"), ("checkpoint_mb", "ckpt MB")]
@@ -170,8 +174,9 @@ def main() -> None:
     unknown = sorted(set(names) - set(RUNS))
     if unknown:
         p.error(f"unknown runs {unknown}; known: {', '.join(RUNS)}")
-    if "llama_prefix_lora_pretrained" in names and PRETRAINED_FROM not in names and not lm_dir.is_dir():
-        p.error(f"llama_prefix_lora_pretrained starts from the LM that {PRETRAINED_FROM} trains: run that too")
+    for name in names:
+        if name.endswith("_pretrained") and PRETRAINED_FROM not in names and not lm_dir.is_dir():
+            p.error(f"{name} starts from the LM that {PRETRAINED_FROM} trains: run that too")
     names.sort(key=list(RUNS).index)
     runs = {}
     for name in names:
@@ -186,7 +191,7 @@ def main() -> None:
         log(f"  {json.dumps(runs[name])}")
     result = {"benchmark": "fusion", "steps": args.steps, "timed_steps": args.steps - args.warmup,
               "decoding": f"greedy, batch 32, max 20 new tokens, {args.precision}", "runs": runs}
-    for lora in ("llama_prefix_lora", "llama_prefix_lora_pretrained"):
+    for lora in ("llama_prefix_lora", "llama_prefix_lora_pretrained", "llama_prefix_frozen_pretrained"):
         if lora in runs and "llama_prefix" in runs:
             result[f"{lora}_checkpoint_vs_full"] = round(runs[lora]["checkpoint_mb"] / runs["llama_prefix"]["checkpoint_mb"], 3)
     log(table(runs))
