@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .allocator import keep_freed_memory
+from .call_inputs import Images, Prompt, image_sequence, is_one_image, per_image
 from .config import CaptionerConfig
 from .decoder import build_decoder
 from .encoder import ResNetEncoder
@@ -25,7 +26,7 @@ from .folding import folded_encoder
 from .fusion import OwnCrossAttention, build_fusion
 from .generation import GenerationOutput, generate
 from .generation_config import GenerationConfig
-from .images import ImageSource, eval_transform, open_image
+from .images import eval_transform, open_image
 from .lora import apply_train_mode, has_lora, merged_lora
 from .precision import PRECISIONS, bf16_is_fast, compute_dtype, decoder_int8  # noqa: F401  (re-exported)
 from .projection import GridProjection
@@ -33,8 +34,6 @@ from .quantize import int8_linears
 from .tokenizer import CaptionTokenizer
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-Images = Union[ImageSource, Sequence[ImageSource], torch.Tensor]
-Prompt = Union[None, str, Sequence[Optional[str]]]  # one text for every image, or one per image
 
 
 @dataclass
@@ -226,7 +225,7 @@ class Captioner(nn.Module):
         the generation options as in `caption`. The sequences are the continuations of the prompts."""
         cfg = self.generation_options(**generation_kwargs)
         n = len(memory) if memory is not None else len(pixels)
-        prompts = [self.tokenizer.prompt_ids(p) for p in _per_image(prompt, n)] if prompt is not None else None
+        prompts = [self.tokenizer.prompt_ids(p) for p in per_image(prompt, n)] if prompt is not None else None
         self._check_positions(prompts, cfg.max_new_tokens)
         dtype = compute_dtype(precision, self.device)
         int8 = decoder_int8(precision, self.device)
@@ -294,7 +293,7 @@ class Captioner(nn.Module):
         if isinstance(images, torch.Tensor):
             batch = images if images.dim() == 4 else images[None]
             return batch.float(), [f"image {i}" for i in range(len(batch))]
-        items = [images] if _is_single(images) else list(images)
+        items = list(image_sequence(images))
         size = self.config.image_size
         transform = eval_transform(size)
         names = [str(x) if isinstance(x, (str, os.PathLike)) else f"image {i}"
@@ -326,7 +325,7 @@ class Captioner(nn.Module):
         int8 on CPUs (`mmcap.quantize`): lossy, so never chosen by `auto`; on GPUs it is `auto`.
         `mmcap caption --precision` means the same.
         """
-        single = _is_single(images) or (isinstance(images, torch.Tensor) and images.dim() == 3)
+        single = is_one_image(images)
         results = self.caption_details(images, batch_size, return_attention, precision, prompt=prompt,
                                        **generation_kwargs)
         captions = [r.caption for r in results]
@@ -355,8 +354,8 @@ class Captioner(nn.Module):
         was_training = self.training
         self.eval()
         results = []
-        seq = _image_sequence(images)
-        prompts = _per_image(prompt, len(seq))
+        seq = image_sequence(images)
+        prompts = per_image(prompt, len(seq))
         try:
             with self._computing_in(dtype):  # one context for all batches: weights are cast once
                 for start in range(0, len(seq), batch_size):
@@ -398,10 +397,10 @@ class Captioner(nn.Module):
         (and `prompt`, as in `caption`; its own tokens are not counted)."""
         single = isinstance(captions, str)
         captions = [captions] if single else list(captions)
-        seq = _image_sequence(images)
+        seq = image_sequence(images)
         if len(seq) != len(captions):
             raise ValueError(f"score() got {len(seq)} images but {len(captions)} captions")
-        prompts = _per_image(prompt, len(captions))
+        prompts = per_image(prompt, len(captions))
         was_training = self.training
         self.eval()
         out = []
@@ -424,30 +423,6 @@ def saved_decoder_config(saved: dict) -> Optional[dict]:
     `decoder.hf_config` (0.1)."""
     resolved = (saved.get("resolved") or {}).get("decoder")
     return resolved if resolved is not None else (saved.get("decoder") or {}).get("hf_config")
-
-
-def _image_sequence(images: Images):
-    """Images as a sequence: one image (a path, PIL image or bytes, or a [3, H, W] tensor) becomes a
-    batch of one, not three channels."""
-    if isinstance(images, torch.Tensor) and images.dim() == 3:
-        return images[None]
-    return [images] if _is_single(images) else images
-
-
-def _per_image(prompt: Prompt, n: int) -> list[Optional[str]]:
-    """One prompt (or None) per image, from one for all or a list of `n`."""
-    if prompt is None or isinstance(prompt, str):
-        return [prompt] * n
-    prompts = list(prompt)
-    if len(prompts) != n or not all(p is None or isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompt must be a str or a list of {n} str (one per image), got {prompt!r}")
-    return prompts
-
-
-def _is_single(images) -> bool:
-    from PIL import Image
-
-    return isinstance(images, (str, os.PathLike, bytes, Image.Image))
 
 
 def _version() -> str:

@@ -6,8 +6,8 @@ the search over it; LMs that read the image through `mmcap.fusion` bring their o
 GPT-2 decoders take a leaner pass (`GPT2Decoding`): the same modules and weights, but a
 self-attention cache that beam moves copy only where a beam changed, cross-attention keys/values
 kept once per image (the beams of an image attend to them together, never copied) and plain
-matmul attention, which for one new token is much faster on CPU than the fused kernels. Other decoders, uncached decoding and
-attention maps use the transformers forward (`HFDecoding`).
+matmul attention, which for one new token is much faster on CPU than the fused kernels. Other
+decoders, uncached decoding and attention maps use the transformers forward (`HFDecoding`).
 """
 from __future__ import annotations
 
@@ -118,10 +118,7 @@ class GPT2Decoding:
             dtype = self.attention_dtype or qkv.dtype
             kv = qkv[:, w:].view(n, 2, h, 1, -1).transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
             if t > 0:  # append to the past, after the pending beam moves
-                past = self.kv[i]
-                for dst, src in moves:
-                    past[:, dst].copy_(past[:, src])
-                kv = torch.cat([past, kv], dim=3)
+                kv = torch.cat([_move_rows(self.kv[i], moves), kv], dim=3)
             self.kv[i] = kv
             y = attend(qkv[:, :w].view(n, h, 1, -1), kv[0].transpose(-1, -2), kv[1], attn.scaling)
             x = x + attn.c_proj(y.reshape(n, w))
@@ -155,9 +152,15 @@ class GPT2Decoding:
 
     def _apply_moves(self) -> None:
         for kv in self.kv:
-            for dst, src in self.moves:
-                kv[:, dst].copy_(kv[:, src])
+            _move_rows(kv, self.moves)
         self.moves = []
+
+
+def _move_rows(kv: torch.Tensor, moves: list[tuple[int, int]]) -> torch.Tensor:
+    """`kv` [2, rows, ...] with each (row, from row) of `moves` copied in place, as one block."""
+    for dst, src in moves:
+        kv[:, dst].copy_(kv[:, src])
+    return kv
 
 
 _GELU_C1 = 2 * math.sqrt(2 / math.pi)  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)

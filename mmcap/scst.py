@@ -63,7 +63,7 @@ def self_critical_loss(model, pixels: Optional[torch.Tensor], references: Sequen
     tok, k = model.tokenizer, cfg.num_samples
     if memory is None:
         memory = model.encode(pixels)
-    prompt_ids = [tok.prompt_ids(p) if p else [] for p in prompts] if prompts is not None else [[]] * len(references)
+    prompt_ids = [tok.prompt_ids(p) for p in (prompts if prompts is not None else [None] * len(references))]
     prompt_ids_k = [ids for ids in prompt_ids for _ in range(k)]
     sampling = cfg.sampling
     was_training = model.training
