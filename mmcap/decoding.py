@@ -4,7 +4,7 @@ the search over it; LMs that read the image through `mmcap.fusion` bring their o
 (`LMDecoding`) with the same four calls (`__call__`, `expand`, `reorder`, `attentions`).
 
 GPT-2 decoders take a leaner pass (`GPT2Decoding`): the same modules and weights, but a
-self-attention cache that beam moves copy only where a beam changed, cross-attention keys/values
+self-attention cache grown by one `cat` per layer and step (beam reorders gathered just before it), cross-attention keys/values
 kept once per image (the beams of an image attend to them together, never copied) and plain
 matmul attention, which for one new token is much faster on CPU than the fused kernels. Other
 decoders, uncached decoding and attention maps use the transformers forward (`HFDecoding`).
@@ -82,7 +82,7 @@ class GPT2Decoding:
         # anew each step (the past and the new position, one `cat`): contiguous, as oneDNN's bf16
         # matmul needs (it copies any other layout itself), keys read transposed
         self.kv: list[Optional[torch.Tensor]] = [None] * cfg.num_hidden_layers
-        self.moves: list[tuple[int, int]] = []  # beam moves (row, from row) not yet applied
+        self.rows: Optional[torch.Tensor] = None  # a beam reorder not yet applied to `kv`
         # image keys/values once per image, [B, heads, M, head_dim]: never repeated per beam
         b, m, _ = memory.shape
         self.cross = []
@@ -111,14 +111,15 @@ class GPT2Decoding:
         n, t, h, w = tokens.shape[0], self.t, self.heads, self.width
         body = self.body
         x = body.wte(tokens) + body.wpe.weight[t]
-        moves, self.moves = self.moves, []
+        rows, self.rows = self.rows, None
         for i, block in enumerate(body.h):
             attn, cross, mlp = block.attn, block.crossattention, block.mlp
             qkv = attn.c_attn(block.ln_1(x))
             dtype = self.attention_dtype or qkv.dtype
             kv = qkv[:, w:].view(n, 2, h, 1, -1).transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
-            if t > 0:  # append to the past, after the pending beam moves
-                kv = torch.cat([_move_rows(self.kv[i], moves), kv], dim=3)
+            if t > 0:  # append to the past, reordered for the beams as pending
+                past = self.kv[i] if rows is None else self.kv[i].index_select(1, rows)
+                kv = torch.cat([past, kv], dim=3)
             self.kv[i] = kv
             y = attend(qkv[:, :w].view(n, h, 1, -1), kv[0].transpose(-1, -2), kv[1], attn.scaling)
             x = x + attn.c_proj(y.reshape(n, w))
@@ -131,36 +132,21 @@ class GPT2Decoding:
         return x
 
     def expand(self, k: int) -> None:
-        self._apply_moves()
+        self._apply_reorder()
         self.group *= k
         self.kv = [kv.repeat_interleave(k, dim=1) for kv in self.kv]
 
     def reorder(self, rows: torch.Tensor) -> None:
-        # Only the rows whose beam changed move (about a third per step). Where no moved row is
-        # also a source (beam search keeps a parent's first child in its slot, so none is), each
-        # moves as one contiguous block per layer, just before that layer's next step reads it;
-        # else every row is gathered at once.
-        self._apply_moves()
-        moved = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
-        if moved.numel() == 0:
-            return
-        dst, src = moved.tolist(), rows[moved].tolist()
-        if set(dst).isdisjoint(src):
-            self.moves = list(zip(dst, src))
-        else:
-            self.kv = [kv.index_select(1, rows) for kv in self.kv]
+        # Applied lazily, layer by layer in the next step: each layer's cache is gathered (one
+        # contiguous copy per row, `index_select` on the row dimension) just before its `cat`.
+        # Copying only the rows whose beam changed, one call per row, cost more in calls than
+        # it saved in bytes.
+        self.rows = rows if self.rows is None else self.rows.index_select(0, rows)
 
-    def _apply_moves(self) -> None:
-        for kv in self.kv:
-            _move_rows(kv, self.moves)
-        self.moves = []
-
-
-def _move_rows(kv: torch.Tensor, moves: list[tuple[int, int]]) -> torch.Tensor:
-    """`kv` [2, rows, ...] with each (row, from row) of `moves` copied in place, as one block."""
-    for dst, src in moves:
-        kv[:, dst].copy_(kv[:, src])
-    return kv
+    def _apply_reorder(self) -> None:
+        if self.rows is not None:
+            self.kv = [kv.index_select(1, self.rows) for kv in self.kv]
+            self.rows = None
 
 
 _GELU_C1 = 2 * math.sqrt(2 / math.pi)  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
