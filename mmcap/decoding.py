@@ -1,7 +1,8 @@
 """One decoding pass over a Hugging Face decoder, step by step: it feeds new tokens, keeps (or
 recomputes) the past, and repeats or reorders rows as beam search asks. `mmcap.generation` runs
 the search over it; LMs that read the image through `mmcap.fusion` bring their own pass
-(`LMDecoding`) with the same four calls (`__call__`, `expand`, `reorder`, `attentions`).
+(`LMDecoding`) with the same four calls (`__call__`, `expand`, `reorder`, `attentions`); a pass
+that can also drop finished images (`keep`) lets beam search stop decoding them.
 
 GPT-2 decoders take a leaner pass (`GPT2Decoding`): the same modules and weights, but a
 self-attention cache grown by one `cat` per layer and step (beam reorders gathered just before it), cross-attention keys/values
@@ -142,6 +143,12 @@ class GPT2Decoding:
         # Copying only the rows whose beam changed, one call per row, cost more in calls than
         # it saved in bytes.
         self.rows = rows if self.rows is None else self.rows.index_select(0, rows)
+
+    def keep(self, images: torch.Tensor) -> None:
+        """From now on decode only `images` (positions among the images decoded so far, in order),
+        with their beams' rows: beam search drops the images it has finished with."""
+        self.reorder((images[:, None] * self.group + torch.arange(self.group, device=images.device)).view(-1))
+        self.cross = [(keys.index_select(0, images), values.index_select(0, images)) for keys, values in self.cross]
 
     def _apply_reorder(self) -> None:
         if self.rows is not None:

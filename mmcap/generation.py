@@ -260,6 +260,10 @@ def _beam_search(dec: HFDecoding, start: torch.Tensor, eos: int, pad: int, cfg: 
     is_fin = torch.zeros(b, k, dtype=torch.bool, device=device)
     improvable = torch.ones(b, 1, dtype=torch.bool, device=device)
     batch_offset = torch.arange(b, device=device)[:, None] * k
+    # Images whose beams can no longer improve leave the search where the pass can drop them
+    # (`keep`): their rows stop being decoded, and their hypotheses wait in `done`.
+    shrink = hasattr(dec, "keep") and not track_att
+    images, done = torch.arange(b, device=device), None  # the image of each row of the state
 
     cur = prompt_len  # the position the next token takes
     for step in range(cfg.max_new_tokens):
@@ -333,7 +337,23 @@ def _beam_search(dec: HFDecoding, start: torch.Tensor, eos: int, pad: int, cfg: 
         if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
             break
         dec.reorder((parent + batch_offset).view(-1))  # only when decoding goes on (the last is the longest)
+        if shrink and not bool(improvable.all()):
+            stay, gone = improvable[:, 0].nonzero()[:, 0], (~improvable[:, 0]).nonzero()[:, 0]
+            if done is None:
+                done = [x.clone() for x in (fin_seqs, fin_scores, fin_logp, fin_len)]
+            for kept, x in zip(done, (fin_seqs, fin_scores, fin_logp, fin_len)):
+                kept[images[gone]] = x[gone]
+            dec.keep(stay)
+            images, b = images[stay], len(stay)
+            run_seqs, run_scores, run_logp, fin_seqs, fin_scores, fin_logp, fin_len, is_fin, improvable = (
+                x[stay] for x in (run_seqs, run_scores, run_logp, fin_seqs, fin_scores, fin_logp, fin_len, is_fin,
+                                  improvable))
+            batch_offset = batch_offset[:b]
 
+    if done is not None:  # every image's hypotheses, in the order of the batch
+        for kept, x in zip(done, (fin_seqs, fin_scores, fin_logp, fin_len)):
+            kept[images] = x
+        (fin_seqs, fin_scores, fin_logp, fin_len), b = done, len(done[0])
     lengths = fin_len[:, 0]
     t = int(lengths.max())
     sequences = fin_seqs[:, 0, prompt_len : prompt_len + t]
