@@ -35,6 +35,10 @@ class Fusion(nn.Module):
     def repeat(self, state: Any, k: int) -> Any:
         return state.repeat_interleave(k, dim=0)
 
+    def select(self, state: Any, rows: torch.Tensor) -> Any:
+        """`state` (from `image_state`, maybe repeated) for the rows `rows` only."""
+        return state.index_select(0, rows)
+
     def run(self, lm: PreTrainedModel, state: Any, input_ids: torch.Tensor, attention_mask=None,
             cache=None, with_image: bool = True, attentions: bool = False):
         """(logits [N, t, V] of the text positions `input_ids`, image attention [N, t, M] or None)."""
@@ -153,6 +157,9 @@ class InsertedCrossAttention(Fusion):
     def repeat(self, state, k):
         return [(keys.repeat_interleave(k, dim=0), values.repeat_interleave(k, dim=0)) for keys, values in state]
 
+    def select(self, state, rows):
+        return [(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in state]
+
     @contextlib.contextmanager
     def attending(self, state: list, record: Optional[list] = None):
         self._kv, self._record = state, record
@@ -186,6 +193,7 @@ class LMDecoding:
         self.state = fusion.image_state(memory)
         self.cache = DynamicCache(config=lm.config) if use_cache else None
         self.seen = 0  # text tokens in the cache
+        self.group = 1  # consecutive rows (beams) per image
 
     def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         new = seqs[:, self.seen:]
@@ -198,12 +206,21 @@ class LMDecoding:
     def expand(self, k: int) -> None:
         self.memory = self.memory.repeat_interleave(k, dim=0)
         self.state = self.fusion.repeat(self.state, k)
+        self.group *= k
         if self.cache is not None:
             self.cache.batch_repeat_interleave(k)
 
     def reorder(self, rows: torch.Tensor) -> None:
         if self.cache is not None:
             self.cache.reorder_cache(rows)
+
+    def keep(self, images: torch.Tensor) -> None:
+        """From now on decode only `images` (positions among the images decoded so far), with their
+        beams' rows: beam search drops the images it has finished with."""
+        rows = (images[:, None] * self.group + torch.arange(self.group, device=images.device)).view(-1)
+        self.memory = self.memory.index_select(0, rows)
+        self.state = self.fusion.select(self.state, rows)
+        self.reorder(rows)
 
 
 def lm_layers(lm: PreTrainedModel) -> nn.ModuleList:

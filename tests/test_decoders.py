@@ -370,3 +370,31 @@ def test_lora_training_checkpoint_holds_only_trainable_weights(checkpoints, tmp_
     loaded = CaptionModule.load_from_checkpoint(tmp_path / "lora.ckpt")
     expected = module.captioner.eval().caption(circle_images(), max_new_tokens=5)
     assert loaded.captioner.eval().caption(circle_images(), max_new_tokens=5) == expected
+
+
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "uncached"])
+def test_finished_images_leave_the_lm_pass_and_results_stay(checkpoints, monkeypatch, fusion, cache):
+    """Beam search drops finished images from an LM's pass (`LMDecoding.keep`): the same captions,
+    scores and hypotheses as decoding every row to the end."""
+    from mmcap.fusion import LMDecoding
+
+    model = Captioner.from_config(pretrained_config(checkpoints["llama"], fusion=fusion)).eval()
+    if fusion == "cross_attention":
+        open_gates(model)
+    tok = model.tokenizer
+    sharpen(model.decoder, tok.eos_id)
+    torch.manual_seed(5)
+    memory = torch.randn(6, 5, 32) * 3
+    cfg = GenerationConfig.from_kwargs(max_new_tokens=10, num_beams=3, use_cache=cache)
+    kept = []
+    keep = LMDecoding.keep
+    monkeypatch.setattr(LMDecoding, "keep", lambda self, images: (kept.append(len(images)), keep(self, images)))
+    ours = generate(model.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, fusion=model.fusion)
+    assert kept and kept[-1] < 6  # some image left the pass before the end
+    monkeypatch.delattr(LMDecoding, "keep")
+    full = generate(model.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, fusion=model.fusion)
+    assert ours.sequences.tolist() == full.sequences.tolist() and ours.lengths.tolist() == full.lengths.tolist()
+    torch.testing.assert_close(ours.scores, full.scores, atol=1e-5, rtol=1e-5)
+    assert [[h.tolist() for h, _ in hyps] for hyps in ours.hypotheses] == \
+        [[h.tolist() for h, _ in hyps] for hyps in full.hypotheses]
