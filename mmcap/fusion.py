@@ -7,7 +7,8 @@
 
 Every fusion computes teacher-forced logits (`logits`) and what decoding needs (`decoding`): an
 object with `mmcap.generation`'s decoder interface (call it with the sequences so far for the next
-token's logits; `expand(k)` after the first step; `reorder(rows)` for beams). Image keys and
+token's logits; `expand(k)` after the first step; `reorder(rows)` for beams; `keep(images)` when
+beam search drops the images it has finished with). Image keys and
 values (or the prefix) enter once per image; the LM's own cache is transformers' `DynamicCache`.
 """
 from __future__ import annotations
