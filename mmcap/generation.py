@@ -3,8 +3,9 @@
 Argument names and meanings follow `transformers.GenerationConfig`, and greedy/beam results
 equal `model.generate` on the same decoder and image tokens. What differs is the cost: the
 image tokens enter once per image (the first step runs on the un-expanded batch, then the cache
-is repeated per beam), and reordering beams touches only the self-attention cache, because every
-beam of one image shares the same cross-attention keys and values.
+is repeated per beam), reordering beams touches only the self-attention cache, because every
+beam of one image shares the same cross-attention keys and values, and beam search stops decoding
+an image once nothing can beat its finished hypotheses (where the pass can drop rows: `keep`).
 
 The decoding passes the search runs over are in `mmcap.decoding`: GPT-2's lean pass
 (`GPT2Decoding`) and the transformers forward (`HFDecoding`); LMs that read the image through a
@@ -261,7 +262,8 @@ def _beam_search(dec: HFDecoding, start: torch.Tensor, eos: int, pad: int, cfg: 
     improvable = torch.ones(b, 1, dtype=torch.bool, device=device)
     batch_offset = torch.arange(b, device=device)[:, None] * k
     # Images whose beams can no longer improve leave the search where the pass can drop them
-    # (`keep`): their rows stop being decoded, and their hypotheses wait in `done`.
+    # (`keep`): their rows stop being decoded, and their (final) hypotheses wait in `done`. The
+    # rest of the search runs on the images left, `hits.all()` included.
     shrink = hasattr(dec, "keep") and not track_att
     images, done = torch.arange(b, device=device), None  # the image of each row of the state
 
