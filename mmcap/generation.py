@@ -175,30 +175,40 @@ def _eager_attention(model, needed: bool):
 
 def _greedy_or_sample(dec: HFDecoding, start: torch.Tensor, eos: int, pad: int,
                       cfg: GenerationConfig) -> GenerationOutput:
-    """`start` [B, L]: BOS and the prompt of every row (L the same for all)."""
+    """`start` [B, L]: BOS and the prompt of every row (L the same for all). Greedy rows that reach
+    EOS leave the pass where it can drop them (`keep`); sampling keeps every row, so that a seed
+    draws the same numbers whatever finishes when."""
     device, (b, prompt_len) = start.device, start.shape
     seqs = start
     done = torch.zeros(b, dtype=torch.bool, device=device)
     lengths = torch.zeros(b, dtype=torch.long, device=device)
     scores = torch.zeros(b, device=device)
     atts = []
+    shrink = hasattr(dec, "keep") and not dec.attentions and not cfg.do_sample
+    rows = torch.arange(b, device=device)  # the rows still decoded (all, unless `shrink`)
     for step in range(cfg.max_new_tokens):
-        logits, att = dec(seqs)
+        logits, att = dec(seqs[rows] if shrink else seqs)
         logp = F.log_softmax(logits, dim=-1)
-        proc = _process(logits.clone(), seqs, step, cfg, eos)
+        proc = _process(logits.clone(), seqs[rows] if shrink else seqs, step, cfg, eos)
         if cfg.do_sample:
             nxt = torch.multinomial(warp_for_sampling(proc, cfg).softmax(-1), 1).squeeze(1)
         else:
             nxt = proc.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        scores += torch.where(done, 0.0, logp.gather(1, nxt[:, None]).squeeze(1))
-        lengths += (~done).long()
-        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+        live = ~done[rows]
+        nxt = torch.where(live, nxt, pad)
+        scores[rows] += torch.where(live, logp.gather(1, nxt[:, None]).squeeze(1), 0.0)
+        lengths[rows] += live.long()
+        seqs = torch.cat([seqs, torch.full((b, 1), pad, dtype=seqs.dtype, device=device)], dim=1)
+        seqs[rows, -1] = nxt
         if att is not None:
             atts.append(att)
-        done |= nxt == eos
+        done[rows] |= nxt == eos
         if done.all():
             break
+        if shrink and bool(done[rows].any()):
+            stay = (~done[rows]).nonzero()[:, 0]
+            dec.keep(stay)
+            rows = rows[stay]
     cross = None
     if atts:
         stacked = torch.stack(atts, dim=1)  # [B, T, M]

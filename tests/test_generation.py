@@ -249,3 +249,27 @@ def test_finished_images_leave_the_batch_and_results_stay(monkeypatch):
     for i in range(8):
         n = int(ours.lengths[i])
         assert ours.sequences[i, :n].tolist() == ref.sequences[i, 1 : n + 1].tolist()
+
+
+@pytest.mark.parametrize("kw", [{}, {"no_repeat_ngram_size": 2, "min_new_tokens": 2}], ids=["greedy", "ngram-min"])
+def test_greedy_rows_leave_the_batch_at_eos_and_results_stay(monkeypatch, kw):
+    """Greedy rows that reach EOS leave GPT-2's pass: the same captions and scores as decoding every
+    row to the end, and as transformers."""
+    from mmcap.decoding import GPT2Decoding
+
+    model, memory = peaky_decoder("gpt2", 7), image_tokens(6, seed=107)
+    cfg = GenerationConfig.from_kwargs(max_new_tokens=12, **kw)
+    kept = []
+    keep = GPT2Decoding.keep
+    monkeypatch.setattr(GPT2Decoding, "keep", lambda self, images: (kept.append(len(images)), keep(self, images)))
+    ours = generate(model, memory, BOS, EOS, PAD, cfg)
+    assert kept and kept == sorted(kept, reverse=True) and kept[0] < 6  # rows left as they finished
+    monkeypatch.delattr(GPT2Decoding, "keep")
+    full = generate(model, memory, BOS, EOS, PAD, cfg)
+    assert torch.equal(ours.sequences, full.sequences) and torch.equal(ours.lengths, full.lengths)
+    torch.testing.assert_close(ours.scores, full.scores, atol=0, rtol=0)
+    ref = hf_generate(model, "gpt2", memory, max_new_tokens=12, **kw).sequences[:, 1:]
+    for i in range(6):
+        n = int(ours.lengths[i])
+        assert ours.sequences[i, :n].tolist() == ref[i, :n].tolist()
+        assert set(ours.sequences[i, n:].tolist()) <= {PAD}
