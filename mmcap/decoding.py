@@ -29,6 +29,7 @@ class HFDecoding:
         self.model, self.memory, self.use_cache, self.attentions = model, memory, use_cache, attentions
         self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if use_cache else None
         self.seen = 0  # tokens in the cache
+        self.group = 1  # consecutive rows (beams) per image
 
     def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits [N, V] (fp32) for the next token after `seqs` [N, t], and cross-attention [N, M]."""
@@ -51,12 +52,20 @@ class HFDecoding:
     def expand(self, k: int) -> None:
         """Repeat every row k times (after the first step on the un-expanded batch)."""
         self.memory = self.memory.repeat_interleave(k, dim=0)
+        self.group *= k
         if self.cache is not None:
             self.cache.batch_repeat_interleave(k)
 
     def reorder(self, rows: torch.Tensor) -> None:
         if self.cache is not None:
             self.cache.self_attention_cache.reorder_cache(rows)
+
+    def keep(self, images: torch.Tensor) -> None:
+        """Decode only `images` (positions among the images decoded so far) from now on."""
+        rows = (images[:, None] * self.group + torch.arange(self.group, device=images.device)).view(-1)
+        self.memory = self.memory.index_select(0, rows)
+        if self.cache is not None:  # the cross-attention cache too: it holds a copy per row
+            self.cache.reorder_cache(rows)
 
 
 class GPT2Decoding:

@@ -227,25 +227,28 @@ def test_gpt2_pass_reorders_like_transformers_cache():
     assert torch.allclose(lean(seqs)[0], ref(seqs)[0], atol=1e-5)
 
 
-def test_finished_images_leave_the_batch_and_results_stay(monkeypatch):
-    """Beam search stops decoding the images it has finished with (GPT-2's pass drops their rows):
-    the same captions, scores and hypotheses as decoding every image to the end, and as transformers."""
-    from mmcap.decoding import GPT2Decoding
+@pytest.mark.parametrize("family,use_cache,seed", [("gpt2", True, 4), ("bert", True, 0), ("gpt2", False, 4)])
+def test_finished_images_leave_the_batch_and_results_stay(monkeypatch, family, use_cache, seed):
+    """Beam search stops decoding the images it has finished with (the pass drops their rows: GPT-2's
+    lean pass, the transformers forward cached and uncached): the same captions, scores and
+    hypotheses as decoding every image to the end, and as transformers."""
+    from mmcap.decoding import GPT2Decoding, HFDecoding
 
-    model, memory = peaky_decoder("gpt2", 4), image_tokens(8, seed=104)
-    cfg = GenerationConfig.from_kwargs(max_new_tokens=12, num_beams=3)
+    pass_type = GPT2Decoding if family == "gpt2" and use_cache else HFDecoding
+    model, memory = peaky_decoder(family, seed), image_tokens(8, seed=100 + seed)
+    cfg = GenerationConfig.from_kwargs(max_new_tokens=12, num_beams=3, use_cache=use_cache)
     kept = []
-    keep = GPT2Decoding.keep
-    monkeypatch.setattr(GPT2Decoding, "keep", lambda self, images: (kept.append(len(images)), keep(self, images)))
+    keep = pass_type.keep
+    monkeypatch.setattr(pass_type, "keep", lambda self, images: (kept.append(len(images)), keep(self, images)))
     ours = generate(model, memory, BOS, EOS, PAD, cfg)
-    assert len(kept) >= 2 and kept == sorted(kept, reverse=True) and kept[-1] < 8  # images left, step by step
-    monkeypatch.delattr(GPT2Decoding, "keep")  # a pass that cannot drop images decodes every row to the end
+    assert kept and kept == sorted(kept, reverse=True) and kept[-1] < 8  # images left as they finished
+    monkeypatch.delattr(pass_type, "keep")  # a pass that cannot drop images decodes every row to the end
     full = generate(model, memory, BOS, EOS, PAD, cfg)
     assert torch.equal(ours.sequences, full.sequences) and torch.equal(ours.lengths, full.lengths)
     assert torch.equal(ours.scores, full.scores)
     assert [[(h.tolist(), s) for h, s in hyps] for hyps in ours.hypotheses] == \
         [[(h.tolist(), s) for h, s in hyps] for hyps in full.hypotheses]
-    ref = hf_generate(model, "gpt2", memory, max_new_tokens=12, num_beams=3)
+    ref = hf_generate(model, family, memory, max_new_tokens=12, num_beams=3)
     for i in range(8):
         n = int(ours.lengths[i])
         assert ours.sequences[i, :n].tolist() == ref.sequences[i, 1 : n + 1].tolist()
