@@ -6,9 +6,10 @@ that can also drop finished images (`keep`) lets beam search stop decoding them.
 
 GPT-2 decoders take a leaner pass (`GPT2Decoding`): the same modules and weights, but a
 self-attention cache grown by one `cat` per layer and step (beam reorders gathered just before
-it), cross-attention keys/values kept once per image (the beams of an image attend to them together, never copied) and plain
-matmul attention, which for one new token is much faster on CPU than the fused kernels. Other
-decoders, uncached decoding and attention maps use the transformers forward (`HFDecoding`).
+it), cross-attention keys/values kept once per image (the beams of an image attend to them
+together, never copied) and plain matmul attention, which for one new token is much faster on
+CPU than the fused kernels. Other decoders, uncached decoding and attention maps use the
+transformers forward (`HFDecoding`).
 """
 from __future__ import annotations
 
