@@ -23,6 +23,12 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.pytorch_utils import Conv1D
 
 
+def image_rows(images: torch.Tensor, group: int) -> torch.Tensor:
+    """The rows of `images` (positions among a pass's images) where each image has `group`
+    consecutive rows (its beams): what a pass's `keep(images)` keeps."""
+    return (images[:, None] * group + torch.arange(group, device=images.device)).view(-1)
+
+
 class HFDecoding:
     """One decoding pass: feeds new tokens, keeps (or, uncached, recomputes) the past."""
 
@@ -63,7 +69,7 @@ class HFDecoding:
 
     def keep(self, images: torch.Tensor) -> None:
         """Decode only `images` (positions among the images decoded so far) from now on."""
-        rows = (images[:, None] * self.group + torch.arange(self.group, device=images.device)).view(-1)
+        rows = image_rows(images, self.group)
         self.memory = self.memory.index_select(0, rows)
         if self.cache is not None:  # the cross-attention cache too: it holds a copy per row
             self.cache.reorder_cache(rows)
@@ -157,7 +163,7 @@ class GPT2Decoding:
     def keep(self, images: torch.Tensor) -> None:
         """From now on decode only `images` (positions among the images decoded so far, in order),
         with their beams' rows: beam search drops the images it has finished with."""
-        self.reorder((images[:, None] * self.group + torch.arange(self.group, device=images.device)).view(-1))
+        self.reorder(image_rows(images, self.group))
         self.cross = [(keys.index_select(0, images), values.index_select(0, images)) for keys, values in self.cross]
 
     def _apply_reorder(self) -> None:

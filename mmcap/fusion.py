@@ -25,6 +25,7 @@ from transformers.cache_utils import DynamicCache
 
 from .config import DecoderConfig
 from .decoder import uses_own_cross_attention
+from .decoding import image_rows
 
 
 class Fusion(nn.Module):
@@ -218,7 +219,7 @@ class LMDecoding:
     def keep(self, images: torch.Tensor) -> None:
         """From now on decode only `images` (positions among the images decoded so far), with their
         beams' rows: beam search drops the images it has finished with."""
-        rows = (images[:, None] * self.group + torch.arange(self.group, device=images.device)).view(-1)
+        rows = image_rows(images, self.group)
         self.memory = self.memory.index_select(0, rows)
         self.state = self.fusion.select(self.state, rows)
         self.reorder(rows)

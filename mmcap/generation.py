@@ -187,9 +187,10 @@ def _greedy_or_sample(dec: HFDecoding, start: torch.Tensor, eos: int, pad: int,
     shrink = hasattr(dec, "keep") and not dec.attentions and not cfg.do_sample
     rows = torch.arange(b, device=device)  # the rows still decoded (all, unless `shrink`)
     for step in range(cfg.max_new_tokens):
-        logits, att = dec(seqs[rows] if shrink else seqs)
+        decoded = seqs[rows] if shrink else seqs
+        logits, att = dec(decoded)
         logp = F.log_softmax(logits, dim=-1)
-        proc = _process(logits.clone(), seqs[rows] if shrink else seqs, step, cfg, eos)
+        proc = _process(logits.clone(), decoded, step, cfg, eos)
         if cfg.do_sample:
             nxt = torch.multinomial(warp_for_sampling(proc, cfg).softmax(-1), 1).squeeze(1)
         else:
