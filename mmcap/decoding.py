@@ -22,11 +22,7 @@ from transformers import GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.pytorch_utils import Conv1D
 
-
-def image_rows(images: torch.Tensor, group: int) -> torch.Tensor:
-    """The rows of `images` (positions among a pass's images) where each image has `group`
-    consecutive rows (its beams): what a pass's `keep(images)` keeps."""
-    return (images[:, None] * group + torch.arange(group, device=images.device)).view(-1)
+from .gpt2_attention import attention_for, image_rows
 
 
 class HFDecoding:
@@ -85,30 +81,18 @@ class GPT2Decoding:
                  attention_dtype: Optional[torch.dtype] = None):
         cfg = model.config
         self.model, self.body = model, model.transformer
-        self.width, self.heads = cfg.hidden_size, cfg.num_attention_heads
         self.memory, self.max_len = memory, max_len
-        self.t, self.group = 0, 1  # tokens fed so far; consecutive rows (beams) per image
+        self.t = 0  # tokens fed so far
         # GPT-2's tanh GELU as one kernel (not transformers' eight) in the fast modes (autocast, or
         # int8 twins in place of its Conv1D layers); fp32 keeps transformers' exact arithmetic.
         fast = torch.is_autocast_enabled(memory.device.type) or not isinstance(self.body.h[0].mlp.c_fc, Conv1D)
         self.fused_gelu = fast and cfg.activation_function == "gelu_new"
-        # attention caches and matmuls in `attention_dtype` (int8 mode: bf16 where bf16 measured
-        # fast; a step copies half the bytes), else in the dtype the linear layers give
-        self.attention_dtype = attention_dtype
-        # self-attention keys and values per layer, [2, rows, heads, positions, head_dim], made
-        # anew each step (the past and the new position, one `cat`): contiguous, as oneDNN's bf16
-        # matmul needs (it copies any other layout itself), keys read transposed
-        self.kv: list[Optional[torch.Tensor]] = [None] * cfg.num_hidden_layers
-        self.rows: Optional[torch.Tensor] = None  # a beam reorder not yet applied to `kv`
-        # image keys/values once per image, [B, heads, M, head_dim]: never repeated per beam
-        b, m, _ = memory.shape
-        self.cross = []
-        for block in self.body.h:
-            k, v = block.crossattention.c_attn(memory).split(self.width, dim=2)
-            if attention_dtype is not None:
-                k, v = k.to(attention_dtype), v.to(attention_dtype)
-            keys = k.view(b, m, self.heads, -1).permute(0, 2, 3, 1).contiguous()  # [B, heads, head_dim, M]
-            self.cross.append((keys, v.view(b, m, self.heads, -1).transpose(1, 2).contiguous()))
+        # attention caches in `attention_dtype` (int8 mode: bf16 where bf16 measured fast; a step
+        # moves half the bytes), else in the dtype the linear layers give. The image's keys and
+        # values are computed once per image.
+        image_kv = [block.crossattention.c_attn(memory).split(cfg.hidden_size, dim=2) for block in self.body.h]
+        self.attention = attention_for(image_kv, cfg.num_attention_heads, max_len, attention_dtype,
+                                       lossy=attention_dtype is not None)
 
     @staticmethod
     def supports(model, attentions: bool) -> bool:
@@ -125,51 +109,27 @@ class GPT2Decoding:
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         """The last hidden state [N, width] of `tokens` [N] at position `self.t`, cached."""
-        n, t, h, w = tokens.shape[0], self.t, self.heads, self.width
-        body = self.body
-        x = body.wte(tokens) + body.wpe.weight[t]
-        rows, self.rows = self.rows, None
+        body, att = self.body, self.attention
+        x = body.wte(tokens) + body.wpe.weight[self.t]
+        att.begin(self.t, tokens.shape[0])
         for i, block in enumerate(body.h):
             attn, cross, mlp = block.attn, block.crossattention, block.mlp
-            qkv = attn.c_attn(block.ln_1(x))
-            dtype = self.attention_dtype or qkv.dtype
-            kv = qkv[:, w:].view(n, 2, h, 1, -1).transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
-            if t > 0:  # append to the past, reordered for the beams as pending
-                past = self.kv[i] if rows is None else self.kv[i].index_select(1, rows)
-                kv = torch.cat([past, kv], dim=3)
-            self.kv[i] = kv
-            y = attend(qkv[:, :w].view(n, h, 1, -1), kv[0].transpose(-1, -2), kv[1], attn.scaling)
-            x = x + attn.c_proj(y.reshape(n, w))
-            # the beams of one image form one block of queries against that image's keys
-            q = cross.q_attn(block.ln_cross_attn(x)).view(n // self.group, self.group, h, -1).transpose(1, 2)
-            y = attend(q, *self.cross[i], cross.scaling)
-            x = x + cross.c_proj(y.transpose(1, 2).reshape(n, w))
+            x = x + attn.c_proj(att.self_attention(i, attn.c_attn(block.ln_1(x)), attn.scaling))
+            x = x + cross.c_proj(att.cross_attention(i, cross.q_attn(block.ln_cross_attn(x)), cross.scaling))
             x = x + (mlp.c_proj(gelu_tanh(mlp.c_fc(block.ln_2(x)))) if self.fused_gelu else mlp(block.ln_2(x)))
         self.t += 1
         return x
 
     def expand(self, k: int) -> None:
-        self._apply_reorder()
-        self.group *= k
-        self.kv = [kv.repeat_interleave(k, dim=1) for kv in self.kv]
+        self.attention.expand(k)
 
     def reorder(self, rows: torch.Tensor) -> None:
-        # Applied lazily, layer by layer in the next step: each layer's cache is gathered (one
-        # contiguous copy per row, `index_select` on the row dimension) just before its `cat`.
-        # Copying only the rows whose beam changed, one call per row, cost more in calls than
-        # it saved in bytes.
-        self.rows = rows if self.rows is None else self.rows.index_select(0, rows)
+        self.attention.reorder(rows)
 
     def keep(self, images: torch.Tensor) -> None:
         """From now on decode only `images` (positions among the images decoded so far, in order),
         with their beams' rows: beam search drops the images it has finished with."""
-        self.reorder(image_rows(images, self.group))
-        self.cross = [(keys.index_select(0, images), values.index_select(0, images)) for keys, values in self.cross]
-
-    def _apply_reorder(self) -> None:
-        if self.rows is not None:
-            self.kv = [kv.index_select(1, self.rows) for kv in self.kv]
-            self.rows = None
+        self.attention.keep(images)
 
 
 _GELU_C1 = 2 * math.sqrt(2 / math.pi)  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
@@ -192,20 +152,3 @@ def _constant_on(value: float, dtype: torch.dtype, device: torch.device) -> torc
 def _constant(value: float, like: torch.Tensor) -> torch.Tensor:
     """A 0-d tensor of `value` in `like`'s dtype and device, made once (not per call)."""
     return _constant_on(value, like.dtype, like.device)
-
-
-def attend(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q keys * scale) values: q [..., queries, head_dim], keys_t [..., head_dim, keys]
-    (transposed), values [..., keys, head_dim], the result in the keys' dtype. For a few queries
-    plain matmuls beat the fused attention kernels on CPU, most of all in bf16."""
-    if q.dtype != keys_t.dtype:  # (int8 mode) one pass casts q to the caches' dtype, scales it and makes it contiguous
-        q = torch.mul(q, scale, out=torch.empty(q.shape, dtype=keys_t.dtype, device=q.device))
-        weights = torch.matmul(q, keys_t)
-    else:  # scaled after the matmul, as transformers does: fp32 stays identical to it
-        weights = torch.matmul(q, keys_t) * scale
-    if weights.dtype == torch.bfloat16 and weights.device.type == "cpu":
-        # torch's CPU softmax computes bf16 in fp32 and rounds once: the same values as fp32 and a
-        # cast, in one kernel (29 us against 47 for 48 beams x 12 heads here)
-        return torch.matmul(torch.softmax(weights, -1), values)
-    # else in fp32, as autocast runs it
-    return torch.matmul(torch.softmax(weights, -1, dtype=torch.float32).to(values.dtype), values)

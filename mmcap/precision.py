@@ -125,9 +125,13 @@ def machine_key() -> str:
     return f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 
+def cache_root() -> Path:
+    """Where mmcap keeps what it measured or built for this machine (`MMCAP_CACHE_DIR`)."""
+    return Path(os.environ.get("MMCAP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mmcap"))
+
+
 def _cache_path() -> Optional[Path]:
-    root = os.environ.get("MMCAP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mmcap")
-    return Path(root) / "precision.json"
+    return cache_root() / "precision.json"
 
 
 def _read_cache(path: Optional[Path]) -> dict:

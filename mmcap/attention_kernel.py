@@ -1,0 +1,83 @@
+"""One-query attention in C++ for cached decoding on CPUs, built at first use.
+
+A decoding step attends with one query per beam and head. Torch runs that as a chain of calls per
+layer (cast, gather, `cat`, matmul, softmax, matmul), each with a fixed cost that dwarfs its
+arithmetic at these sizes, and the growing self-attention cache is copied by every `cat` and every
+beam reorder. The kernels here do one layer's attention in one call: the cache is preallocated,
+row n's position p is read from cache row `anc[n, p]` (a beam reorder permutes that table, copying
+no keys), and the beams of an image read its keys once.
+
+The source (`csrc/one_query_attention.cpp`) is compiled with `torch.utils.cpp_extension` on first
+use for this CPU (`-march=native`; about 20 s), into `MMCAP_CACHE_DIR` (default
+`~/.cache/mmcap`)/kernels, keyed by the source, the CPU and torch. Without a C++ compiler, or with
+`MMCAP_KERNELS=0`, decoding keeps torch's ops; where both run, `faster_than_torch` times them.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .precision import cache_root, cpu_model
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "one_query_attention.cpp"
+HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the source instantiates
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def build_key() -> str:
+    """What the compiled module depends on: a binary built with -march=native for one CPU may not
+    run on another that shares the cache directory."""
+    parts = [SOURCE.read_bytes(), cpu_model().encode(), _cpu_flags().encode(), torch.__version__.encode(),
+             sys.version.encode(), " ".join(FLAGS).encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def kernels():
+    """The compiled kernels (`self_attend`, `cross_attend`), or None where they cannot be built."""
+    if os.environ.get("MMCAP_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        key = build_key()
+        build = cache_root() / "kernels" / key
+        build.mkdir(parents=True, exist_ok=True)
+        fresh = not any(build.glob("*.so"))
+        if fresh:
+            log.info("mmcap: compiling the attention kernels for this CPU, once (about 20 s) into %s", build)
+        start = time.perf_counter()
+        module = cpp_extension.load(name=f"mmcap_attention_{key}", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+        if fresh:
+            log.info("mmcap: attention kernels built in %.1f s", time.perf_counter() - start)
+        return module
+    except Exception as e:  # no compiler, no headers, a read-only cache: torch's ops do the work
+        log.warning("mmcap: the attention kernels could not be built (%s: %s); decoding uses torch's ops",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+
+
+def available(head_dim: int, device: torch.device) -> bool:
+    return device.type == "cpu" and head_dim in HEAD_DIMS and kernels() is not None

@@ -1,0 +1,238 @@
+// One-query attention for cached decoding on CPUs: each (row, head) attends with one query, in
+// one kernel call per layer instead of torch's chain (cast, gather, cat, matmul, softmax, matmul).
+// Built at first use by mmcap.attention_kernel (torch.utils.cpp_extension, -O3 -march=native).
+//
+// Caches hold fp32 or bf16 (as the caller measured faster); arithmetic is fp32. Vectors are GCC's
+// generic vector types (16 floats), so the code builds for whatever the compiling CPU has.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, 64); return v; }
+inline v16 load(const at::BFloat16* p) {  // bf16 is the high half of an fp32
+  u16x16 h; std::memcpy(&h, p, 32);
+  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+  v16 v; std::memcpy(&v, &w, 64); return v;
+}
+inline void store(float* p, v16 v) { std::memcpy(p, &v, 64); }
+inline void store(at::BFloat16* p, v16 v) {  // round to nearest even, as torch's .to(bfloat16)
+  u32x16 w; std::memcpy(&w, &v, 64);
+  w = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
+  const u16x16 h = __builtin_convertvector(w, u16x16);
+  std::memcpy(p, &h, 32);
+}
+
+inline float hsum(v16 v) {
+  v8 a, b; std::memcpy(&a, &v, 32); std::memcpy(&b, reinterpret_cast<char*>(&v) + 32, 32);
+  const v8 s8 = a + b;
+  v4 c, d; std::memcpy(&c, &s8, 16); std::memcpy(&d, reinterpret_cast<const char*>(&s8) + 16, 16);
+  const v4 s4 = c + d;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+inline float hmax(v16 v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// e^x for x <= 0 (scores minus their maximum): x = n ln2 + r, a degree-6 polynomial for e^r;
+// relative error about 1e-7
+inline v16 vexp(v16 x) {
+  x = x < -87.f ? (v16){} - 87.f : x;
+  const i32x16 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16);  // round(x log2 e)
+  const v16 n = __builtin_convertvector(ni, v16);
+  const v16 r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  v16 p = (v16){} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const i32x16 e = (ni + 127) << 23;
+  v16 scale; std::memcpy(&scale, &e, 64);
+  return p * scale;
+}
+
+// Self-attention at position len-1 of rows [0, N): qkv [N, >= 3W] fp32 (this step's query, key and
+// value, heads of DC*16 floats); caches K, V [R, H, P, D]. Row n's position p lives in cache row
+// anc[n, p], so a beam reorder only permutes `anc`. This step's key and value are written first,
+// at row n, position len-1 (the caller sets anc[n, len-1] = n).
+template <int DC, typename T>
+void self_attend_impl(const torch::Tensor& qkv, torch::Tensor& K, torch::Tensor& V, const torch::Tensor& anc,
+                      int64_t len, float scale, torch::Tensor& out) {
+  constexpr int64_t D = DC * 16;
+  const int64_t N = qkv.size(0), H = K.size(1), P = K.size(2), W = H * D;
+  const float* base = qkv.data_ptr<float>();
+  T* kp = K.data_ptr<T>();
+  T* vp = V.data_ptr<T>();
+  const int64_t* ap = anc.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t qs = qkv.stride(0), as = anc.stride(0);
+  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(len);
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const int64_t n = nh / H, h = nh % H;
+      const float* q = base + n * qs + h * D;
+      T* kd = kp + ((n * H + h) * P + (len - 1)) * D;
+      T* vd = vp + ((n * H + h) * P + (len - 1)) * D;
+      v16 qv[DC];
+      for (int c = 0; c < DC; ++c) {
+        store(kd + 16 * c, load(q + W + 16 * c));
+        store(vd + 16 * c, load(q + 2 * W + 16 * c));
+        qv[c] = load(q + 16 * c) * scale;
+      }
+      const int64_t* a = ap + n * as;
+      float mx = -INFINITY;
+      for (int64_t p = 0; p < len; ++p) {
+        const T* kr = kp + ((a[p] * H + h) * P + p) * D;
+        v16 acc = qv[0] * load(kr);
+        for (int c = 1; c < DC; ++c) acc += qv[c] * load(kr + 16 * c);
+        const float x = hsum(acc);
+        s[p] = x;
+        mx = x > mx ? x : mx;
+      }
+      float sum = 0.f;
+      for (int64_t p = 0; p < len; ++p) { s[p] = std::exp(s[p] - mx); sum += s[p]; }
+      const float inv = 1.f / sum;
+      v16 o[DC] = {};
+      for (int64_t p = 0; p < len; ++p) {
+        const T* vr = vp + ((a[p] * H + h) * P + p) * D;
+        const float w = s[p] * inv;
+        for (int c = 0; c < DC; ++c) o[c] += w * load(vr + 16 * c);
+      }
+      float* y = op + n * W + h * D;
+      for (int c = 0; c < DC; ++c) store(y + 16 * c, o[c]);
+    }
+  });
+}
+
+// Cross-attention: q [N, >= W] fp32, `group` consecutive rows (beams) per image; keys transposed
+// KT [B, H, D, MP] and values V [B, H, MP, D] with the image's M positions padded to MP (a
+// multiple of 16). One task per (image, head): its keys are read once for all its beams.
+template <int DC, typename T>
+void cross_attend_impl(const torch::Tensor& q, const torch::Tensor& KT, const torch::Tensor& V, int64_t M,
+                       int64_t group, float scale, torch::Tensor& out) {
+  constexpr int64_t D = DC * 16;
+  const int64_t B = KT.size(0), H = KT.size(1), MP = KT.size(3), C = MP / 16, W = H * D;
+  const float* qp = q.data_ptr<float>();
+  const T* kt = KT.data_ptr<T>();
+  const T* vv = V.data_ptr<T>();
+  float* op = out.data_ptr<float>();
+  const int64_t qs = q.stride(0);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<v16> s(C * group);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const T* k = kt + bh * D * MP;
+      for (int64_t i = 0; i < C * group; ++i) s[i] = (v16){};
+      for (int64_t d = 0; d < D; ++d) {
+        const T* kd = k + d * MP;
+        for (int64_t c = 0; c < C; ++c) {
+          const v16 kv = load(kd + 16 * c);
+          for (int64_t g = 0; g < group; ++g) s[g * C + c] += qp[(b * group + g) * qs + h * D + d] * kv;
+        }
+      }
+      const T* v = vv + bh * MP * D;
+      for (int64_t g = 0; g < group; ++g) {
+        v16* sg = s.data() + g * C;
+        for (int64_t m = M; m < MP; ++m) sg[m / 16][m % 16] = -INFINITY;
+        v16 mv = sg[0];
+        for (int64_t c = 1; c < C; ++c) mv = sg[c] > mv ? sg[c] : mv;
+        const float mx = hmax(mv);
+        v16 sv = (v16){};
+        for (int64_t c = 0; c < C; ++c) { sg[c] = vexp((sg[c] - mx) * scale); sv += sg[c]; }
+        const float inv = 1.f / hsum(sv);
+        v16 o[DC] = {};
+        for (int64_t m = 0; m < M; ++m) {
+          const float w = sg[m / 16][m % 16] * inv;
+          const T* vm = v + m * D;
+          for (int c = 0; c < DC; ++c) o[c] += w * load(vm + 16 * c);
+        }
+        float* y = op + (b * group + g) * W + h * D;
+        for (int c = 0; c < DC; ++c) store(y + 16 * c, o[c]);
+      }
+    }
+  });
+}
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1 && t.scalar_type() == torch::kFloat, name,
+              ": expected a 2-D fp32 tensor with contiguous rows");
+}
+
+}  // namespace
+
+torch::Tensor self_attend(torch::Tensor qkv, torch::Tensor K, torch::Tensor V, torch::Tensor anc, int64_t len,
+                          double scale) {
+  check_rows(qkv, "qkv");
+  TORCH_CHECK(K.is_contiguous() && V.is_contiguous() && K.sizes() == V.sizes() && K.dim() == 4, "K, V: [R, H, P, D]");
+  TORCH_CHECK(K.scalar_type() == V.scalar_type(), "K, V: one dtype");
+  TORCH_CHECK(anc.dim() == 2 && anc.stride(1) == 1 && anc.scalar_type() == torch::kLong && anc.size(0) == qkv.size(0)
+              && anc.size(1) >= len, "anc: [N, >= len] int64");
+  TORCH_CHECK(len >= 1 && len <= K.size(2) && qkv.size(0) <= K.size(0), "positions or rows beyond the caches");
+  const int64_t D = K.size(3), W = K.size(1) * D;
+  TORCH_CHECK(qkv.size(1) >= 3 * W, "qkv: fewer than 3 x heads x head_dim columns");
+  auto out = torch::empty({qkv.size(0), W}, qkv.options());
+  const float sc = static_cast<float>(scale);
+  const bool bf16 = K.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || K.scalar_type() == torch::kFloat, "K, V: fp32 or bf16");
+#define MMCAP_SELF(DC) \
+  if (bf16) self_attend_impl<DC, at::BFloat16>(qkv, K, V, anc, len, sc, out); \
+  else self_attend_impl<DC, float>(qkv, K, V, anc, len, sc, out);
+  switch (D) {
+    case 16: MMCAP_SELF(1) break;
+    case 32: MMCAP_SELF(2) break;
+    case 64: MMCAP_SELF(4) break;
+    case 128: MMCAP_SELF(8) break;
+    default: TORCH_CHECK(false, "head_dim ", D, " not built (16, 32, 64, 128)");
+  }
+#undef MMCAP_SELF
+  return out;
+}
+
+torch::Tensor cross_attend(torch::Tensor q, torch::Tensor KT, torch::Tensor V, int64_t M, int64_t group,
+                           double scale) {
+  check_rows(q, "q");
+  TORCH_CHECK(KT.is_contiguous() && V.is_contiguous() && KT.dim() == 4 && V.dim() == 4, "KT [B, H, D, MP], V [B, H, MP, D]");
+  TORCH_CHECK(KT.scalar_type() == V.scalar_type(), "KT, V: one dtype");
+  const int64_t B = KT.size(0), H = KT.size(1), D = KT.size(2), MP = KT.size(3);
+  TORCH_CHECK(V.size(0) == B && V.size(1) == H && V.size(2) == MP && V.size(3) == D, "V: [B, H, MP, D]");
+  TORCH_CHECK(MP % 16 == 0 && M >= 1 && M <= MP, "positions: 1 <= M <= MP, MP a multiple of 16");
+  TORCH_CHECK(group >= 1 && q.size(0) == B * group && q.size(1) >= H * D, "q: [B x group, >= W]");
+  auto out = torch::empty({q.size(0), H * D}, q.options());
+  const float sc = static_cast<float>(scale);
+  const bool bf16 = KT.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || KT.scalar_type() == torch::kFloat, "KT, V: fp32 or bf16");
+#define MMCAP_CROSS(DC) \
+  if (bf16) cross_attend_impl<DC, at::BFloat16>(q, KT, V, M, group, sc, out); \
+  else cross_attend_impl<DC, float>(q, KT, V, M, group, sc, out);
+  switch (D) {
+    case 16: MMCAP_CROSS(1) break;
+    case 32: MMCAP_CROSS(2) break;
+    case 64: MMCAP_CROSS(4) break;
+    case 128: MMCAP_CROSS(8) break;
+    default: TORCH_CHECK(false, "head_dim ", D, " not built (16, 32, 64, 128)");
+  }
+#undef MMCAP_CROSS
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("self_attend", &self_attend, "one-query self-attention over row-indexed caches");
+  m.def("cross_attend", &cross_attend, "one-query cross-attention, beams of an image together");
+}
