@@ -1,0 +1,156 @@
+"""mmcap's C++ one-query attention (built at first use here, as on a user's machine) against
+torch's ops, and GPT-2 decoding through it against decoding through torch."""
+import logging
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from mmcap import attention_kernel, gpt2_attention
+from mmcap.decoding import GPT2Decoding
+from mmcap.generation import generate
+from mmcap.generation_config import GenerationConfig
+
+kernels = attention_kernel.kernels()
+needs_kernels = pytest.mark.skipif(kernels is None, reason="no C++ compiler here")
+
+
+def reference(q, keys, values, scale):
+    """softmax(q keys^T scale) values in fp32: q [N, H, D], keys/values [N, H, P, D]."""
+    w = torch.softmax((q[:, :, None] @ keys.float().transpose(-1, -2)) * scale, -1)
+    return (w @ values.float())[:, :, 0]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_self_attention_reads_each_position_from_its_ancestor_row_and_writes_the_new_one(dtype, head_dim):
+    torch.manual_seed(0)
+    n, heads, positions, t = 6, 3, 9, 7
+    w = heads * head_dim
+    k, v = torch.randn(n, heads, positions, head_dim).to(dtype), torch.randn(n, heads, positions, head_dim).to(dtype)
+    qkv = torch.randn(n, 3 * w + 5)[:, : 3 * w]  # rows with a stride of their own
+    anc = torch.randint(0, n, (n, positions))
+    anc[:, t - 1] = torch.arange(n)
+    k_out, v_out = k.clone(), v.clone()
+    got = kernels.self_attend(qkv, k_out, v_out, anc, t, 0.125)
+
+    want_k, want_v = k.clone(), v.clone()  # this step's key and value at each row's own position t-1
+    want_k[:, :, t - 1] = qkv[:, w : 2 * w].reshape(n, heads, head_dim).to(dtype)
+    want_v[:, :, t - 1] = qkv[:, 2 * w :].reshape(n, heads, head_dim).to(dtype)
+    assert torch.equal(k_out, want_k) and torch.equal(v_out, want_v)  # bf16 rounded as torch rounds
+    keys = torch.stack([want_k[anc[:, p], :, p] for p in range(t)], 2)
+    values = torch.stack([want_v[anc[:, p], :, p] for p in range(t)], 2)
+    want = reference(qkv[:, :w].reshape(n, heads, head_dim), keys, values, 0.125).reshape(n, w)
+    assert got.shape == (n, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("positions", [1, 16, 49])
+def test_cross_attention_matches_torch_for_every_beam_of_every_image(dtype, positions):
+    torch.manual_seed(1)
+    images, beams, heads, head_dim = 4, 3, 2, 32
+    w = heads * head_dim
+    k, v = torch.randn(images, positions, w) * 3, torch.randn(images, positions, w)
+    att = gpt2_attention.KernelAttention(heads, [(k, v)], dtype, max_len=4, kernels=kernels)
+    att.group = beams
+    q = torch.randn(images * beams, 2 * w)[:, :w]
+    got = att.cross_attention(0, q, 0.2)
+    img = torch.arange(images * beams) // beams
+    keys = k.to(dtype).view(images, positions, heads, head_dim).transpose(1, 2)[img]
+    values = v.to(dtype).view(images, positions, heads, head_dim).transpose(1, 2)[img]
+    want = reference(q.reshape(-1, heads, head_dim), keys, values, 0.2).reshape(-1, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def gpt2(head_dim=64):
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=2 * head_dim, n_layer=2, n_head=2, vocab_size=40, n_positions=32, add_cross_attention=True,
+                     bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # sharp distributions, EOS likelier: it comes early for some images, late for others
+        model.lm_head.weight.mul_(8)
+        model.lm_head.weight[1] *= 2
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_gpt2_decoding_through_the_kernels_equals_decoding_through_torch(monkeypatch, num_beams):
+    """fp32 caches: the same captions, scores within rounding, with beams reordered every step
+    and finished images leaving the batch (`keep`) along the way."""
+    model, memory = gpt2(), torch.randn(6, 5, 128) * 3
+    cfg = GenerationConfig(num_beams=num_beams, max_new_tokens=12)
+    kept = []
+    monkeypatch.setattr(gpt2_attention.KernelAttention, "keep",
+                        lambda self, images, orig=gpt2_attention.KernelAttention.keep: kept.append(len(images))
+                        or orig(self, images))
+    outs, kinds = {}, {}
+    for use in (False, True):
+        monkeypatch.setattr(gpt2_attention, "_kernel_faster", lambda *a, use=use: use)
+        kinds[use] = type(GPT2Decoding(model, memory, 13, torch.float32).attention)
+        with torch.no_grad():
+            outs[use] = generate(model, memory, 0, 1, 1, cfg, attention_dtype=torch.float32)
+    assert kinds == {False: gpt2_attention.TorchAttention, True: gpt2_attention.KernelAttention}
+    assert kept, "no image finished early: the test would not cover `keep`"
+    assert torch.equal(outs[True].sequences, outs[False].sequences)
+    torch.testing.assert_close(outs[True].scores, outs[False].scores, rtol=1e-5, atol=1e-5)
+    assert 0 < outs[True].lengths.min() < outs[True].lengths.max()
+
+
+def test_fp32_and_non_lossy_modes_never_use_the_kernels(monkeypatch):
+    """The kernels round differently from torch: only int8 (lossy) decoding may take them."""
+    monkeypatch.setattr(gpt2_attention, "_kernel_faster", lambda *a: True)
+    model, memory = gpt2(), torch.randn(2, 5, 128)
+    assert isinstance(GPT2Decoding(model, memory, 8).attention, gpt2_attention.TorchAttention)
+    assert isinstance(GPT2Decoding(model, memory, 8, torch.float32).attention, gpt2_attention.KernelAttention)
+
+
+@pytest.mark.parametrize("kernel_s, torch_s, chosen", [(0.001, 0.004, True), (0.004, 0.001, False)])
+def test_the_race_decides_by_the_timings(monkeypatch, caplog, kernel_s, torch_s, chosen):
+    monkeypatch.setattr(attention_kernel, "kernels", lambda: object())
+    monkeypatch.setattr(gpt2_attention, "_timings", lambda *a: (kernel_s, torch_s))
+    gpt2_attention._kernel_faster.cache_clear()
+    with caplog.at_level(logging.INFO, logger="mmcap.gpt2_attention"):
+        assert gpt2_attention._kernel_faster(2, 64, torch.float32) is chosen
+        assert not gpt2_attention._kernel_faster(2, 24, torch.float32)  # a head size the source has no kernel for
+    gpt2_attention._kernel_faster.cache_clear()
+    assert f"C++ kernels {kernel_s * 1e3:.2f} ms, torch {torch_s * 1e3:.2f} ms" in caplog.text
+
+
+def test_without_a_compiler_decoding_keeps_torchs_ops(monkeypatch, caplog, tmp_path):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'mmcap_attention': c++: command not found")
+
+    monkeypatch.setenv("MMCAP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    attention_kernel.kernels.cache_clear()
+    gpt2_attention._kernel_faster.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mmcap.attention_kernel"):
+            assert attention_kernel.kernels() is None
+            att = GPT2Decoding(gpt2(), torch.randn(2, 5, 128), 8, torch.float32).attention
+        assert isinstance(att, gpt2_attention.TorchAttention)
+        assert "could not be built (RuntimeError: Error building extension" in caplog.text
+    finally:
+        attention_kernel.kernels.cache_clear()
+        gpt2_attention._kernel_faster.cache_clear()
+
+
+def test_a_build_belongs_to_one_cpu_and_one_source(monkeypatch):
+    """A binary built with -march=native may not run on another CPU that shares the cache."""
+    key = attention_kernel.build_key()
+    monkeypatch.setattr(attention_kernel, "_cpu_flags", lambda: "fpu sse2 avx2")
+    other_cpu = attention_kernel.build_key()
+    monkeypatch.setattr(attention_kernel, "SOURCE", attention_kernel.Path(__file__))
+    assert len({key, other_cpu, attention_kernel.build_key()}) == 3
+    monkeypatch.setenv("MMCAP_KERNELS", "0")
+    attention_kernel.kernels.cache_clear()
+    try:
+        assert attention_kernel.kernels() is None
+    finally:
+        attention_kernel.kernels.cache_clear()
