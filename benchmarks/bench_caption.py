@@ -15,7 +15,8 @@ and exactly 20 new tokens, batch 16, over JPEG photos (640x480) written here, al
   ``bf16_matmul_speedup`` says by how much), the decoder's linear layers and LM head in int8.
   ``precision`` and ``encoder_dtype`` in the output say which mode ran, ``encoder_runner`` and
   ``int8_engines`` what int8 measured fastest on this machine (torch's float or int8 twin, or ONNX
-  Runtime, for the encoder; fbgemm or oneDNN per weight shape); ``--precision`` picks another;
+  Runtime, for the encoder; fbgemm or oneDNN per weight shape), ``int8_attention`` whether GPT-2's
+  attention ran in mmcap's C++ kernels or torch's ops (timed); ``--precision`` picks another;
 - ``naive`` (a): the same weights run the obvious way (``common.NaivePipeline``): fp32, PIL +
   torchvision transforms, a torchvision ResNet-50 grid -> Linear ->
   ``GPT2LMHeadModel.generate(encoder_hidden_states=...)``;
@@ -56,7 +57,7 @@ warnings.filterwarnings("ignore", message=".*attention_mask.*")
 from common import (BEAMS, GENERATION, NaivePipeline, VitGpt2Pipeline, build_mmcap, emit, log,  # noqa: E402
                     make_photos, peak_rss_mb, reset_peak_rss)
 
-from mmcap import Captioner, encoder_runners  # noqa: E402
+from mmcap import Captioner, encoder_runners, gpt2_attention  # noqa: E402
 from mmcap.precision import compute_dtype, cpu_bf16_speedup, measure_matmuls  # noqa: E402
 from mmcap.quantize import engine_choices  # noqa: E402
 
@@ -166,6 +167,7 @@ def run(args) -> dict:
         "encoder_dtype": str(compute_dtype(precision)).replace("torch.", ""),
         "encoder_runner": encoder_runners.choice(model.encoder),  # int8: torch float or int8 twin, or ONNX Runtime, as timed
         "int8_engines": engine_choices(),  # int8: the engine each weight shape measured fastest on
+        "int8_attention": gpt2_attention.choices(),  # int8: mmcap's C++ kernels or torch's ops, as timed
         "bf16_matmul_speedup": round(cpu_bf16_speedup(), 2),
         "gflops_per_caption": round(flops / 1e9, 2),
         "bf16_matmul_gflops": round(matmuls["bf16_gflops"], 1),
@@ -199,6 +201,7 @@ def quality_check(model_dir: str, data: str, num_beams: int = BEAMS, batch_size:
         result[f"seconds_{precision}"] = round(time.perf_counter() - t0, 2)
         if precision == "int8":  # which encoder int8's race chose (the int8 one is calibrated on the first batch)
             result["encoder_runner_int8"] = encoder_runners.choice(model.encoder)
+            result["attention_int8"] = gpt2_attention.choices()
         predictions = {ex.key: c for ex, c in zip(examples, captions[precision])}
         result[f"cider_{precision}"] = round(caption_metrics(references, predictions, meteor=False)["CIDEr"], 4)
     for mode in modes:

@@ -168,6 +168,13 @@ def attention_for(image_kv: ImageKV, heads: int, max_len: int, dtype: Optional[t
 
 
 TIMING = dict(images=16, beams=3, positions=12, image_positions=49)  # `caption`'s default batch, beam 3
+# (heads, head_dim, cache dtype) -> what the race measured and chose, for logs and benchmarks
+RACES: dict[tuple[int, int, str], dict] = {}
+
+
+def choices() -> dict[str, str]:
+    """The attention each shape raced to in this process, e.g. {"12x64 bfloat16": "kernels"}."""
+    return {f"{h}x{d} {dt}": race["use"] for (h, d, dt), race in RACES.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,6 +184,9 @@ def _kernel_faster(heads: int, head_dim: int, dtype: torch.dtype) -> bool:
         return False
     kernel, torch_ops = _timings(heads, head_dim, dtype)
     faster = kernel < torch_ops
+    RACES[heads, head_dim, str(dtype).replace("torch.", "")] = {
+        "kernels_ms": round(kernel * 1e3, 3), "torch_ms": round(torch_ops * 1e3, 3),
+        "use": "kernels" if faster else "torch"}
     log.info("mmcap attention (%d heads of %d, %s caches): C++ kernels %.2f ms, torch %.2f ms per %d steps of "
              "one layer at %d rows: using %s", heads, head_dim, str(dtype).replace("torch.", ""), kernel * 1e3,
              torch_ops * 1e3, TIMING["positions"], TIMING["images"] * TIMING["beams"],
