@@ -22,7 +22,7 @@ from transformers import GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.pytorch_utils import Conv1D
 
-from .gpt2_attention import attention_for, image_rows
+from .gpt2_attention import attend, attention_for, image_rows  # noqa: F401 (importable here as before)
 
 
 class HFDecoding:
@@ -92,7 +92,7 @@ class GPT2Decoding:
         # values are computed once per image.
         image_kv = [block.crossattention.c_attn(memory).split(cfg.hidden_size, dim=2) for block in self.body.h]
         self.attention = attention_for(image_kv, cfg.num_attention_heads, max_len, attention_dtype,
-                                       lossy=attention_dtype is not None)
+                                       lossy=attention_dtype is not None or torch.is_autocast_enabled(memory.device.type))
 
     @staticmethod
     def supports(model, attentions: bool) -> bool:

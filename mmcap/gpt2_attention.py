@@ -8,7 +8,7 @@ Two implementations of one interface; `attention_for` picks one:
 - `KernelAttention`, mmcap's C++ kernels (`mmcap.attention_kernel`): preallocated caches read
   through a row table, so that a beam reorder copies no keys, and one call per layer for each
   attention. It computes in fp32 whatever the caches hold (other rounding than torch's chain), so
-  only the lossy int8 mode uses it, where it measured faster.
+  only the lossy modes use it (int8, and bf16 autocast), where it measured faster.
 
 Both keep the image's keys and values once per image: the beams of an image attend to them
 together, never copied.
@@ -159,48 +159,56 @@ class KernelAttention:
 
 def attention_for(image_kv: ImageKV, heads: int, max_len: int, dtype: Optional[torch.dtype], lossy: bool):
     """The faster attention this machine runs for these shapes: the kernels only where the caller
-    accepts other rounding (`lossy`), they build, and they timed faster than torch's ops."""
+    accepts other rounding (`lossy`: int8, or bf16 autocast), they build, and they timed faster
+    than torch's ops. Caches in `dtype`, else in the dtype of the image's keys."""
     k = image_kv[0][0]
-    head_dim = k.shape[-1] // heads
-    if lossy and k.device.type == "cpu" and _kernel_faster(heads, head_dim, dtype or torch.float32):
-        return KernelAttention(heads, image_kv, dtype or torch.float32, max_len)
+    head_dim, cache_dtype = k.shape[-1] // heads, dtype or k.dtype
+    if (lossy and k.device.type == "cpu" and not (cache_dtype == torch.float32 and k.dtype == torch.bfloat16)
+            and _kernel_faster(heads, head_dim, cache_dtype, k.dtype)):
+        return KernelAttention(heads, image_kv, cache_dtype, max_len)
     return TorchAttention(heads, image_kv, dtype)
 
 
 TIMING = dict(images=16, beams=3, positions=12, image_positions=49)  # `caption`'s default batch, beam 3
 # (heads, head_dim, cache dtype) -> what the race measured and chose, for logs and benchmarks
-RACES: dict[tuple[int, int, str], dict] = {}
+RACES: dict[tuple[int, int, str, str], dict] = {}
 
 
 def choices() -> dict[str, str]:
-    """The attention each shape raced to in this process, e.g. {"12x64 bfloat16": "kernels"}."""
-    return {f"{h}x{d} {dt}": race["use"] for (h, d, dt), race in RACES.items()}
+    """The attention each shape raced to in this process, e.g. {"12x64 bfloat16 caches, float32 in": "kernels"}."""
+    return {f"{h}x{d} {dt} caches, {it} in": race["use"] for (h, d, dt, it), race in RACES.items()}
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_faster(heads: int, head_dim: int, dtype: torch.dtype) -> bool:
-    """Times one layer's attention over a short beam search both ways (once per process and shape)."""
+def _kernel_faster(heads: int, head_dim: int, dtype: torch.dtype, input_dtype: torch.dtype = torch.float32) -> bool:
+    """Times one layer's attention over a short beam search both ways (once per process and shape),
+    with caches in `dtype` and queries, keys and values coming in `input_dtype`."""
     if head_dim not in attention_kernel.HEAD_DIMS or attention_kernel.kernels() is None:
         return False
-    kernel, torch_ops = _timings(heads, head_dim, dtype)
+    kernel, torch_ops = _timings(heads, head_dim, dtype, input_dtype)
     faster = kernel < torch_ops
-    RACES[heads, head_dim, str(dtype).replace("torch.", "")] = {
+    RACES[heads, head_dim, _name(dtype), _name(input_dtype)] = {
         "kernels_ms": round(kernel * 1e3, 3), "torch_ms": round(torch_ops * 1e3, 3),
         "use": "kernels" if faster else "torch"}
-    log.info("mmcap attention (%d heads of %d, %s caches): C++ kernels %.2f ms, torch %.2f ms per %d steps of "
-             "one layer at %d rows: using %s", heads, head_dim, str(dtype).replace("torch.", ""), kernel * 1e3,
+    log.info("mmcap attention (%d heads of %d, %s caches, %s in): C++ kernels %.2f ms, torch %.2f ms per %d steps "
+             "of one layer at %d rows: using %s", heads, head_dim, _name(dtype), _name(input_dtype), kernel * 1e3,
              torch_ops * 1e3, TIMING["positions"], TIMING["images"] * TIMING["beams"],
              "the kernels" if faster else "torch's ops")
     return faster
 
 
-def _timings(heads: int, head_dim: int, dtype: torch.dtype, repeats: int = 5) -> tuple[float, float]:
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _timings(heads: int, head_dim: int, dtype: torch.dtype, input_dtype: torch.dtype,
+             repeats: int = 5) -> tuple[float, float]:
     """Best seconds of (kernels, torch's ops) for one layer's attention over a short beam search."""
     b, k, steps, m = TIMING["images"], TIMING["beams"], TIMING["positions"], TIMING["image_positions"]
     w = heads * head_dim
     gen = torch.Generator().manual_seed(0)
-    image_kv = [(torch.randn(b, m, w, generator=gen), torch.randn(b, m, w, generator=gen))]
-    qkvs = [torch.randn(b if t == 0 else b * k, 3 * w, generator=gen) for t in range(steps)]
+    image_kv = [(torch.randn(b, m, w, generator=gen).to(input_dtype), torch.randn(b, m, w, generator=gen).to(input_dtype))]
+    qkvs = [torch.randn(b if t == 0 else b * k, 3 * w, generator=gen).to(input_dtype) for t in range(steps)]
     perm = torch.randperm(b * k, generator=gen)
 
     def decode(att) -> float:
@@ -212,7 +220,8 @@ def _timings(heads: int, head_dim: int, dtype: torch.dtype, repeats: int = 5) ->
             att.expand(k) if t == 0 else att.reorder(perm)
         return time.perf_counter() - start
 
-    makers = (lambda: KernelAttention(heads, image_kv, dtype, steps), lambda: TorchAttention(heads, image_kv, dtype))
+    torch_dtype = None if dtype == input_dtype else dtype  # as `attention_for` makes it
+    makers = (lambda: KernelAttention(heads, image_kv, dtype, steps), lambda: TorchAttention(heads, image_kv, torch_dtype))
     best = [float("inf"), float("inf")]
     for r in range(repeats + 1):  # alternating, so that a burst of other load hits both; the first warms up
         for j, make in enumerate(makers):

@@ -100,12 +100,35 @@ def test_gpt2_decoding_through_the_kernels_equals_decoding_through_torch(monkeyp
     assert 0 < outs[True].lengths.min() < outs[True].lengths.max()
 
 
-def test_fp32_and_non_lossy_modes_never_use_the_kernels(monkeypatch):
-    """The kernels round differently from torch: only int8 (lossy) decoding may take them."""
+def test_fp32_never_uses_the_kernels(monkeypatch):
+    """The kernels round differently from torch: only the lossy modes (int8's `attention_dtype`,
+    bf16 autocast) may take them; fp32 stays exactly the transformers forward."""
     monkeypatch.setattr(gpt2_attention, "_kernel_faster", lambda *a: True)
     model, memory = gpt2(), torch.randn(2, 5, 128)
     assert isinstance(GPT2Decoding(model, memory, 8).attention, gpt2_attention.TorchAttention)
     assert isinstance(GPT2Decoding(model, memory, 8, torch.float32).attention, gpt2_attention.KernelAttention)
+
+
+@needs_kernels
+def test_bf16_autocast_decoding_through_the_kernels_is_closer_to_fp32_than_torchs_bf16(monkeypatch):
+    """Under autocast the caches hold bf16 either way; the kernels then compute in fp32, where torch's
+    chain multiplies in bf16."""
+    model, memory = gpt2(), torch.randn(4, 5, 128)
+    seqs = torch.randint(2, 40, (4, 6))
+    with torch.no_grad():
+        want, _ = GPT2Decoding(model, memory, 8)(seqs)
+        got = {}
+        for use in (False, True):
+            monkeypatch.setattr(gpt2_attention, "_kernel_faster", lambda *a, use=use: use)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                dec = GPT2Decoding(model, memory, 8)
+                got[use], _ = dec(seqs)
+            assert isinstance(dec.attention, gpt2_attention.KernelAttention if use else gpt2_attention.TorchAttention)
+            if use:
+                assert dec.attention.k[0].dtype == torch.bfloat16
+    err = {use: (logits - want).abs().max().item() for use, logits in got.items()}
+    assert 0 < err[True] <= err[False] * 1.5, err
+    torch.testing.assert_close(got[True], want, rtol=0.05, atol=0.05 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("kernel_s, torch_s, chosen", [(0.001, 0.004, True), (0.004, 0.001, False)])

@@ -2,7 +2,7 @@
 // one kernel call per layer instead of torch's chain (cast, gather, cat, matmul, softmax, matmul).
 // Built at first use by mmcap.attention_kernel (torch.utils.cpp_extension, -O3 -march=native).
 //
-// Caches hold fp32 or bf16 (as the caller measured faster); arithmetic is fp32. Vectors are GCC's
+// Queries and caches are fp32 or bf16 (the caller's mode); arithmetic and results are fp32. Vectors are GCC's
 // generic vector types (16 floats), so the code builds for whatever the compiling CPU has.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -68,16 +68,16 @@ inline v16 vexp(v16 x) {
   return p * scale;
 }
 
-// Self-attention at position len-1 of rows [0, N): qkv [N, >= 3W] fp32 (this step's query, key and
-// value, heads of DC*16 floats); caches K, V [R, H, P, D]. Row n's position p lives in cache row
+// Self-attention at position len-1 of rows [0, N): qkv [N, >= 3W] fp32 or bf16 (this step's query,
+// key and value, heads of DC*16 values); caches K, V [R, H, P, D]. Row n's position p lives in cache row
 // anc[n, p], so a beam reorder only permutes `anc`. This step's key and value are written first,
 // at row n, position len-1 (the caller sets anc[n, len-1] = n).
-template <int DC, typename T>
+template <int DC, typename T, typename Q>
 void self_attend_impl(const torch::Tensor& qkv, torch::Tensor& K, torch::Tensor& V, const torch::Tensor& anc,
                       int64_t len, float scale, torch::Tensor& out) {
   constexpr int64_t D = DC * 16;
   const int64_t N = qkv.size(0), H = K.size(1), P = K.size(2), W = H * D;
-  const float* base = qkv.data_ptr<float>();
+  const Q* base = qkv.data_ptr<Q>();
   T* kp = K.data_ptr<T>();
   T* vp = V.data_ptr<T>();
   const int64_t* ap = anc.data_ptr<int64_t>();
@@ -87,7 +87,7 @@ void self_attend_impl(const torch::Tensor& qkv, torch::Tensor& K, torch::Tensor&
     std::vector<float> s(len);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
-      const float* q = base + n * qs + h * D;
+      const Q* q = base + n * qs + h * D;
       T* kd = kp + ((n * H + h) * P + (len - 1)) * D;
       T* vd = vp + ((n * H + h) * P + (len - 1)) * D;
       v16 qv[DC];
@@ -121,15 +121,15 @@ void self_attend_impl(const torch::Tensor& qkv, torch::Tensor& K, torch::Tensor&
   });
 }
 
-// Cross-attention: q [N, >= W] fp32, `group` consecutive rows (beams) per image; keys transposed
+// Cross-attention: q [N, >= W] fp32 or bf16, `group` consecutive rows (beams) per image; keys transposed
 // KT [B, H, D, MP] and values V [B, H, MP, D] with the image's M positions padded to MP (a
 // multiple of 16). One task per (image, head): its keys are read once for all its beams.
-template <int DC, typename T>
+template <int DC, typename T, typename Q>
 void cross_attend_impl(const torch::Tensor& q, const torch::Tensor& KT, const torch::Tensor& V, int64_t M,
                        int64_t group, float scale, torch::Tensor& out) {
   constexpr int64_t D = DC * 16;
   const int64_t B = KT.size(0), H = KT.size(1), MP = KT.size(3), C = MP / 16, W = H * D;
-  const float* qp = q.data_ptr<float>();
+  const Q* qp = q.data_ptr<Q>();
   const T* kt = KT.data_ptr<T>();
   const T* vv = V.data_ptr<T>();
   float* op = out.data_ptr<float>();
@@ -144,7 +144,7 @@ void cross_attend_impl(const torch::Tensor& q, const torch::Tensor& KT, const to
         const T* kd = k + d * MP;
         for (int64_t c = 0; c < C; ++c) {
           const v16 kv = load(kd + 16 * c);
-          for (int64_t g = 0; g < group; ++g) s[g * C + c] += qp[(b * group + g) * qs + h * D + d] * kv;
+          for (int64_t g = 0; g < group; ++g) s[g * C + c] += static_cast<float>(qp[(b * group + g) * qs + h * D + d]) * kv;
         }
       }
       const T* v = vv + bh * MP * D;
@@ -171,8 +171,8 @@ void cross_attend_impl(const torch::Tensor& q, const torch::Tensor& KT, const to
 }
 
 void check_rows(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1 && t.scalar_type() == torch::kFloat, name,
-              ": expected a 2-D fp32 tensor with contiguous rows");
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1 && (t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16),
+              name, ": expected a 2-D fp32 or bf16 tensor with contiguous rows");
 }
 
 }  // namespace
@@ -187,13 +187,16 @@ torch::Tensor self_attend(torch::Tensor qkv, torch::Tensor K, torch::Tensor V, t
   TORCH_CHECK(len >= 1 && len <= K.size(2) && qkv.size(0) <= K.size(0), "positions or rows beyond the caches");
   const int64_t D = K.size(3), W = K.size(1) * D;
   TORCH_CHECK(qkv.size(1) >= 3 * W, "qkv: fewer than 3 x heads x head_dim columns");
-  auto out = torch::empty({qkv.size(0), W}, qkv.options());
+  auto out = torch::empty({qkv.size(0), W}, qkv.options().dtype(torch::kFloat));
   const float sc = static_cast<float>(scale);
   const bool bf16 = K.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(bf16 || K.scalar_type() == torch::kFloat, "K, V: fp32 or bf16");
+  const bool in16 = qkv.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || !in16, "bf16 qkv needs bf16 caches");
 #define MMCAP_SELF(DC) \
-  if (bf16) self_attend_impl<DC, at::BFloat16>(qkv, K, V, anc, len, sc, out); \
-  else self_attend_impl<DC, float>(qkv, K, V, anc, len, sc, out);
+  if (bf16 && in16) self_attend_impl<DC, at::BFloat16, at::BFloat16>(qkv, K, V, anc, len, sc, out); \
+  else if (bf16) self_attend_impl<DC, at::BFloat16, float>(qkv, K, V, anc, len, sc, out); \
+  else self_attend_impl<DC, float, float>(qkv, K, V, anc, len, sc, out);
   switch (D) {
     case 16: MMCAP_SELF(1) break;
     case 32: MMCAP_SELF(2) break;
@@ -214,13 +217,16 @@ torch::Tensor cross_attend(torch::Tensor q, torch::Tensor KT, torch::Tensor V, i
   TORCH_CHECK(V.size(0) == B && V.size(1) == H && V.size(2) == MP && V.size(3) == D, "V: [B, H, MP, D]");
   TORCH_CHECK(MP % 16 == 0 && M >= 1 && M <= MP, "positions: 1 <= M <= MP, MP a multiple of 16");
   TORCH_CHECK(group >= 1 && q.size(0) == B * group && q.size(1) >= H * D, "q: [B x group, >= W]");
-  auto out = torch::empty({q.size(0), H * D}, q.options());
+  auto out = torch::empty({q.size(0), H * D}, q.options().dtype(torch::kFloat));
   const float sc = static_cast<float>(scale);
   const bool bf16 = KT.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(bf16 || KT.scalar_type() == torch::kFloat, "KT, V: fp32 or bf16");
+  const bool in16 = q.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || !in16, "bf16 queries need bf16 caches");
 #define MMCAP_CROSS(DC) \
-  if (bf16) cross_attend_impl<DC, at::BFloat16>(q, KT, V, M, group, sc, out); \
-  else cross_attend_impl<DC, float>(q, KT, V, M, group, sc, out);
+  if (bf16 && in16) cross_attend_impl<DC, at::BFloat16, at::BFloat16>(q, KT, V, M, group, sc, out); \
+  else if (bf16) cross_attend_impl<DC, at::BFloat16, float>(q, KT, V, M, group, sc, out); \
+  else cross_attend_impl<DC, float, float>(q, KT, V, M, group, sc, out);
   switch (D) {
     case 16: MMCAP_CROSS(1) break;
     case 32: MMCAP_CROSS(2) break;
