@@ -77,10 +77,10 @@ def gpt2(head_dim=64):
 
 
 @needs_kernels
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_gpt2_decoding_through_the_kernels_equals_decoding_through_torch(monkeypatch, num_beams):
+@pytest.mark.parametrize("num_beams, prompt", [(1, None), (3, None), (3, [5, 7, 9])])
+def test_gpt2_decoding_through_the_kernels_equals_decoding_through_torch(monkeypatch, num_beams, prompt):
     """fp32 caches: the same captions, scores within rounding, with beams reordered every step
-    and finished images leaving the batch (`keep`) along the way."""
+    and finished images leaving the batch (`keep`) along the way; a prompt fills positions first."""
     model, memory = gpt2(), torch.randn(6, 5, 128) * 3
     cfg = GenerationConfig(num_beams=num_beams, max_new_tokens=12)
     kept = []
@@ -90,9 +90,10 @@ def test_gpt2_decoding_through_the_kernels_equals_decoding_through_torch(monkeyp
     outs, kinds = {}, {}
     for use in (False, True):
         monkeypatch.setattr(gpt2_attention, "_kernel_faster", lambda *a, use=use: use)
-        kinds[use] = type(GPT2Decoding(model, memory, 13, torch.float32).attention)
+        kinds[use] = type(GPT2Decoding(model, memory, 16, torch.float32).attention)
         with torch.no_grad():
-            outs[use] = generate(model, memory, 0, 1, 1, cfg, attention_dtype=torch.float32)
+            outs[use] = generate(model, memory, 0, 1, 1, cfg, attention_dtype=torch.float32,
+                                 prompts=None if prompt is None else [prompt] * len(memory))
     assert kinds == {False: gpt2_attention.TorchAttention, True: gpt2_attention.KernelAttention}
     assert kept, "no image finished early: the test would not cover `keep`"
     assert torch.equal(outs[True].sequences, outs[False].sequences)
