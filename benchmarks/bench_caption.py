@@ -201,9 +201,9 @@ def quality_check(model_dir: str, data: str, num_beams: int = BEAMS, batch_size:
         result[f"seconds_{precision}"] = round(time.perf_counter() - t0, 2)
         if precision == "int8":  # which encoder int8's race chose (the int8 one is calibrated on the first batch)
             result["encoder_runner_int8"] = encoder_runners.choice(model.encoder)
-            result["attention_int8"] = gpt2_attention.choices()
         predictions = {ex.key: c for ex, c in zip(examples, captions[precision])}
         result[f"cider_{precision}"] = round(caption_metrics(references, predictions, meteor=False)["CIDEr"], 4)
+    result["attention"] = gpt2_attention.choices()  # the fast modes' GPT-2 attention: C++ kernels or torch's ops
     for mode in modes:
         same = sum(a == b for a, b in zip(captions["fp32"], captions[mode]))
         result[f"same_captions_{mode}"] = round(same / len(examples), 4)
