@@ -148,7 +148,7 @@ def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
     # --- the attention kernel of the GPT-2 path, alone: all calls of decoding this batch, bf16
     attention = _attention_calls(model.decoder.config, b, gen.num_beams, gen.max_new_tokens, memory.shape[1])
     torch.testing.assert_close(attention(attend), attention(_sdpa_attention), atol=0.05, rtol=0.05)
-    row("attention", "matmul attention (mmcap's kernel), bf16, 20 steps x all layers", best_time(lambda: attention(attend)))
+    row("attention", "matmul attention (mmcap's torch path), bf16, 20 steps x all layers", best_time(lambda: attention(attend)))
     row("attention", "  fused SDPA kernel instead", best_time(lambda: attention(_sdpa_attention)))
 
     # --- end to end: files -> strings
