@@ -4,12 +4,13 @@ the search over it; LMs that read the image through `mmcap.fusion` bring their o
 (`LMDecoding`) with the same four calls (`__call__`, `expand`, `reorder`, `attentions`); a pass
 that can also drop finished images (`keep`) lets beam search stop decoding them.
 
-GPT-2 decoders take a leaner pass (`GPT2Decoding`): the same modules and weights, but a
-self-attention cache grown by one `cat` per layer and step (beam reorders gathered just before
-it), cross-attention keys/values kept once per image (the beams of an image attend to them
-together, never copied) and plain matmul attention, which for one new token is much faster on
-CPU than the fused kernels. Other decoders, uncached decoding and attention maps use the
-transformers forward (`HFDecoding`).
+GPT-2 decoders take a leaner pass (`GPT2Decoding`): the same modules and weights, fewer kernels
+per token, and attention kept by `mmcap.gpt2_attention`: cross-attention keys/values once per
+image (the beams of an image attend to them together, never copied), and either torch's plain
+matmul attention over a cache grown by one `cat` per step (fp32: exactly the transformers
+forward) or, in the lossy modes where they timed faster, mmcap's C++ kernels over row-indexed
+caches. Other decoders, uncached decoding and attention maps use the transformers forward
+(`HFDecoding`).
 """
 from __future__ import annotations
 
