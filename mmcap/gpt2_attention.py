@@ -163,8 +163,9 @@ def attention_for(image_kv: ImageKV, heads: int, max_len: int, dtype: Optional[t
     than torch's ops. Caches in `dtype`, else in the dtype of the image's keys."""
     k = image_kv[0][0]
     head_dim, cache_dtype = k.shape[-1] // heads, dtype or k.dtype
-    if (lossy and k.device.type == "cpu" and not (cache_dtype == torch.float32 and k.dtype == torch.bfloat16)
-            and _kernel_faster(heads, head_dim, cache_dtype, k.dtype)):
+    built = (cache_dtype, k.dtype) in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                       (torch.bfloat16, torch.bfloat16))  # (caches, queries) the source instantiates
+    if lossy and built and k.device.type == "cpu" and _kernel_faster(heads, head_dim, cache_dtype, k.dtype):
         return KernelAttention(heads, image_kv, cache_dtype, max_len)
     return TorchAttention(heads, image_kv, dtype)
 
@@ -185,7 +186,12 @@ def _kernel_faster(heads: int, head_dim: int, dtype: torch.dtype, input_dtype: t
     with caches in `dtype` and queries, keys and values coming in `input_dtype`."""
     if head_dim not in attention_kernel.HEAD_DIMS or attention_kernel.kernels() is None:
         return False
-    kernel, torch_ops = _timings(heads, head_dim, dtype, input_dtype)
+    try:
+        kernel, torch_ops = _timings(heads, head_dim, dtype, input_dtype)
+    except RuntimeError as e:  # a kernel that refuses these shapes: torch's ops do the work
+        log.warning("mmcap attention: the C++ kernels failed on %d heads of %d (%s); using torch's ops", heads,
+                    head_dim, str(e).splitlines()[0])
+        return False
     faster = kernel < torch_ops
     RACES[heads, head_dim, _name(dtype), _name(input_dtype)] = {
         "kernels_ms": round(kernel * 1e3, 3), "torch_ms": round(torch_ops * 1e3, 3),

@@ -1,6 +1,7 @@
 """mmcap's C++ one-query attention (built at first use here, as on a user's machine) against
 torch's ops, and GPT-2 decoding through it against decoding through torch."""
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -101,13 +102,16 @@ def test_gpt2_decoding_through_the_kernels_equals_decoding_through_torch(monkeyp
     assert 0 < outs[True].lengths.min() < outs[True].lengths.max()
 
 
-def test_fp32_never_uses_the_kernels(monkeypatch):
+def test_fp32_and_fp16_never_use_the_kernels(monkeypatch):
     """The kernels round differently from torch: only the lossy modes (int8's `attention_dtype`,
     bf16 autocast) may take them; fp32 stays exactly the transformers forward."""
     monkeypatch.setattr(gpt2_attention, "_kernel_faster", lambda *a: True)
     model, memory = gpt2(), torch.randn(2, 5, 128)
     assert isinstance(GPT2Decoding(model, memory, 8).attention, gpt2_attention.TorchAttention)
     assert isinstance(GPT2Decoding(model, memory, 8, torch.float32).attention, gpt2_attention.KernelAttention)
+    # nor dtypes the source has no kernel for (fp16 autocast)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert isinstance(GPT2Decoding(model, memory, 8).attention, gpt2_attention.TorchAttention)
 
 
 @needs_kernels
@@ -142,6 +146,20 @@ def test_the_race_decides_by_the_timings(monkeypatch, caplog, kernel_s, torch_s,
         assert not gpt2_attention._kernel_faster(2, 24, torch.float32)  # a head size the source has no kernel for
     gpt2_attention._kernel_faster.cache_clear()
     assert f"C++ kernels {kernel_s * 1e3:.2f} ms, torch {torch_s * 1e3:.2f} ms" in caplog.text
+
+
+def test_a_kernel_that_fails_in_the_race_leaves_torchs_ops(monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("head_dim 64 not built")
+
+    monkeypatch.setattr(attention_kernel, "kernels", lambda: SimpleNamespace(self_attend=broken, cross_attend=broken))
+    gpt2_attention._kernel_faster.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mmcap.gpt2_attention"):
+            assert not gpt2_attention._kernel_faster(2, 64, torch.float32)
+        assert "the C++ kernels failed on 2 heads of 64 (head_dim 64 not built)" in caplog.text
+    finally:
+        gpt2_attention._kernel_faster.cache_clear()
 
 
 def test_without_a_compiler_decoding_keeps_torchs_ops(monkeypatch, caplog, tmp_path):
