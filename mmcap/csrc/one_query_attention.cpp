@@ -3,8 +3,9 @@
 // Built at first use by mmcap.attention_kernel (torch.utils.cpp_extension, -O3 -march=native) as
 // the operators torch.ops.mmcap.self_attend and torch.ops.mmcap.cross_attend.
 //
-// Queries and caches are fp32 or bf16 (the caller's mode); arithmetic and results are fp32. Vectors are GCC's
-// generic vector types (16 floats), so the code builds for whatever the compiling CPU has.
+// Queries and caches are fp32 or bf16 (the caller's mode); arithmetic and results are fp32. Vectors
+// are GCC's generic vector types, as wide as the compiling CPU's registers, so the code builds for
+// whatever CPU compiles it.
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -17,68 +18,78 @@
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+// Vectors as wide as the target's registers: 16 floats with AVX-512, 8 with AVX, else 4 (SSE,
+// NEON). Wider generic vectors than the registers compile to slow code: 16 lanes on an AVX2-only
+// target ran the kernels 4-7x slower, 8 lanes on SSE2 2-3x.
+#if defined(__AVX512F__)
+constexpr int L = 16;
+#elif defined(__AVX__)
+constexpr int L = 8;
+#else
+constexpr int L = 4;
+#endif
+typedef float vf __attribute__((vector_size(4 * L)));
+typedef float vh __attribute__((vector_size(2 * L)));
+typedef uint32_t vu32 __attribute__((vector_size(4 * L)));
+typedef uint16_t vu16 __attribute__((vector_size(2 * L)));
+typedef int32_t vi32 __attribute__((vector_size(4 * L)));
 
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, 64); return v; }
-inline v16 load(const at::BFloat16* p) {  // bf16 is the high half of an fp32
-  u16x16 h; std::memcpy(&h, p, 32);
-  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-  v16 v; std::memcpy(&v, &w, 64); return v;
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline vf load(const at::BFloat16* p) {  // bf16 is the high half of an fp32
+  vu16 h; std::memcpy(&h, p, sizeof h);
+  const vu32 w = __builtin_convertvector(h, vu32) << 16;
+  vf v; std::memcpy(&v, &w, sizeof v); return v;
 }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, 64); }
-inline void store(at::BFloat16* p, v16 v) {  // round to nearest even, as torch's .to(bfloat16)
-  u32x16 w; std::memcpy(&w, &v, 64);
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline void store(at::BFloat16* p, vf v) {  // round to nearest even, as torch's .to(bfloat16)
+  vu32 w; std::memcpy(&w, &v, sizeof w);
   w = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
-  const u16x16 h = __builtin_convertvector(w, u16x16);
-  std::memcpy(p, &h, 32);
+  const vu16 h = __builtin_convertvector(w, vu16);
+  std::memcpy(p, &h, sizeof h);
 }
 
-inline float hsum(v16 v) {
-  v8 a, b; std::memcpy(&a, &v, 32); std::memcpy(&b, reinterpret_cast<char*>(&v) + 32, 32);
-  const v8 s8 = a + b;
-  v4 c, d; std::memcpy(&c, &s8, 16); std::memcpy(&d, reinterpret_cast<const char*>(&s8) + 16, 16);
-  const v4 s4 = c + d;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+inline float hsum(vf v) {  // halves added until four lanes are left
+  vh a, b; std::memcpy(&a, &v, sizeof a); std::memcpy(&b, reinterpret_cast<char*>(&v) + sizeof a, sizeof b);
+  const vh s = a + b;
+  float t[L / 2]; std::memcpy(t, &s, sizeof s);
+  float r = 0.f;
+  for (int i = 0; i < L / 2; ++i) r += t[i];
+  return r;
 }
 
-inline float hmax(v16 v) {
+inline float hmax(vf v) {
   float m = v[0];
-  for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
+  for (int i = 1; i < L; ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
 
 // e^x for x <= 0 (scores minus their maximum): x = n ln2 + r, a degree-6 polynomial for e^r;
 // relative error about 1e-7
-inline v16 vexp(v16 x) {
-  x = x < -87.f ? (v16){} - 87.f : x;
-  const i32x16 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16);  // round(x log2 e)
-  const v16 n = __builtin_convertvector(ni, v16);
-  const v16 r = x - n * 0.693359375f - n * -2.12194440e-4f;
-  v16 p = (v16){} + 1.9875691500e-4f;
+inline vf vexp(vf x) {
+  x = x < -87.f ? (vf){} - 87.f : x;
+  const vi32 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi32);  // round(x log2 e)
+  const vf n = __builtin_convertvector(ni, vf);
+  const vf r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  vf p = (vf){} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const i32x16 e = (ni + 127) << 23;
-  v16 scale; std::memcpy(&scale, &e, 64);
+  const vi32 e = (ni + 127) << 23;
+  vf scale; std::memcpy(&scale, &e, sizeof scale);
   return p * scale;
 }
 
 // Self-attention at position len-1 of rows [0, N): qkv [N, >= 3W] fp32 or bf16 (this step's query,
-// key and value, heads of DC*16 values); caches K, V [R, H, P, D]. Row n's position p lives in cache row
+// key and value, heads of D values); caches K, V [R, H, P, D]. Row n's position p lives in cache row
 // anc[n, p], so a beam reorder only permutes `anc`. This step's key and value are written first,
 // at row n, position len-1 (the caller sets anc[n, len-1] = n).
-template <int DC, typename T, typename Q>
+template <int D, typename T, typename Q>
 void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const at::Tensor& anc,
                       int64_t len, float scale, at::Tensor& out) {
-  constexpr int64_t D = DC * 16;
+  constexpr int DC = D / L;
   const int64_t N = qkv.size(0), H = K.size(1), P = K.size(2), W = H * D;
   const Q* base = qkv.data_ptr<Q>();
   T* kp = K.data_ptr<T>();
@@ -93,18 +104,18 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
       const Q* q = base + n * qs + h * D;
       T* kd = kp + ((n * H + h) * P + (len - 1)) * D;
       T* vd = vp + ((n * H + h) * P + (len - 1)) * D;
-      v16 qv[DC];
+      vf qv[DC];
       for (int c = 0; c < DC; ++c) {
-        store(kd + 16 * c, load(q + W + 16 * c));
-        store(vd + 16 * c, load(q + 2 * W + 16 * c));
-        qv[c] = load(q + 16 * c) * scale;
+        store(kd + L * c, load(q + W + L * c));
+        store(vd + L * c, load(q + 2 * W + L * c));
+        qv[c] = load(q + L * c) * scale;
       }
       const int64_t* a = ap + n * as;
       float mx = -INFINITY;
       for (int64_t p = 0; p < len; ++p) {
         const T* kr = kp + ((a[p] * H + h) * P + p) * D;
-        v16 acc = qv[0] * load(kr);
-        for (int c = 1; c < DC; ++c) acc += qv[c] * load(kr + 16 * c);
+        vf acc = qv[0] * load(kr);
+        for (int c = 1; c < DC; ++c) acc += qv[c] * load(kr + L * c);
         const float x = hsum(acc);
         s[p] = x;
         mx = x > mx ? x : mx;
@@ -112,14 +123,14 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
       float sum = 0.f;
       for (int64_t p = 0; p < len; ++p) { s[p] = std::exp(s[p] - mx); sum += s[p]; }
       const float inv = 1.f / sum;
-      v16 o[DC] = {};
+      vf o[DC] = {};
       for (int64_t p = 0; p < len; ++p) {
         const T* vr = vp + ((a[p] * H + h) * P + p) * D;
         const float w = s[p] * inv;
-        for (int c = 0; c < DC; ++c) o[c] += w * load(vr + 16 * c);
+        for (int c = 0; c < DC; ++c) o[c] += w * load(vr + L * c);
       }
       float* y = op + n * W + h * D;
-      for (int c = 0; c < DC; ++c) store(y + 16 * c, o[c]);
+      for (int c = 0; c < DC; ++c) store(y + L * c, o[c]);
     }
   });
 }
@@ -127,47 +138,47 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
 // Cross-attention: q [N, >= W] fp32 or bf16, `group` consecutive rows (beams) per image; keys transposed
 // KT [B, H, D, MP] and values V [B, H, MP, D] with the image's M positions padded to MP (a
 // multiple of 16). One task per (image, head): its keys are read once for all its beams.
-template <int DC, typename T, typename Q>
+template <int D, typename T, typename Q>
 void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tensor& V, int64_t M,
                        int64_t group, float scale, at::Tensor& out) {
-  constexpr int64_t D = DC * 16;
-  const int64_t B = KT.size(0), H = KT.size(1), MP = KT.size(3), C = MP / 16, W = H * D;
+  constexpr int DC = D / L;
+  const int64_t B = KT.size(0), H = KT.size(1), MP = KT.size(3), C = MP / L, W = H * D;
   const Q* qp = q.data_ptr<Q>();
   const T* kt = KT.data_ptr<T>();
   const T* vv = V.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const int64_t qs = q.stride(0);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<v16> s(C * group);
+    std::vector<vf> s(C * group);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const T* k = kt + bh * D * MP;
-      for (int64_t i = 0; i < C * group; ++i) s[i] = (v16){};
+      for (int64_t i = 0; i < C * group; ++i) s[i] = (vf){};
       for (int64_t d = 0; d < D; ++d) {
         const T* kd = k + d * MP;
         for (int64_t c = 0; c < C; ++c) {
-          const v16 kv = load(kd + 16 * c);
+          const vf kv = load(kd + L * c);
           for (int64_t g = 0; g < group; ++g) s[g * C + c] += static_cast<float>(qp[(b * group + g) * qs + h * D + d]) * kv;
         }
       }
       const T* v = vv + bh * MP * D;
       for (int64_t g = 0; g < group; ++g) {
-        v16* sg = s.data() + g * C;
-        for (int64_t m = M; m < MP; ++m) sg[m / 16][m % 16] = -INFINITY;
-        v16 mv = sg[0];
+        vf* sg = s.data() + g * C;
+        for (int64_t m = M; m < MP; ++m) sg[m / L][m % L] = -INFINITY;
+        vf mv = sg[0];
         for (int64_t c = 1; c < C; ++c) mv = sg[c] > mv ? sg[c] : mv;
         const float mx = hmax(mv);
-        v16 sv = (v16){};
+        vf sv = (vf){};
         for (int64_t c = 0; c < C; ++c) { sg[c] = vexp((sg[c] - mx) * scale); sv += sg[c]; }
         const float inv = 1.f / hsum(sv);
-        v16 o[DC] = {};
+        vf o[DC] = {};
         for (int64_t m = 0; m < M; ++m) {
-          const float w = sg[m / 16][m % 16] * inv;
+          const float w = sg[m / L][m % L] * inv;
           const T* vm = v + m * D;
-          for (int c = 0; c < DC; ++c) o[c] += w * load(vm + 16 * c);
+          for (int c = 0; c < DC; ++c) o[c] += w * load(vm + L * c);
         }
         float* y = op + (b * group + g) * W + h * D;
-        for (int c = 0; c < DC; ++c) store(y + 16 * c, o[c]);
+        for (int c = 0; c < DC; ++c) store(y + L * c, o[c]);
       }
     }
   });
@@ -196,15 +207,15 @@ at::Tensor self_attend(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tensor an
   TORCH_CHECK(bf16 || K.scalar_type() == at::kFloat, "K, V: fp32 or bf16");
   const bool in16 = qkv.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || !in16, "bf16 qkv needs bf16 caches");
-#define MMCAP_SELF(DC) \
-  if (bf16 && in16) self_attend_impl<DC, at::BFloat16, at::BFloat16>(qkv, K, V, anc, len, sc, out); \
-  else if (bf16) self_attend_impl<DC, at::BFloat16, float>(qkv, K, V, anc, len, sc, out); \
-  else self_attend_impl<DC, float, float>(qkv, K, V, anc, len, sc, out);
+#define MMCAP_SELF(D) \
+  if (bf16 && in16) self_attend_impl<D, at::BFloat16, at::BFloat16>(qkv, K, V, anc, len, sc, out); \
+  else if (bf16) self_attend_impl<D, at::BFloat16, float>(qkv, K, V, anc, len, sc, out); \
+  else self_attend_impl<D, float, float>(qkv, K, V, anc, len, sc, out);
   switch (D) {
-    case 16: MMCAP_SELF(1) break;
-    case 32: MMCAP_SELF(2) break;
-    case 64: MMCAP_SELF(4) break;
-    case 128: MMCAP_SELF(8) break;
+    case 16: MMCAP_SELF(16) break;
+    case 32: MMCAP_SELF(32) break;
+    case 64: MMCAP_SELF(64) break;
+    case 128: MMCAP_SELF(128) break;
     default: TORCH_CHECK(false, "head_dim ", D, " not built (16, 32, 64, 128)");
   }
 #undef MMCAP_SELF
@@ -226,15 +237,15 @@ at::Tensor cross_attend(at::Tensor q, at::Tensor KT, at::Tensor V, int64_t M, in
   TORCH_CHECK(bf16 || KT.scalar_type() == at::kFloat, "KT, V: fp32 or bf16");
   const bool in16 = q.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || !in16, "bf16 queries need bf16 caches");
-#define MMCAP_CROSS(DC) \
-  if (bf16 && in16) cross_attend_impl<DC, at::BFloat16, at::BFloat16>(q, KT, V, M, group, sc, out); \
-  else if (bf16) cross_attend_impl<DC, at::BFloat16, float>(q, KT, V, M, group, sc, out); \
-  else cross_attend_impl<DC, float, float>(q, KT, V, M, group, sc, out);
+#define MMCAP_CROSS(D) \
+  if (bf16 && in16) cross_attend_impl<D, at::BFloat16, at::BFloat16>(q, KT, V, M, group, sc, out); \
+  else if (bf16) cross_attend_impl<D, at::BFloat16, float>(q, KT, V, M, group, sc, out); \
+  else cross_attend_impl<D, float, float>(q, KT, V, M, group, sc, out);
   switch (D) {
-    case 16: MMCAP_CROSS(1) break;
-    case 32: MMCAP_CROSS(2) break;
-    case 64: MMCAP_CROSS(4) break;
-    case 128: MMCAP_CROSS(8) break;
+    case 16: MMCAP_CROSS(16) break;
+    case 32: MMCAP_CROSS(32) break;
+    case 64: MMCAP_CROSS(64) break;
+    case 128: MMCAP_CROSS(128) break;
     default: TORCH_CHECK(false, "head_dim ", D, " not built (16, 32, 64, 128)");
   }
 #undef MMCAP_CROSS
