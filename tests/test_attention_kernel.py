@@ -196,3 +196,47 @@ def test_a_build_belongs_to_one_cpu_and_one_source(monkeypatch):
         assert attention_kernel.kernels() is None
     finally:
         attention_kernel.kernels.cache_clear()
+
+
+OTHER_CPU_CHECK = r"""
+import sys, torch
+from torch.utils import cpp_extension
+from mmcap import attention_kernel
+cpp_extension.load(name="mmcap_attention_other_cpu", sources=[str(attention_kernel.SOURCE)], build_directory=sys.argv[2],
+                   extra_cflags=["-O3", "-march=" + sys.argv[1], "-fopenmp"], extra_ldflags=["-fopenmp"],
+                   is_python_module=False)
+torch.manual_seed(0)
+n, heads, d, t = 6, 3, 64, 5
+k, v = torch.randn(n, heads, 8, d).bfloat16(), torch.randn(n, heads, 8, d).bfloat16()
+qkv = torch.randn(n, 3 * heads * d)
+anc = torch.randint(0, n, (n, 8))
+anc[:, t - 1] = torch.arange(n)
+got = torch.ops.mmcap.self_attend(qkv, k, v, anc, t, 0.125)
+keys = torch.stack([k[anc[:, p], :, p] for p in range(t)], 2).float()
+values = torch.stack([v[anc[:, p], :, p] for p in range(t)], 2).float()
+w = torch.softmax(qkv[:, : heads * d].view(n, heads, 1, d) @ keys.transpose(-1, -2) * 0.125, -1)
+torch.testing.assert_close(got, (w @ values).reshape(n, -1), rtol=1e-5, atol=1e-5)
+kt, vv = torch.randn(2, heads, d, 32), torch.randn(2, heads, 32, d)
+q = torch.randn(6, heads * d)
+got = torch.ops.mmcap.cross_attend(q, kt, vv, 21, 3, 0.125)
+w = torch.softmax(q.view(2, 3, heads, d).transpose(1, 2) @ kt[..., :21] * 0.125, -1)
+torch.testing.assert_close(got, (w @ vv[:, :, :21]).transpose(1, 2).reshape(6, -1), rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@needs_kernels
+@pytest.mark.slow
+@pytest.mark.skipif(not attention_kernel.platform.machine() in ("x86_64", "AMD64"), reason="x86 targets")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_the_kernels_built_for_narrower_vectors_give_the_same_attention(march, tmp_path):
+    """Other CPUs build the source with 8 lanes (AVX2) or 4 (SSE2, NEON): the same results (built in
+    a subprocess here, since one process holds one `torch.ops.mmcap`)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text(OTHER_CPU_CHECK)
+    done = subprocess.run([sys.executable, str(script), march, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
