@@ -61,8 +61,7 @@ def kernels():
     if os.environ.get("MMCAP_KERNELS", "1") == "0":
         return None
     try:
-        from torch.utils import cpp_extension
-
+        cpp_extension = _import_cpp_extension()
         key = build_key()
         build = cache_root() / "kernels" / key
         build.mkdir(parents=True, exist_ok=True)
@@ -84,5 +83,14 @@ def kernels():
         return None
 
 
-def available(head_dim: int, device: torch.device) -> bool:
-    return device.type == "cpu" and head_dim in HEAD_DIMS and kernels() is not None
+def _import_cpp_extension():
+    """torch.utils.cpp_extension, without the CUDA notice it logs on import on CPU-only machines
+    (every process that loads the kernels would print it)."""
+    notices = logging.getLogger("torch.utils.cpp_extension")
+    level = notices.level
+    notices.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        notices.setLevel(level)
+    return cpp_extension
