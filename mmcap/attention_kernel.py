@@ -34,7 +34,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "one_query_attention.cpp"
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the source instantiates
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+# OpenMP only where torch's own parallel backend is OpenMP (at::parallel_for inlines it); macOS
+# builds of torch use their native backend, and Apple's clang has no -fopenmp
+OPENMP = "OpenMP" in torch.__config__.parallel_info()
+FLAGS = ["-O3", "-march=native"] + (["-fopenmp"] if OPENMP else [])
+FAILED = "FAILED"  # written into a key's build directory when its build failed: not retried per process
 
 
 def _cpu_flags() -> str:
@@ -60,10 +64,15 @@ def kernels():
     """The compiled kernels (`self_attend`, `cross_attend`), or None where they cannot be built."""
     if os.environ.get("MMCAP_KERNELS", "1") == "0":
         return None
+    build = None
     try:
-        cpp_extension = _import_cpp_extension()
         key = build_key()
         build = cache_root() / "kernels" / key
+        if (build / FAILED).exists():  # said once, when it failed; a compile attempt per process costs seconds
+            log.info("mmcap: the attention kernels failed to build here before (%s; delete it to retry); "
+                     "decoding uses torch's ops", build / FAILED)
+            return None
+        cpp_extension = _import_cpp_extension()
         build.mkdir(parents=True, exist_ok=True)
         fresh = not any(build.glob("*.so"))
         if fresh:
@@ -71,15 +80,29 @@ def kernels():
             log.warning("mmcap: compiling the attention kernels for this CPU, once (about 10 s) into %s", build)
         start = time.perf_counter()
         cpp_extension.load(name=f"mmcap_attention_{key}", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                           extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
-                           verbose=False)
+                           extra_ldflags=["-fopenmp"] if OPENMP else [], build_directory=str(build),
+                           is_python_module=False, verbose=False)
         if fresh:
             log.info("mmcap: attention kernels built in %.1f s", time.perf_counter() - start)
         ops = torch.ops.mmcap  # the overloads themselves: no lookup per call
         return SimpleNamespace(self_attend=ops.self_attend.default, cross_attend=ops.cross_attend.default)
     except Exception as e:  # no compiler, no headers, a read-only cache: torch's ops do the work
-        log.warning("mmcap: the attention kernels could not be built (%s: %s); decoding uses torch's ops",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        marker = _mark_failed(build, what)
+        log.warning("mmcap: the attention kernels could not be built (%s); decoding uses torch's ops%s", what,
+                    f" (not retried while {marker} exists)" if marker else "")
+        return None
+
+
+def _mark_failed(build: Optional[Path], what: str) -> Optional[Path]:
+    """Best effort: a read-only cache just tries again next time."""
+    if build is None:
+        return None
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+        (build / FAILED).write_text(what + "\n")
+        return build / FAILED
+    except OSError:
         return None
 
 

@@ -178,6 +178,12 @@ def test_without_a_compiler_decoding_keeps_torchs_ops(monkeypatch, caplog, tmp_p
             att = GPT2Decoding(gpt2(), torch.randn(2, 5, 128), 8, torch.float32).attention
         assert isinstance(att, gpt2_attention.TorchAttention)
         assert "could not be built (RuntimeError: Error building extension" in caplog.text
+        # later processes do not try again (a compile attempt costs seconds) until the marker goes
+        marker = tmp_path / "kernels" / attention_kernel.build_key() / attention_kernel.FAILED
+        assert "command not found" in marker.read_text()
+        monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("retried a failed build"))
+        attention_kernel.kernels.cache_clear()
+        assert attention_kernel.kernels() is None
     finally:
         attention_kernel.kernels.cache_clear()
         gpt2_attention._kernel_faster.cache_clear()
