@@ -142,12 +142,20 @@ class KernelAttention:
         return self.kernels.cross_attend(q, *self.cross[i], self.positions, self.group, scale)
 
     def expand(self, k: int) -> None:
-        # each row's cache copied to its k beams' rows (cheap: the first call fed BOS and the prompt)
+        # room for every beam's row; the positions filled so far stay in their rows, which the k
+        # beams of a row all read through `anc` (nothing is copied per beam)
+        n, filled = len(self.anc), self.t + 1
         self.group *= k
-        self.k = [c.repeat_interleave(k, dim=0) for c in self.k]
-        self.v = [c.repeat_interleave(k, dim=0) for c in self.v]
-        self.anc = self.anc.repeat_interleave(k, dim=0) * k
-        self.own = torch.arange(len(self.anc))
+        self.k = [self._grown(c, max(n * k, len(c)), filled) for c in self.k]
+        self.v = [self._grown(c, max(n * k, len(c)), filled) for c in self.v]
+        self.anc = self.anc.repeat_interleave(k, dim=0)
+        self.own = torch.arange(n * k)
+
+    @staticmethod
+    def _grown(cache: torch.Tensor, rows: int, filled: int) -> torch.Tensor:
+        grown = cache.new_empty((rows, *cache.shape[1:]))
+        grown[: len(cache), :, :filled] = cache[:, :, :filled]
+        return grown
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.anc = self.anc.index_select(0, rows)
