@@ -103,7 +103,8 @@ class TorchAttention:
 class KernelAttention:
     """Attention in mmcap's C++ kernels, caches in `dtype` (fp32 or bf16), arithmetic in fp32.
 
-    The self-attention cache of a layer is [rows, heads, max_len, head_dim], allocated once; row
+    The self-attention cache of a layer is [rows, heads, max_len, head_dim], allocated at the first
+    step and grown once when beam search expands rows into beams; row
     n's position p is read from cache row `anc[n, p]` (its ancestor's row at that position). A
     step writes each row's new key and value at its own row, so a beam reorder or a dropped image
     only re-indexes `anc`: nothing is copied.
@@ -118,7 +119,7 @@ class KernelAttention:
         self.cross = []  # per layer: keys [B, heads, head_dim, MP] (transposed), values [B, heads, MP, head_dim]
         for k, v in image_kv:
             b, m, w = k.shape
-            self.positions, padded = m, -(-m // 16) * 16  # the kernel reads 16 positions at a time
+            self.positions, padded = m, -(-m // 16) * 16  # whole vectors of positions, whatever their width
             keys = k.new_zeros((b, heads, w // heads, padded), dtype=dtype)
             keys[..., :m] = k.view(b, m, heads, -1).permute(0, 2, 3, 1)
             values = v.new_zeros((b, heads, padded, w // heads), dtype=dtype)
@@ -179,7 +180,7 @@ def attention_for(image_kv: ImageKV, heads: int, max_len: int, dtype: Optional[t
 
 
 TIMING = dict(images=16, beams=3, positions=12, image_positions=49)  # `caption`'s default batch, beam 3
-# (heads, head_dim, cache dtype) -> what the race measured and chose, for logs and benchmarks
+# (heads, head_dim, cache dtype, input dtype) -> what the race measured and chose, for logs and benchmarks
 RACES: dict[tuple[int, int, str, str], dict] = {}
 
 
