@@ -104,10 +104,10 @@ class KernelAttention:
     """Attention in mmcap's C++ kernels, caches in `dtype` (fp32 or bf16), arithmetic in fp32.
 
     The self-attention cache of a layer is [rows, heads, max_len, head_dim], allocated at the first
-    step and grown once when beam search expands rows into beams; row
-    n's position p is read from cache row `anc[n, p]` (its ancestor's row at that position). A
-    step writes each row's new key and value at its own row, so a beam reorder or a dropped image
-    only re-indexes `anc`: nothing is copied.
+    step and grown once when beam search expands rows into beams; row n's position p is read from
+    cache row `anc[n, p]` (its ancestor's row at that position). A step writes each row's new key
+    and value at its own row, so a beam reorder or a dropped image only re-indexes `anc`: nothing
+    is copied.
     """
 
     def __init__(self, heads: int, image_kv: ImageKV, dtype: torch.dtype, max_len: int, kernels=None):
