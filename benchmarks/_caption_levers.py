@@ -30,7 +30,7 @@ from common import GENERATION, NaivePipeline, TransformersForward, best_time, bu
 from mmcap.generation import GenerationConfig, generate
 from mmcap.images import eval_transform, open_image
 from mmcap import attention_kernel, gpt2_attention, int8_encoder, quantize
-from mmcap.decoding import attend
+from mmcap.gpt2_attention import attend
 from mmcap.folding import folded_encoder
 from mmcap.quantize import int8_linears
 

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "one_query_attention.cpp"
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the source instantiates
+DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),  # and its (caches, queries) dtypes
+          (torch.bfloat16, torch.bfloat16))
 # OpenMP only where torch's own parallel backend is OpenMP (at::parallel_for inlines it); macOS
 # builds of torch use their native backend, and Apple's clang has no -fopenmp
 OPENMP = "OpenMP" in torch.__config__.parallel_info()

@@ -86,14 +86,15 @@ class GPT2Decoding:
         self.t = 0  # tokens fed so far
         # GPT-2's tanh GELU as one kernel (not transformers' eight) in the fast modes (autocast, or
         # int8 twins in place of its Conv1D layers); fp32 keeps transformers' exact arithmetic.
-        fast = torch.is_autocast_enabled(memory.device.type) or not isinstance(self.body.h[0].mlp.c_fc, Conv1D)
+        autocast = torch.is_autocast_enabled(memory.device.type)
+        fast = autocast or not isinstance(self.body.h[0].mlp.c_fc, Conv1D)
         self.fused_gelu = fast and cfg.activation_function == "gelu_new"
         # attention caches in `attention_dtype` (int8 mode: bf16 where bf16 measured fast; a step
         # moves half the bytes), else in the dtype the linear layers give. The image's keys and
         # values are computed once per image.
         image_kv = [block.crossattention.c_attn(memory).split(cfg.hidden_size, dim=2) for block in self.body.h]
         self.attention = attention_for(image_kv, cfg.num_attention_heads, max_len, attention_dtype,
-                                       lossy=attention_dtype is not None or torch.is_autocast_enabled(memory.device.type))
+                                       lossy=attention_dtype is not None or autocast)
 
     @staticmethod
     def supports(model, attentions: bool) -> bool:

@@ -35,19 +35,35 @@ def image_rows(images: torch.Tensor, group: int) -> torch.Tensor:
     return (images[:, None] * group + torch.arange(group, device=images.device)).view(-1)
 
 
-class TorchAttention:
+class _Attention:
+    """What both implementations keep: heads, beams per image, the position being written and the
+    image's keys and values per layer (`cross`, pairs with the image first)."""
+
+    def __init__(self, heads: int, dtype: Optional[torch.dtype]):
+        self.heads, self.dtype, self.group, self.t = heads, dtype, 1, 0
+        self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def keep(self, images: torch.Tensor) -> None:
+        """From now on only `images` (positions among the images so far), with their beams' rows."""
+        self.reorder(image_rows(images, self.group))
+        self.cross = [(keys.index_select(0, images), values.index_select(0, images)) for keys, values in self.cross]
+
+
+class TorchAttention(_Attention):
     """Attention in torch's ops, caches in `dtype` (None: the dtype the linear layers give)."""
 
     def __init__(self, heads: int, image_kv: ImageKV, dtype: Optional[torch.dtype] = None):
-        self.heads, self.dtype, self.group, self.t = heads, dtype, 1, 0
+        super().__init__(heads, dtype)
         # self-attention keys and values per layer, [2, rows, heads, positions, head_dim], made
         # anew each step (the past and the new position, one `cat`): contiguous, as oneDNN's bf16
         # matmul needs (it copies any other layout itself), keys read transposed
         self.kv: list[Optional[torch.Tensor]] = [None] * len(image_kv)
         self.rows: Optional[torch.Tensor] = None  # a beam reorder not yet applied to `kv`
         self.step_rows: Optional[torch.Tensor] = None  # the reorder this step applies, layer by layer
-        self.cross = []  # [B, heads, head_dim, M] keys (transposed), [B, heads, M, head_dim] values
-        for k, v in image_kv:
+        for k, v in image_kv:  # [B, heads, head_dim, M] keys (transposed), [B, heads, M, head_dim] values
             b, m, _ = k.shape
             if dtype is not None:
                 k, v = k.to(dtype), v.to(dtype)
@@ -90,17 +106,13 @@ class TorchAttention:
         # it saved in bytes.
         self.rows = rows if self.rows is None else self.rows.index_select(0, rows)
 
-    def keep(self, images: torch.Tensor) -> None:
-        self.reorder(image_rows(images, self.group))
-        self.cross = [(keys.index_select(0, images), values.index_select(0, images)) for keys, values in self.cross]
-
     def _apply_reorder(self) -> None:
         if self.rows is not None:
             self.kv = [kv.index_select(1, self.rows) for kv in self.kv]
             self.rows = None
 
 
-class KernelAttention:
+class KernelAttention(_Attention):
     """Attention in mmcap's C++ kernels, caches in `dtype` (fp32 or bf16), arithmetic in fp32.
 
     The self-attention cache of a layer is [rows, heads, max_len, head_dim], allocated at the first
@@ -111,13 +123,13 @@ class KernelAttention:
     """
 
     def __init__(self, heads: int, image_kv: ImageKV, dtype: torch.dtype, max_len: int, kernels=None):
-        self.heads, self.dtype, self.max_len, self.group, self.t = heads, dtype, max_len, 1, 0
+        super().__init__(heads, dtype)
+        self.max_len = max_len
         self.kernels = kernels or attention_kernel.kernels()
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.anc: Optional[torch.Tensor] = None  # [rows, max_len] cache rows
-        self.cross = []  # per layer: keys [B, heads, head_dim, MP] (transposed), values [B, heads, MP, head_dim]
-        for k, v in image_kv:
+        for k, v in image_kv:  # keys [B, heads, head_dim, MP] (transposed), values [B, heads, MP, head_dim]
             b, m, w = k.shape
             self.positions, padded = m, -(-m // 16) * 16  # whole vectors of positions, whatever their width
             keys = k.new_zeros((b, heads, w // heads, padded), dtype=dtype)
@@ -161,10 +173,6 @@ class KernelAttention:
     def reorder(self, rows: torch.Tensor) -> None:
         self.anc = self.anc.index_select(0, rows)
 
-    def keep(self, images: torch.Tensor) -> None:
-        self.reorder(image_rows(images, self.group))
-        self.cross = [(keys.index_select(0, images), values.index_select(0, images)) for keys, values in self.cross]
-
 
 def attention_for(image_kv: ImageKV, heads: int, max_len: int, dtype: Optional[torch.dtype], lossy: bool):
     """The faster attention this machine runs for these shapes: the kernels only where the caller
@@ -172,8 +180,7 @@ def attention_for(image_kv: ImageKV, heads: int, max_len: int, dtype: Optional[t
     than torch's ops. Caches in `dtype`, else in the dtype of the image's keys."""
     k = image_kv[0][0]
     head_dim, cache_dtype = k.shape[-1] // heads, dtype or k.dtype
-    built = (cache_dtype, k.dtype) in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                       (torch.bfloat16, torch.bfloat16))  # (caches, queries) the source instantiates
+    built = (cache_dtype, k.dtype) in attention_kernel.DTYPES
     if lossy and built and k.device.type == "cpu" and _kernel_faster(heads, head_dim, cache_dtype, k.dtype):
         return KernelAttention(heads, image_kv, cache_dtype, max_len)
     return TorchAttention(heads, image_kv, dtype)
@@ -235,13 +242,13 @@ def _timings(heads: int, head_dim: int, dtype: torch.dtype, input_dtype: torch.d
             att.expand(k) if t == 0 else att.reorder(perm)
         return time.perf_counter() - start
 
-    torch_dtype = None if dtype == input_dtype else dtype  # as `attention_for` makes it
-    makers = (lambda: KernelAttention(heads, image_kv, dtype, steps), lambda: TorchAttention(heads, image_kv, torch_dtype))
+    makers = (lambda: KernelAttention(heads, image_kv, dtype, steps), lambda: TorchAttention(heads, image_kv, dtype))
     best = [float("inf"), float("inf")]
     for r in range(repeats + 1):  # alternating, so that a burst of other load hits both; the first warms up
         for j, make in enumerate(makers):
             took = decode(make())
-            best[j] = min(best[j], took) if r else best[j]
+            if r:
+                best[j] = min(best[j], took)
     return best[0], best[1]
 
 

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -189,6 +190,27 @@ void check_rows(const at::Tensor& t, const char* name) {
               name, ": expected a 2-D fp32 or bf16 tensor with contiguous rows");
 }
 
+// Calls f(head_dim, cache value, query value) with the compile-time head size and element types
+// the source instantiates for these tensors: fp32 or bf16 caches, fp32 queries or bf16 ones with
+// bf16 caches, heads of 16, 32, 64 or 128.
+template <typename F>
+void dispatch(int64_t D, at::ScalarType caches, at::ScalarType queries, F&& f) {
+  TORCH_CHECK(caches == at::kFloat || caches == at::kBFloat16, "caches: fp32 or bf16");
+  TORCH_CHECK(caches == at::kBFloat16 || queries == at::kFloat, "bf16 queries need bf16 caches");
+  auto types = [&](auto d) {
+    if (caches == at::kFloat) f(d, float{}, float{});
+    else if (queries == at::kFloat) f(d, at::BFloat16{}, float{});
+    else f(d, at::BFloat16{}, at::BFloat16{});
+  };
+  switch (D) {
+    case 16: types(std::integral_constant<int, 16>{}); break;
+    case 32: types(std::integral_constant<int, 32>{}); break;
+    case 64: types(std::integral_constant<int, 64>{}); break;
+    case 128: types(std::integral_constant<int, 128>{}); break;
+    default: TORCH_CHECK(false, "head_dim ", D, " not built (16, 32, 64, 128)");
+  }
+}
+
 }  // namespace
 
 at::Tensor self_attend(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tensor anc, int64_t len,
@@ -202,23 +224,9 @@ at::Tensor self_attend(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tensor an
   const int64_t D = K.size(3), W = K.size(1) * D;
   TORCH_CHECK(qkv.size(1) >= 3 * W, "qkv: fewer than 3 x heads x head_dim columns");
   auto out = at::empty({qkv.size(0), W}, qkv.options().dtype(at::kFloat));
-  const float sc = static_cast<float>(scale);
-  const bool bf16 = K.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || K.scalar_type() == at::kFloat, "K, V: fp32 or bf16");
-  const bool in16 = qkv.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || !in16, "bf16 qkv needs bf16 caches");
-#define MMCAP_SELF(D) \
-  if (bf16 && in16) self_attend_impl<D, at::BFloat16, at::BFloat16>(qkv, K, V, anc, len, sc, out); \
-  else if (bf16) self_attend_impl<D, at::BFloat16, float>(qkv, K, V, anc, len, sc, out); \
-  else self_attend_impl<D, float, float>(qkv, K, V, anc, len, sc, out);
-  switch (D) {
-    case 16: MMCAP_SELF(16) break;
-    case 32: MMCAP_SELF(32) break;
-    case 64: MMCAP_SELF(64) break;
-    case 128: MMCAP_SELF(128) break;
-    default: TORCH_CHECK(false, "head_dim ", D, " not built (16, 32, 64, 128)");
-  }
-#undef MMCAP_SELF
+  dispatch(D, K.scalar_type(), qkv.scalar_type(), [&](auto d, auto t, auto q) {
+    self_attend_impl<decltype(d)::value, decltype(t), decltype(q)>(qkv, K, V, anc, len, static_cast<float>(scale), out);
+  });
   return out;
 }
 
@@ -232,23 +240,9 @@ at::Tensor cross_attend(at::Tensor q, at::Tensor KT, at::Tensor V, int64_t M, in
   TORCH_CHECK(MP % 16 == 0 && M >= 1 && M <= MP, "positions: 1 <= M <= MP, MP a multiple of 16");
   TORCH_CHECK(group >= 1 && q.size(0) == B * group && q.size(1) >= H * D, "q: [B x group, >= W]");
   auto out = at::empty({q.size(0), H * D}, q.options().dtype(at::kFloat));
-  const float sc = static_cast<float>(scale);
-  const bool bf16 = KT.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || KT.scalar_type() == at::kFloat, "KT, V: fp32 or bf16");
-  const bool in16 = q.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || !in16, "bf16 queries need bf16 caches");
-#define MMCAP_CROSS(D) \
-  if (bf16 && in16) cross_attend_impl<D, at::BFloat16, at::BFloat16>(q, KT, V, M, group, sc, out); \
-  else if (bf16) cross_attend_impl<D, at::BFloat16, float>(q, KT, V, M, group, sc, out); \
-  else cross_attend_impl<D, float, float>(q, KT, V, M, group, sc, out);
-  switch (D) {
-    case 16: MMCAP_CROSS(16) break;
-    case 32: MMCAP_CROSS(32) break;
-    case 64: MMCAP_CROSS(64) break;
-    case 128: MMCAP_CROSS(128) break;
-    default: TORCH_CHECK(false, "head_dim ", D, " not built (16, 32, 64, 128)");
-  }
-#undef MMCAP_CROSS
+  dispatch(D, KT.scalar_type(), q.scalar_type(), [&](auto d, auto t, auto qt) {
+    cross_attend_impl<decltype(d)::value, decltype(t), decltype(qt)>(q, KT, V, M, group, static_cast<float>(scale), out);
+  });
   return out;
 }
 
