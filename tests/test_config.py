@@ -48,6 +48,27 @@ def test_model_saved_by_mmcap_0_1_loads_and_captions_unchanged(tmp_path):
                                                                    min_new_tokens=4) == expected["beam3"]
 
 
+def test_model_saved_by_mmcap_0_2_loads_and_captions_unchanged(tmp_path):
+    """tests/fixtures/model_v0_2 was written by mmcap 0.2.0 (`tests/fixtures/make_model_v0_2.py`), a
+    trained tiny model whose captions are words; fp32 outputs must stay exactly as recorded then."""
+    with tarfile.open(FIXTURES / "model_v0_2.tar.xz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    expected = json.loads((FIXTURES / "model_v0_2.expected.json").read_text())
+    model = Captioner.from_pretrained(tmp_path / "model_v0_2")
+    images = circle_images()
+    captions, scores = model.caption(images, return_scores=True, max_new_tokens=8)
+    assert captions == expected["greedy"] == expected["score_captions"]
+    torch.testing.assert_close(scores, torch.tensor(expected["greedy_log_probs"]), rtol=1e-5, atol=1e-5)
+    beam3, beam3_scores = model.caption(images, return_scores=True, num_beams=3, max_new_tokens=8)
+    assert beam3 == expected["beam3"]
+    torch.testing.assert_close(beam3_scores, torch.tensor(expected["beam3_log_probs"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.score(images, expected["score_captions"]), torch.tensor(expected["score"]),
+                               rtol=1e-5, atol=1e-5)
+    pixels, _ = model.preprocess(images)
+    out = model.generate(pixels, max_new_tokens=8, num_beams=2)
+    assert [out.sequences[i, : out.lengths[i]].tolist() for i in range(4)] == expected["beam2_ids"]
+
+
 @pytest.mark.slow
 def test_building_never_writes_into_the_config(minilm_dir):
     cfg = CaptionerConfig.from_dict({**tiny_config("bert"), "decoder": {"family": "bert", "pretrained": minilm_dir}})
