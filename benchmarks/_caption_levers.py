@@ -6,7 +6,7 @@ of a group differ in one lever only. Printed as a table on stderr and returned a
 bench_caption adds to its JSON line). Two clocks: wall time, and the CPU time of this process,
 which load from other processes barely moves when torch runs one thread (`--threads 1`).
 
-Only public API is used: the transformers-forward path of `mmcap.generation.generate` is reached
+Only public API is used: the transformers-forward path of `mmcap.generation.generate.generate` is reached
 by handing it the decoder behind a plain module (`common.TransformersForward`), beam-search
 bookkeeping is timed with a decoder that answers instantly, and the attention kernels (mmcap's
 matmul attention vs the fused SDPA) are timed on their own, on the shapes this decoding uses.
@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import GENERATION, NaivePipeline, TransformersForward, best_time, build_mmcap, log, make_photos
-from mmcap.generation import GenerationConfig, generate
+from mmcap.generation.generate import GenerationConfig, generate
 from mmcap.images import eval_transform, open_image
 from mmcap import attention_kernel, gpt2_attention, int8_encoder, quantize
-from mmcap.gpt2_attention import attend
-from mmcap.folding import folded_encoder
-from mmcap.quantize import int8_linears
+from mmcap.generation.attention import attend
+from mmcap.accel.folding import folded_encoder
+from mmcap.accel.quantize import int8_linears
 
 
 def lever_table(batch_size: int = 16, compile: bool = False) -> dict:
@@ -205,7 +205,7 @@ def _onnxruntime_rows(encoder, pixels, row):
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from mmcap.ort_encoder import export_onnx, ort_runner
+        from mmcap.accel.ort_encoder import export_onnx, ort_runner
     except ImportError:
         log("  encoder   ONNX Runtime rows skipped: pip install mmcap[onnx]")
         return

@@ -11,7 +11,7 @@ and exactly 20 new tokens, batch 16, over JPEG photos (640x480) written here, al
 
 - ``mmcap``: ``Captioner.caption(paths, precision="int8")``, mmcap's fastest documented mode whose
   CIDEr-D stays within 1 % of fp32's on the demo test splits (``--quality``): the encoder as
-  ``auto`` (bf16 where bf16 matmuls measured faster than fp32 on this machine: ``mmcap.precision``;
+  ``auto`` (bf16 where bf16 matmuls measured faster than fp32 on this machine: ``mmcap.accel.precision``;
   ``bf16_matmul_speedup`` says by how much), the decoder's linear layers and LM head in int8.
   ``precision`` and ``encoder_dtype`` in the output say which mode ran, ``encoder_runner`` and
   ``int8_engines`` what int8 measured fastest on this machine (torch's float or int8 twin, or ONNX
@@ -31,7 +31,7 @@ how many cores other processes used meanwhile (on a shared machine, trust runs w
 ``peak_rss_mb`` is the process's peak resident memory while mmcap captions (model included),
 before the other systems are built. ``machine_fraction`` = mmcap's FLOPs per caption (counted
 with torch.utils.flop_counter) x its captions/s / the bf16 matmul FLOP/s measured in the run
-(``mmcap.precision.measure_matmuls`` on 2048x2048 matrices). ``cpu_model`` names the processor.
+(``mmcap.accel.precision.measure_matmuls`` on 2048x2048 matrices). ``cpu_model`` names the processor.
 
 ``--quality MODEL --data SHARDS`` instead compares caption quality: CIDEr-D of a trained model's
 fp32, bf16 and int8 captions, and the share of fast captions identical to fp32's; the exit status
@@ -58,8 +58,8 @@ from common import (BEAMS, GENERATION, NaivePipeline, VitGpt2Pipeline, build_mmc
                     make_photos, peak_rss_mb, reset_peak_rss)
 
 from mmcap import Captioner, encoder_runners, gpt2_attention  # noqa: E402
-from mmcap.precision import compute_dtype, cpu_bf16_speedup, measure_matmuls  # noqa: E402
-from mmcap.quantize import engine_choices  # noqa: E402
+from mmcap.accel.precision import compute_dtype, cpu_bf16_speedup, measure_matmuls  # noqa: E402
+from mmcap.accel.quantize import engine_choices  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- measuring

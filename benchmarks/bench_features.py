@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from common import build_fit, emit, quiet_fit_overrides
 
-from mmcap.features import extract_features, use_feature_encoder
+from mmcap.training.features import extract_features, use_feature_encoder
 
 
 class EpochTimer(L.Callback):

@@ -10,7 +10,7 @@ Runtime documents for transformers on CPUs (`quantize_dynamic`: int8 weights per
 activations quantized per call; its optimizer fuses them into `DynamicQuantizeMatMul`). Both
 sides decode 16 images x 3 beams = 48 rows for 20 steps (the first on the 16 images, then each
 row repeated 3x), over the same random tokens and image tokens, without beam search, so that only
-the step differs: mmcap's side is `mmcap.decoding.GPT2Decoding` under `mmcap.quantize.int8_linears`
+the step differs: mmcap's side is `mmcap.generation.passes.GPT2Decoding` under `mmcap.accel.quantize.int8_linears`
 with attention in bf16 where bf16 measured fast, as `precision="int8"` runs it. Each side is timed
 alternately, best of `--rounds`. `max_logit_diff_*` compare each side's first-step logits with the
 fp32 decoder's.
@@ -28,9 +28,9 @@ from torch import nn
 
 from common import BEAMS, NEW_TOKENS, build_mmcap, emit, log
 
-from mmcap.decoding import GPT2Decoding
-from mmcap.precision import compute_dtype
-from mmcap.quantize import int8_linears
+from mmcap.generation.passes import GPT2Decoding
+from mmcap.accel.precision import compute_dtype
+from mmcap.accel.quantize import int8_linears
 
 IMAGES, GRID = 16, 49
 

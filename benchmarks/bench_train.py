@@ -21,7 +21,7 @@ import warnings
 import torch
 from common import StepTimer, build_fit, clocks, emit, quiet_fit_overrides
 
-from mmcap.precision import lightning_precision
+from mmcap.accel.precision import lightning_precision
 
 
 def lightning_rate(config: str, overrides: list[str], steps: int, warmup: int, precision: str) -> tuple[float, float]:

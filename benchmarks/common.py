@@ -6,7 +6,7 @@
   the reference that mmcap's fp32 captions must equal; `VitGpt2Pipeline`, transformers'
   VisionEncoderDecoderModel of the same size class;
 - `TransformersForward`: a decoder seen through a plain module, so that
-  `mmcap.generation.generate` runs it through the transformers forward instead of its lean
+  `mmcap.generation.generate.generate` runs it through the transformers forward instead of its lean
   GPT-2 path;
 - synthetic photo-like JPEGs (`photo_jpeg`, `make_photos`); `held_out_keys` of demo shards;
 - measuring: `clocks`, `best_time`, peak RSS, `machine_info` and `emit` (every benchmark's JSON
@@ -36,8 +36,8 @@ from PIL import Image, ImageDraw
 
 from mmcap import Captioner
 from mmcap.images import eval_transform
-from mmcap.precision import cpu_model
-from mmcap.tokenizer import CaptionTokenizer
+from mmcap.accel.precision import cpu_model
+from mmcap.model.tokenizer import CaptionTokenizer
 
 # ----------------------------------------------------------------------------- bench_caption's model
 VOCAB, BEAMS, NEW_TOKENS, IMAGE_SIZE, BATCH_SIZE = 50257, 3, 20, 224, 16
@@ -165,7 +165,7 @@ class VitGpt2Pipeline:
 
 
 class TransformersForward(torch.nn.Module):
-    """`decoder` behind a plain module. `mmcap.generation.generate` takes its lean path only for a
+    """`decoder` behind a plain module. `mmcap.generation.generate.generate` takes its lean path only for a
     `GPT2LMHeadModel` itself and decodes any other model through its transformers forward (with
     the caches): wrapping the same decoder gives that generic path, same weights and math."""
 

@@ -27,31 +27,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in ("caption", "eval"):
-        from . import caption_cli
+        from mmcap.inference import cli
 
         return getattr(caption_cli, f"{cmd}_main")(rest)
     if cmd == "serve":
-        from .serve.cli import serve_main
+        from mmcap.serve.cli import serve_main
 
         return serve_main(rest)
     if cmd in ("fit", "validate", "test", "predict"):
-        from .training.cli import lightning_main
+        from mmcap.training.cli import lightning_main
 
         return lightning_main([cmd, *rest])
     if cmd == "export":
-        from .training.cli import export_main
+        from mmcap.training.cli import export_main
 
         return export_main(rest)
     if cmd == "shards":
-        from .data.cli import shards_main
+        from mmcap.training.data_cli import shards_main
 
         return shards_main(rest)
     if cmd == "features":
-        from .data.cli import features_main
+        from mmcap.training.data_cli import features_main
 
         return features_main(rest)
     if cmd == "data":
-        from .data.cli import data_main
+        from mmcap.training.data_cli import data_main
 
         return data_main(rest)
     print(f"mmcap: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)

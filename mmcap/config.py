@@ -93,7 +93,7 @@ class DecoderConfig:
     train: Literal["full", "lora", "frozen"] = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    # Module names LoRA adapts; None: the family's attention and MLP projections (mmcap.lora).
+    # Module names LoRA adapts; None: the family's attention and MLP projections (mmcap.model.lora).
     lora_targets: Optional[list[str]] = None
     gradient_checkpointing: bool = False  # recompute the LM's layers in the backward pass
 

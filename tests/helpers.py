@@ -74,7 +74,7 @@ def trained_like_encoder(arch: str = "resnet18", **encoder_config):
     from torch import nn
 
     from mmcap.config import EncoderConfig
-    from mmcap.encoder import ResNetEncoder
+    from mmcap.model.encoder import ResNetEncoder
 
     torch.manual_seed(0)
     enc = ResNetEncoder(EncoderConfig(arch=arch, **encoder_config), image_size=64)

@@ -1,4 +1,4 @@
-"""glibc keeps freed memory for reuse in the CPU fast modes (`mmcap.allocator`)."""
+"""glibc keeps freed memory for reuse in the CPU fast modes (`mmcap.accel.allocator`)."""
 import ctypes
 import sys
 

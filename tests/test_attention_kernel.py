@@ -8,9 +8,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mmcap import attention_kernel, gpt2_attention
-from mmcap.decoding import GPT2Decoding
-from mmcap.generation import generate
-from mmcap.generation_config import GenerationConfig
+from mmcap.generation.passes import GPT2Decoding
+from mmcap.generation.generate import generate
+from mmcap.generation.config import GenerationConfig
 
 kernels = attention_kernel.kernels()
 needs_kernels = pytest.mark.skipif(kernels is None, reason="no C++ compiler here")
@@ -141,7 +141,7 @@ def test_the_race_decides_by_the_timings(monkeypatch, caplog, kernel_s, torch_s,
     monkeypatch.setattr(attention_kernel, "kernels", lambda: object())
     monkeypatch.setattr(gpt2_attention, "_timings", lambda *a: (kernel_s, torch_s))
     gpt2_attention._kernel_faster.cache_clear()
-    with caplog.at_level(logging.INFO, logger="mmcap.gpt2_attention"):
+    with caplog.at_level(logging.INFO, logger="mmcap.generation.attention"):
         assert gpt2_attention._kernel_faster(2, 64, torch.float32) is chosen
         assert not gpt2_attention._kernel_faster(2, 24, torch.float32)  # a head size the source has no kernel for
     gpt2_attention._kernel_faster.cache_clear()
@@ -155,7 +155,7 @@ def test_a_kernel_that_fails_in_the_race_leaves_torchs_ops(monkeypatch, caplog):
     monkeypatch.setattr(attention_kernel, "kernels", lambda: SimpleNamespace(self_attend=broken, cross_attend=broken))
     gpt2_attention._kernel_faster.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="mmcap.gpt2_attention"):
+        with caplog.at_level(logging.WARNING, logger="mmcap.generation.attention"):
             assert not gpt2_attention._kernel_faster(2, 64, torch.float32)
         assert "the C++ kernels failed on 2 heads of 64 (head_dim 64 not built)" in caplog.text
     finally:
@@ -173,7 +173,7 @@ def test_without_a_compiler_decoding_keeps_torchs_ops(monkeypatch, caplog, tmp_p
     attention_kernel.kernels.cache_clear()
     gpt2_attention._kernel_faster.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="mmcap.attention_kernel"):
+        with caplog.at_level(logging.WARNING, logger="mmcap.accel.kernels"):
             assert attention_kernel.kernels() is None
             att = GPT2Decoding(gpt2(), torch.randn(2, 5, 128), 8, torch.float32).attention
         assert isinstance(att, gpt2_attention.TorchAttention)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmcap.caption_cli import eval_main
+from mmcap.inference.cli import eval_main
 from mmcap.config import CaptionerConfig
 from mmcap.training.cli import export_main, lightning_main
 
@@ -135,7 +135,7 @@ def test_fit_from_features_through_the_cli(shards, tmp_path, capsys):
     on the test features, and exports a model that carries the features' encoder."""
     from mmcap import Captioner
     from mmcap.cli import main as mmcap_main
-    from mmcap.features import load_encoder
+    from mmcap.training.features import load_encoder
 
     train, val, val_caps = shards
     feats = tmp_path / "feats"

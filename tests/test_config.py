@@ -12,7 +12,7 @@ import torch
 from helpers import circle_images, tiny_config
 
 from mmcap import Captioner, CaptionerConfig
-from mmcap.generation_config import GenerationConfig, add_generation_arguments, generation_overrides
+from mmcap.generation.config import GenerationConfig, add_generation_arguments, generation_overrides
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent

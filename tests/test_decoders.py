@@ -8,8 +8,8 @@ import torch
 from helpers import CAPTIONS, circle_images, tiny_config
 
 from mmcap import Captioner
-from mmcap.generation import GenerationConfig, generate
-from mmcap.tokenizer import CaptionTokenizer
+from mmcap.generation.generate import GenerationConfig, generate
+from mmcap.model.tokenizer import CaptionTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -377,7 +377,7 @@ def test_lora_training_checkpoint_holds_only_trainable_weights(checkpoints, tmp_
 def test_finished_images_leave_the_lm_pass_and_results_stay(checkpoints, monkeypatch, fusion, cache):
     """Beam search drops finished images from an LM's pass (`LMDecoding.keep`): the same captions,
     scores and hypotheses as decoding every row to the end."""
-    from mmcap.fusion import LMDecoding
+    from mmcap.model.fusion import LMDecoding
 
     model = Captioner.from_config(pretrained_config(checkpoints["llama"], fusion=fusion)).eval()
     if fusion == "cross_attention":

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mmcap.data import CaptionDataModule, iter_samples
-from mmcap.data.cli import data_main
+from mmcap.training.data_cli import data_main
 from mmcap.data.demo import COLOURS, HELD_OUT, VOCABULARY, make_demo
 from mmcap.data.shardlist import SAMPLE_MEMBERS
 from mmcap.data.samples import SkipCounter, read_shards

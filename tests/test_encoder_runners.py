@@ -1,5 +1,5 @@
 """int8's encoder: the fastest of torch's folded float twin, the int8 twin and ONNX Runtime, as timed
-on this machine (`mmcap.encoder_runners`); each computes the encoder's grid."""
+on this machine (`mmcap.accel.encoder_race`); each computes the encoder's grid."""
 import pytest
 import torch
 
@@ -76,7 +76,7 @@ def test_runners_that_fail_are_left_out_and_logged(monkeypatch, caplog):
     monkeypatch.setattr(encoder_runners, "_time", lambda run, pixels: pytest.fail("nothing to choose between"))
     enc = trained_like_encoder()
     x = torch.randn(2, 3, 64, 64)
-    with caplog.at_level("WARNING", logger="mmcap.encoder_runners"):
+    with caplog.at_level("WARNING", logger="mmcap.accel.encoder_race"):
         out = encoder_runners.fastest_encoder(enc, torch.float32, x)(x)
     assert encoder_runners.choice(enc) == "torch float32" and "unsupported operator" in caplog.text
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The folded encoder (`mmcap.folding`): BatchNorm folded into convolutions computes what the
+"""The folded encoder (`mmcap.accel.folding`): BatchNorm folded into convolutions computes what the
 encoder computes, is remade when the encoder changes, and leaves the encoder as it was."""
 import copy
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmcap.folding import fold_batchnorms, folded_encoder
+from mmcap.accel.folding import fold_batchnorms, folded_encoder
 from helpers import trained_like_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ from helpers import CAPTIONS, tiny_config
 
 from mmcap import Captioner
 from mmcap.config import EncoderConfig
-from mmcap.encoder import ResNetEncoder, resolve_stride
+from mmcap.model.encoder import ResNetEncoder, resolve_stride
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

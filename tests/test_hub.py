@@ -8,7 +8,7 @@ import torch
 
 from mmcap import Captioner
 from mmcap.cli import main as mmcap_main
-from mmcap.hub import MODEL_FILES, TOKENIZER_FILES, is_repo_id
+from mmcap.model.hub import MODEL_FILES, TOKENIZER_FILES, is_repo_id
 
 MAIN, TAGGED = "a" * 40, "b" * 40
 

@@ -1,4 +1,4 @@
-"""The int8 encoder (`mmcap.int8_encoder`): the encoder's grid from oneDNN u8 x s8 convolutions
+"""The int8 encoder (`mmcap.accel.int8_encoder`): the encoder's grid from oneDNN u8 x s8 convolutions
 with activation ranges calibrated on the first images."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The encoder on ONNX Runtime (`mmcap.ort_encoder`), one of int8's encoder runners: it computes the
+"""The encoder on ONNX Runtime (`mmcap.accel.ort_encoder`), one of int8's encoder runners: it computes the
 encoder's grid."""
 import pytest
 import torch

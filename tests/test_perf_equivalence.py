@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcap.generation import GenerationConfig, generate
-from mmcap.precision import bf16_is_fast, compute_dtype
+from mmcap.generation.generate import GenerationConfig, generate
+from mmcap.accel.precision import bf16_is_fast, compute_dtype
 
 # The naive reference pipeline is the benchmarks' (benchmarks/common.py), so that the test and
 # bench_caption hold mmcap to the same reference.

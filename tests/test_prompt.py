@@ -7,7 +7,7 @@ import torch
 from helpers import CAPTIONS, circle_images, tiny_config
 
 from mmcap import Captioner
-from mmcap.generation import GenerationConfig, generate
+from mmcap.generation.generate import GenerationConfig, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -364,7 +364,7 @@ def test_fit_on_prompted_shards_learns_and_validates_with_prompts(tmp_path, monk
 
 
 def test_caption_cli_prompt(tmp_path, image_files, capsys):
-    from mmcap.caption_cli import caption_main
+    from mmcap.inference.cli import caption_main
 
     model = model_of("gpt2")
     model.save_pretrained(tmp_path / "model")
@@ -436,7 +436,7 @@ def test_scst_samples_continue_the_prompt_and_score_the_continuation(kind, monke
     """SCST with prompts: captions are sampled from `BOS prompt` through the model's own fusion, and
     the teacher-forced log-probability the loss weighs is the sampled continuation's, the same
     number sampling computed (the prompt in the context, its tokens not counted)."""
-    import mmcap.scst as scst
+    import mmcap.training.scst as scst
 
     model = model_of(kind)
     memory = image_tokens(4)

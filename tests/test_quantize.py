@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from mmcap.precision import compute_dtype, decoder_int8
+from mmcap.accel.precision import compute_dtype, decoder_int8
 from mmcap import quantize
-from mmcap.quantize import Int8Linear, int8_linears
+from mmcap.accel.quantize import Int8Linear, int8_linears
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

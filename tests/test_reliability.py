@@ -35,7 +35,7 @@ from mmcap.data.samples import MAX_CAPTION_CHARS
 from mmcap.data.shardlist import ends_cleanly
 from mmcap.images import ImageError
 from mmcap.training import CaptionModule
-from mmcap.caption_cli import eval_main
+from mmcap.inference.cli import eval_main
 from mmcap.training.cli import export_main, lightning_main
 
 REPO = Path(__file__).resolve().parent.parent

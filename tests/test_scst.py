@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw
 from mmcap import Captioner
 from mmcap.metrics import caption_metrics
 from mmcap.metrics.cider import CiderD
-from mmcap.scst import SCSTConfig, cider_rewards, reward_scorer, self_critical_loss
+from mmcap.training.scst import SCSTConfig, cider_rewards, reward_scorer, self_critical_loss
 
 GOOD, BAD = "a red circle on the left", "a blue square"
 CORPUS = [[GOOD, "a red circle"], [BAD, "a blue square on the right"], ["a green triangle"], ["a small yellow star"]]

@@ -290,7 +290,7 @@ def test_batcher_groups_by_key_up_to_the_batch_size():
 
 
 def test_options_parse_form_text_and_json_values():
-    from mmcap.generation_config import GenerationConfig
+    from mmcap.generation.config import GenerationConfig
     from mmcap.serve.options import OptionError, parse_options
 
     defaults = GenerationConfig(num_beams=3)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mmcap.data import count_samples, iter_samples, write_shards
-from mmcap.data.cli import shards_main
+from mmcap.training.data_cli import shards_main
 from mmcap.data.samples import SkipCounter, read_shards
 from mmcap.data.shards import Sample, indexed_count, read_members, sanitize_key
 from mmcap.data.sources import coco_samples, folder_samples, karpathy_samples, table_samples

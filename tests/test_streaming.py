@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import CAPTIONS, tiny_image_bytes
 
-from mmcap.caption_writers import coco_image_id, output_shard_name
+from mmcap.inference.writers import coco_image_id, output_shard_name
 from mmcap.cli import main as mmcap_main
 from mmcap.data.shards import Sample, update_index, write_shards
-from mmcap.streaming import plan_inputs
+from mmcap.captioner.stream import plan_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

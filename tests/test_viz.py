@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcap.viz import caption_grid, plot_attention
+from mmcap.inference.viz import caption_grid, plot_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

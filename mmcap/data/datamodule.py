@@ -23,9 +23,9 @@ from typing import Iterator, Optional, Union
 import lightning as L
 import webdataset as wds
 
-from ..streaming import ImageStream
-from .streams import EvalStream, TrainStream, iter_captions, iter_references
-from .shardlist import resolve_shards, shard_counts
+from mmcap.data.image_stream import ImageStream
+from mmcap.data.streams import EvalStream, TrainStream, iter_captions, iter_references
+from mmcap.data.shardlist import resolve_shards, shard_counts
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class CaptionDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.demo_dir is not None:
-            from .demo import demo_is_complete, make_demo
+            from mmcap.data.demo import demo_is_complete, make_demo
 
             if not demo_is_complete(self.demo_dir):
                 make_demo(self.demo_dir, kind=self.demo_kind)
@@ -187,7 +187,7 @@ class CaptionDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> CaptionLoader:
         """`predict_shards`, rank r reading shards r, r + world_size, ...: every sample exactly once,
         however uneven the shards (ranks may run different numbers of batches: prediction never
-        syncs them). Batches as `mmcap.streaming.ImageStream` makes them; unusable images ride
+        syncs them). Batches as `mmcap.data.image_stream.ImageStream` makes them; unusable images ride
         along in `errors`."""
         urls = self._shard_urls("predict")
         if urls is None:

@@ -31,8 +31,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import demo_glyphs
-from .shards import Sample, write_shards
+from mmcap.data import demo_glyphs
+from mmcap.data.shards import Sample, write_shards
 
 COLOURS = {
     "red": (215, 35, 35),

@@ -28,9 +28,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from ..images import ImageError, open_image
-from .shardlist import SAMPLE_MEMBERS, ends_cleanly, wanted_member
-from .shards import FEATURE_MEMBER, IMAGE_MEMBERS, clean_caption
+from mmcap.images import ImageError, open_image
+from mmcap.data.shardlist import SAMPLE_MEMBERS, ends_cleanly, wanted_member
+from mmcap.data.shards import FEATURE_MEMBER, IMAGE_MEMBERS, clean_caption
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Example:
     key: str
     image: Optional[Image.Image]  # RGB, upright; None for a features sample
     captions: list[str]  # all references, in their stored order
-    features: Optional[torch.Tensor] = None  # a precomputed encoder grid [C, h, w] (`mmcap.features`)
+    features: Optional[torch.Tensor] = None  # a precomputed encoder grid [C, h, w] (`mmcap.training.features`)
     prompt: Optional[str] = None  # text the captions continue (the `json` member's `prompt`)
 
 

@@ -21,7 +21,7 @@ import braceexpand
 from webdataset import gopen
 from webdataset.tariterators import base_plus_ext
 
-from .shards import FEATURE_MEMBER, IMAGE_MEMBERS, indexed_count
+from mmcap.data.shards import FEATURE_MEMBER, IMAGE_MEMBERS, indexed_count
 
 log = logging.getLogger(__name__)
 

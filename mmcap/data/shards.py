@@ -30,7 +30,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ..images import ImageError, open_image
+from mmcap.images import ImageError, open_image
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from ..images import IMAGE_EXTENSIONS
-from .shards import Sample
+from mmcap.images import IMAGE_EXTENSIONS
+from mmcap.data.shards import Sample
 
 
 def coco_samples(captions_json: str | Path, images_dir: str | Path) -> list[Sample]:

@@ -32,10 +32,10 @@ from typing import Callable, Iterator, Optional, Sequence
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..images import eval_transform, train_transform
-from .samples import (MAX_CAPTION_CHARS, Collate, Example, Skip, SkipCounter, Tokenizer, decode_items, decode_sample,
+from mmcap.images import eval_transform, train_transform
+from mmcap.data.samples import (MAX_CAPTION_CHARS, Collate, Example, Skip, SkipCounter, Tokenizer, decode_items, decode_sample,
                       read_captions, read_prompt, read_shards, to_item)
-from .shardlist import CAPTION_MEMBERS, ShardSpec, resolve_shards
+from mmcap.data.shardlist import CAPTION_MEMBERS, ShardSpec, resolve_shards
 
 log = logging.getLogger(__name__)
 

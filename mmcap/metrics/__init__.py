@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
-from .bleu import bleu_scores
-from .cider import CiderD, cider_d
-from .meteor import meteor_scores
-from .ptb import ptb_tokenize, tokenize_captions
-from .rouge import rouge_l
+from mmcap.metrics.bleu import bleu_scores
+from mmcap.metrics.cider import CiderD, cider_d
+from mmcap.metrics.meteor import meteor_scores
+from mmcap.metrics.ptb import ptb_tokenize, tokenize_captions
+from mmcap.metrics.rouge import rouge_l
 
 __all__ = [
     "caption_metrics",

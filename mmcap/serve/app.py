@@ -15,7 +15,7 @@ import binascii
 import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Union, Optional
 
 import torch
 from fastapi import FastAPI, Request
@@ -25,12 +25,12 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..captioner import Captioner, CaptionResult
-from ..images import MAX_IMAGE_PIXELS, ImageError, eval_transform, open_image
-from ..precision import compute_dtype
-from .batching import Batcher
-from .options import ATTENTION, OPTIONS, OptionError, options_schema, parse_options
+from mmcap import __version__
+from mmcap.captioner.model import Captioner, CaptionResult
+from mmcap.images import MAX_IMAGE_PIXELS, ImageError, eval_transform, open_image
+from mmcap.accel.plan import InferencePlan, as_plan
+from mmcap.serve.batching import Batcher
+from mmcap.serve.options import ATTENTION, OPTIONS, OptionError, options_schema, parse_options
 
 STATIC = Path(__file__).parent / "static"
 PROMPT = "prompt"
@@ -58,11 +58,12 @@ class CaptionResponse(BaseModel):
     attention: Optional[list[list[list[float]]]] = None  # with attention: a (H, W) grid per word
 
 
-def create_app(model: Captioner, precision: str = "fp32", max_batch_size: int = 16, batch_timeout: float = 0.01,
+def create_app(model: Captioner, precision: Union[str, InferencePlan] = "fp32", max_batch_size: int = 16, batch_timeout: float = 0.01,
                max_upload_bytes: int = 10 * 2**20) -> FastAPI:
-    """An app serving `model`; `precision` as in `Captioner.caption`."""
+    """An app serving `model`; `precision` as in `Captioner.caption`, resolved once for every request."""
     model.eval()
-    draft = compute_dtype(precision, model.device) != torch.float32  # as `caption` decodes at that precision
+    plan = as_plan(precision, model.device)
+    draft = plan.draft  # as `caption` decodes at that precision
     size = model.config.image_size
     transform = eval_transform(size)
     max_new_tokens = model.decoder.config.max_position_embeddings - 1
@@ -71,7 +72,7 @@ def create_app(model: Captioner, precision: str = "fp32", max_batch_size: int = 
         options, attention, _ = key
         pixels, prompts = zip(*items)
         return model.caption_details(torch.stack(pixels), batch_size=len(pixels), return_attention=attention,
-                                     precision=precision, prompt=list(prompts), **dict(options))
+                                     precision=plan, prompt=list(prompts), **dict(options))
 
     batcher = Batcher(run, max_batch_size, batch_timeout)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..precision import PRECISIONS
+from mmcap.accel.plan import PRECISIONS
 
 PRECISION_HELP = ("fp32 (default): captions equal Captioner.caption's, whatever the batching; bf16/auto: "
                   "faster where bf16 pays, captions may differ slightly from fp32 and with the batch")
@@ -26,8 +26,8 @@ def serve_main(argv: list[str]) -> int:
 
     import uvicorn
 
-    from ..captioner import Captioner
-    from .app import create_app
+    from mmcap.captioner.model import Captioner
+    from mmcap.serve.app import create_app
 
     model = Captioner.from_pretrained(args.model).to(args.device)
     app = create_app(model, args.precision, args.max_batch_size, args.batch_timeout,

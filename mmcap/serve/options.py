@@ -7,7 +7,7 @@ import math
 from dataclasses import fields
 from typing import Any, Callable, Mapping
 
-from ..generation_config import GenerationConfig, option_type
+from mmcap.generation.config import GenerationConfig, option_type
 
 GENERATION_OPTIONS = [f.name for f in fields(GenerationConfig) if f.name != "use_cache"]
 ATTENTION = "attention"

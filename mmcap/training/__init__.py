@@ -1,9 +1,9 @@
 """Training with Lightning: `CaptionModule` (the LightningModule) and its config blocks, callbacks,
 optimiser and schedule, checkpoints, CLI."""
-from .callbacks import NonFiniteGuard, NonFiniteLossError, ThroughputLogger
-from .checkpoint import AtomicCheckpointIO, AtomicModelCheckpoint
-from .module import CaptionModule, TrainingConfig
-from .optim import OptimConfig, WarmupCosine, param_groups
+from mmcap.training.callbacks import NonFiniteGuard, NonFiniteLossError, ThroughputLogger
+from mmcap.training.checkpoint import AtomicCheckpointIO, AtomicModelCheckpoint
+from mmcap.training.module import CaptionModule, TrainingConfig
+from mmcap.training.optim import OptimConfig, WarmupCosine, param_groups
 
 __all__ = ["AtomicCheckpointIO", "AtomicModelCheckpoint", "CaptionModule", "NonFiniteGuard", "NonFiniteLossError",
            "OptimConfig", "ThroughputLogger", "TrainingConfig", "WarmupCosine", "param_groups"]

@@ -114,7 +114,7 @@ def time_budget(trainer: L.Trainer):
 
 def time_budget_schedule(trainer: L.Trainer):
     """The `WarmupCosine` of the first scheduler, if that is what the module configured."""
-    from .optim import WarmupCosine
+    from mmcap.training.optim import WarmupCosine
 
     for config in trainer.lr_scheduler_configs:
         for fn in getattr(config.scheduler, "lr_lambdas", []):

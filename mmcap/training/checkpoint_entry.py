@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from ..captioner import Captioner, saved_decoder_config
-from ..config import CaptionerConfig
-from ..lora import frozen_lm_weights, load_base_weights
-from ..tokenizer import CaptionTokenizer
+from mmcap.captioner.model import Captioner, saved_decoder_config
+from mmcap.config import CaptionerConfig
+from mmcap.model.lora import frozen_lm_weights, load_base_weights
+from mmcap.model.tokenizer import CaptionTokenizer
 
 CHECKPOINT_KEY = "mmcap"  # checkpoint entry with the model config and tokenizer files (plain types)
 

@@ -17,7 +17,7 @@ LightningCLI's own keys it adds:
 `model.captioner.max_caption_tokens`: set them under `data:` (the model's copies follow), so the
 exported `config.json` records them. `--model.captioner configs/model/NAME.yaml` takes a preset
 file in place of the inline block; `trainer.precision: auto` becomes `bf16-mixed` or `32-true`
-by measuring this machine (`mmcap.precision`).
+by measuring this machine (`mmcap.accel.precision`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 
 
 def lightning_main(argv: list[str]) -> int:
-    from .callbacks import NonFiniteLossError
+    from mmcap.training.callbacks import NonFiniteLossError
 
     with warnings.catch_warnings():
         # mmcap passes its own argv on purpose, and sys.argv holds the same words.
@@ -63,12 +63,12 @@ def build_cli(argv: Optional[list[str]] = None, run: bool = True):
     """The LightningCLI; `run=False` only builds model, datamodule and trainer (no subcommand in `argv`)."""
     from lightning.pytorch.cli import LightningCLI
 
-    from ..data.datamodule import CaptionDataModule
-    from .module import CaptionModule
+    from mmcap.data.datamodule import CaptionDataModule
+    from mmcap.training.module import CaptionModule
 
     class CaptionCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
-            from .checkpoint import AtomicModelCheckpoint
+            from mmcap.training.checkpoint import AtomicModelCheckpoint
 
             parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
             parser.set_defaults({
@@ -99,7 +99,7 @@ def build_cli(argv: Optional[list[str]] = None, run: bool = True):
                 cfg["return_predictions"] = False  # the writer has them: memory stays flat
 
         def before_predict(self) -> None:
-            from .predictions import CaptionPredictionWriter
+            from mmcap.training.predictions import CaptionPredictionWriter
 
             output = self.config["predict"].get("predict_output")
             output = output or os.path.join(self.trainer.default_root_dir, "predictions.jsonl")
@@ -129,23 +129,12 @@ def build_cli(argv: Optional[list[str]] = None, run: bool = True):
 
 class Trainer(L.Trainer):
     """Lightning's Trainer, whose `precision` also takes "auto": `bf16-mixed` where bf16
-    measured faster than fp32 on this machine (`mmcap.precision`), else `32-true`."""
+    measured faster than fp32 on this machine (`mmcap.accel.precision`), else `32-true`."""
 
     def __init__(self, *args, precision: Optional[Union[str, int]] = None, **kwargs):
-        if precision == "auto":
-            precision = resolve_auto_precision(kwargs.get("accelerator", "auto"))
-        super().__init__(*args, precision=precision, **kwargs)
+        from mmcap.accel.precision import trainer_precision
 
-
-def resolve_auto_precision(accelerator) -> str:
-    from ..precision import cpu_bf16_speedup, lightning_precision
-
-    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
-    device = "cuda" if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
-    resolved = lightning_precision("auto", device)
-    detail = f"bf16 {cpu_bf16_speedup():.2f}x fp32 matmul speed" if device == "cpu" else "CUDA"
-    print(f"mmcap: trainer.precision auto -> {resolved} ({detail})", file=sys.stderr)
-    return resolved
+        super().__init__(*args, precision=trainer_precision(precision, kwargs.get("accelerator", "auto")), **kwargs)
 
 
 # ---------------------------------------------------------------------- mmcap export
@@ -154,7 +143,7 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--ckpt", required=True, help="a checkpoint written by `mmcap fit` (e.g. runs/demo/checkpoints/last.ckpt)")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)
-    from .checkpoint_entry import captioner_from_checkpoint
+    from mmcap.training.checkpoint_entry import captioner_from_checkpoint
 
     try:
         captioner = captioner_from_checkpoint(args.ckpt)

@@ -27,18 +27,18 @@ from typing import Any, Iterator, Optional
 import lightning as L
 import torch
 
-from ..captioner import Captioner
-from ..config import CaptionerConfig
-from ..data.interface import TrainingData
-from ..generation_config import GenerationConfig
-from ..lora import frozen_lm_weights
-from ..metrics import evaluate_captions
-from ..scst import SCSTConfig, reward_scorer, self_critical_loss
-from .checkpoint_entry import CHECKPOINT_KEY, captioner_from_entry, checkpoint_entry, with_frozen_lm_weights
-from .callbacks import (NonFiniteGuard, NonFiniteLossError, ThroughputLogger,  # noqa: F401  (re-exported)
+from mmcap.captioner.model import Captioner
+from mmcap.config import CaptionerConfig
+from mmcap.data.interface import TrainingData
+from mmcap.generation.config import GenerationConfig
+from mmcap.model.lora import frozen_lm_weights
+from mmcap.metrics import evaluate_captions
+from mmcap.training.scst import SCSTConfig, reward_scorer, self_critical_loss
+from mmcap.training.checkpoint_entry import CHECKPOINT_KEY, captioner_from_entry, checkpoint_entry, with_frozen_lm_weights
+from mmcap.training.callbacks import (NonFiniteGuard, NonFiniteLossError, ThroughputLogger,  # noqa: F401  (re-exported)
                         TimeBudgetSchedule, time_budget)
-from .distributed import gather_from_ranks, gather_predictions
-from .optim import OptimConfig, build_optimizer
+from mmcap.training.distributed import gather_from_ranks, gather_predictions
+from mmcap.training.optim import OptimConfig, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class CaptionModule(L.LightningModule):
         if self.captioner is None and stage == "fit":
             captioner = self.build_captioner(data)
             if self._features_dir is not None:
-                from ..features import use_feature_encoder
+                from mmcap.training.features import use_feature_encoder
 
                 use_feature_encoder(captioner, self._features_dir)
             self.set_captioner(captioner)
@@ -395,9 +395,9 @@ class CaptionModule(L.LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Results as `mmcap caption --output` writes them: `{"image": key, "caption", "log_prob"}`
-        plus `"shard"` (see `mmcap.streaming`), with the model's generation defaults. A sample whose
+        plus `"shard"` (see `mmcap.captioner.stream`), with the model's generation defaults. A sample whose
         json member has a `prompt` is captioned from that prompt, as `mmcap eval` does."""
-        from ..streaming import caption_records
+        from mmcap.captioner.stream import caption_records
 
         if not batch["keys"]:  # every image of this batch was unusable (they are in batch["errors"])
             return []
@@ -439,7 +439,7 @@ class CaptionModule(L.LightningModule):
         return sum((Counter(part) for part in gather_from_ranks(dict(mine))), Counter())
 
     def _log_grid(self, stage: str) -> None:
-        from ..viz import caption_grid
+        from mmcap.inference.viz import caption_grid
 
         images, captions, refs = zip(*self._grid)
         figure = caption_grid(torch.stack(images), list(captions), [list(r) for r in refs])

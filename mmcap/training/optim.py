@@ -55,7 +55,7 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-GATE_SUFFIX = "_gate"  # mmcap.fusion.GatedCrossAttention's attn_gate and mlp_gate
+GATE_SUFFIX = "_gate"  # mmcap.model.fusion.GatedCrossAttention's attn_gate and mlp_gate
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, encoder_lr_mult: float = 1.0,

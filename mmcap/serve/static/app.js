@@ -51,19 +51,49 @@ function showResult() {
     caption.append(el);
   });
   $("logprob").textContent = result.log_prob.toFixed(2);
-  const list = $("alternatives");
-  list.replaceChildren();
-  for (const alt of result.alternatives || [{ caption: result.caption, log_prob: result.log_prob }]) {
-    const li = document.createElement("li");
-    const lp = document.createElement("span");
-    lp.className = "lp";
-    lp.textContent = alt.log_prob.toFixed(2);
-    li.append(alt.caption || "(empty)", lp);
-    list.append(li);
-  }
+  showAlternatives();
   $("result").hidden = false;
   drawPicture();
   drawHeatmap(null);
+}
+
+// Beam search ranks its finished captions by a length-normalised score, not by the raw
+// log-probability (a sum over tokens, so it favours short captions): transformers' convention,
+// score = log-prob / tokens ** length_penalty. Each row shows the score that ranks it, when the
+// server sends it, beside the raw log-probability, each labelled.
+function figure(label, value, title, cls) {
+  const el = document.createElement("span");
+  el.className = cls;
+  el.title = title;
+  el.append(label + " ", Object.assign(document.createElement("b"), { textContent: value }));
+  return el;
+}
+
+function showAlternatives() {
+  const alts = result.alternatives || [{ caption: result.caption, log_prob: result.log_prob, tokens: result.tokens }];
+  const ranked = alts.some((alt) => alt.score !== undefined);
+  const penalty = result.length_penalty !== undefined ? result.length_penalty : "length_penalty";
+  $("ranking").textContent = !result.alternatives
+    ? "one caption (no beam search): its log-probability"
+    : ranked
+      ? `best first by score = log-prob ÷ tokens^${penalty}; log-prob is the raw sum over the caption's tokens`
+      : "best first by log-prob ÷ tokens^length_penalty (length-normalised), not by the raw log-prob shown";
+  const list = $("alternatives");
+  list.replaceChildren();
+  for (const alt of alts) {
+    const li = document.createElement("li");
+    const figures = document.createElement("span");
+    figures.className = "figures";
+    if (alt.score !== undefined) {
+      figures.append(figure("score", alt.score.toFixed(3), "the ranking score: log-prob / tokens^length_penalty", "score"));
+    }
+    figures.append(figure("log-prob", alt.log_prob.toFixed(2), "the model's log-probability of the caption's tokens, end included", "lp"));
+    if (alt.tokens !== undefined) {
+      figures.append(figure("tokens", String(alt.tokens), "generated tokens, end included", "tokens"));
+    }
+    li.append(alt.caption || "(empty)", figures);
+    list.append(li);
+  }
 }
 
 async function caption(file) {

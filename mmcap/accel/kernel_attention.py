@@ -1,0 +1,150 @@
+"""GPT-2's attention in mmcap's C++ kernels (`mmcap.accel.kernels`), and the backend the inference
+plan hands to generation: the kernels where the caller accepts other rounding and they timed faster
+than torch's ops on this machine, else torch's (`mmcap.generation.attention.TorchAttention`).
+
+`KernelAttention` keeps preallocated caches read through a row table, so that a beam reorder copies
+no keys, and makes one call per layer for each attention. It computes in fp32 whatever the caches
+hold (other rounding than torch's chain of ops), so only the lossy modes use it: int8, and bf16 autocast.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional
+
+import torch
+
+from mmcap.accel import kernels as compiled
+from mmcap.accel import timing
+from mmcap.generation.attention import AttentionState, ImageKV, TorchAttention
+
+log = logging.getLogger(__name__)
+
+TIMING = dict(images=16, beams=3, positions=12, image_positions=49)  # `caption`'s default batch, beam 3
+
+
+class KernelAttention(AttentionState):
+    """Attention in mmcap's C++ kernels, caches in `dtype` (fp32 or bf16), arithmetic in fp32.
+
+    The self-attention cache of a layer is [rows, heads, max_len, head_dim], allocated at the first
+    step and grown once when beam search expands rows into beams; row n's position p is read from
+    cache row `anc[n, p]` (its ancestor's row at that position). A step writes each row's new key
+    and value at its own row, so a beam reorder or a dropped image only re-indexes `anc`: nothing
+    is copied.
+    """
+
+    def __init__(self, heads: int, image_kv: ImageKV, dtype: torch.dtype, max_len: int, kernels=None):
+        super().__init__(heads, dtype)
+        self.max_len = max_len
+        self.kernels = kernels or compiled.kernels()
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.anc: Optional[torch.Tensor] = None  # [rows, max_len] cache rows
+        for k, v in image_kv:  # keys [B, heads, head_dim, MP] (transposed), values [B, heads, MP, head_dim]
+            b, m, w = k.shape
+            self.positions, padded = m, -(-m // 16) * 16  # whole vectors of positions, whatever their width
+            keys = k.new_zeros((b, heads, w // heads, padded), dtype=dtype)
+            keys[..., :m] = k.view(b, m, heads, -1).permute(0, 2, 3, 1)
+            values = v.new_zeros((b, heads, padded, w // heads), dtype=dtype)
+            values[:, :, :m] = v.view(b, m, heads, -1).transpose(1, 2)
+            self.cross.append((keys, values))
+
+    def begin(self, t: int, n: int) -> None:
+        if self.anc is None:  # the first step: caches for its rows
+            shape = (n, self.heads, self.max_len, self.cross[0][1].shape[-1])
+            self.k = [torch.empty(shape, dtype=self.dtype) for _ in self.cross]
+            self.v = [torch.empty(shape, dtype=self.dtype) for _ in self.cross]
+            self.anc = torch.empty(n, self.max_len, dtype=torch.long)
+            self.own = torch.arange(n)
+        self.t = t
+        self.anc[:, t] = self.own[:n]  # each row writes its new key and value at its own cache row
+
+    def self_attention(self, i: int, qkv: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.kernels.self_attend(qkv, self.k[i], self.v[i], self.anc, self.t + 1, scale)
+
+    def cross_attention(self, i: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.kernels.cross_attend(q, *self.cross[i], self.positions, self.group, scale)
+
+    def expand(self, k: int) -> None:
+        # room for every beam's row; the positions filled so far stay in their rows, which the k
+        # beams of a row all read through `anc` (nothing is copied per beam)
+        n, filled = len(self.anc), self.t + 1
+        self.group *= k
+        self.k = [self._grown(c, max(n * k, len(c)), filled) for c in self.k]
+        self.v = [self._grown(c, max(n * k, len(c)), filled) for c in self.v]
+        self.anc = self.anc.repeat_interleave(k, dim=0)
+        self.own = torch.arange(n * k)
+
+    @staticmethod
+    def _grown(cache: torch.Tensor, rows: int, filled: int) -> torch.Tensor:
+        grown = cache.new_empty((rows, *cache.shape[1:]))
+        grown[: len(cache), :, :filled] = cache[:, :, :filled]
+        return grown
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.anc = self.anc.index_select(0, rows)
+
+
+class RacedAttention:
+    """An `AttentionBackend`: the kernels where the pass is lossy (caches in `dtype`, or autocast),
+    they build for these shapes, and they timed faster than torch's ops here; else torch's ops.
+    Caches in `dtype`, else in the dtype of the image's keys."""
+
+    def __init__(self, dtype: Optional[torch.dtype] = None):
+        self.dtype = dtype
+
+    def __call__(self, image_kv: ImageKV, heads: int, max_len: int, autocast: bool) -> AttentionState:
+        k = image_kv[0][0]
+        head_dim, cache_dtype = k.shape[-1] // heads, self.dtype or k.dtype
+        lossy = self.dtype is not None or autocast
+        if lossy and k.device.type == "cpu" and kernels_faster(heads, head_dim, cache_dtype, k.dtype):
+            return KernelAttention(heads, image_kv, cache_dtype, max_len)
+        return TorchAttention(heads, image_kv, self.dtype)
+
+    def __repr__(self) -> str:
+        return f"RacedAttention({self.dtype})"
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_faster(heads: int, head_dim: int, dtype: torch.dtype, input_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the kernels run one layer's attention over a short beam search faster than torch's
+    ops, with caches in `dtype` and inputs in `input_dtype` (timed once per machine and shape)."""
+    if (head_dim not in compiled.HEAD_DIMS or (dtype, input_dtype) not in compiled.DTYPES
+            or compiled.kernels() is None):
+        return False
+    what = (f"attention {heads} x {head_dim}, {_name(dtype)} caches, {_name(input_dtype)} in, "
+            f"{TIMING['images']} images x {TIMING['beams']} beams")
+    try:
+        use = timing.fastest(what, ("kernels", "torch"), functools.partial(_timings, heads, head_dim, dtype, input_dtype))
+    except RuntimeError as e:  # a kernel that refuses these shapes: torch's ops do the work
+        log.warning("mmcap attention: the C++ kernels failed on %d heads of %d (%s); using torch's ops", heads,
+                    head_dim, str(e).splitlines()[0])
+        return False
+    return use == "kernels"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _timings(heads: int, head_dim: int, dtype: torch.dtype, input_dtype: torch.dtype) -> dict[str, float]:
+    """Seconds of one layer's attention over a short beam search, with the kernels and with torch's ops."""
+    b, k, steps, m = TIMING["images"], TIMING["beams"], TIMING["positions"], TIMING["image_positions"]
+    w = heads * head_dim
+    gen = torch.Generator().manual_seed(0)
+    image_kv = [(torch.randn(b, m, w, generator=gen).to(input_dtype), torch.randn(b, m, w, generator=gen).to(input_dtype))]
+    qkvs = [torch.randn(b if t == 0 else b * k, 3 * w, generator=gen).to(input_dtype) for t in range(steps)]
+    perm = torch.randperm(b * k, generator=gen)
+
+    def decode(make) -> None:
+        att = make()
+        for t, qkv in enumerate(qkvs):
+            att.begin(t, len(qkv))
+            att.self_attention(0, qkv, 0.125)
+            att.cross_attention(0, qkv[:, :w], 0.125)
+            att.expand(k) if t == 0 else att.reorder(perm)
+
+    return timing.time_calls({
+        "kernels": functools.partial(decode, lambda: KernelAttention(heads, image_kv, dtype, steps)),
+        "torch": functools.partial(decode, lambda: TorchAttention(heads, image_kv, dtype)),
+    })

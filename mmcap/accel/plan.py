@@ -1,0 +1,123 @@
+"""The inference plan: what one `precision` means on one device, resolved once per call.
+
+`Captioner.caption`, `caption_stream`, `mmcap serve` and feature extraction take a `precision`
+("fp32", "bf16", "auto" or "int8") and resolve it here, once, into an `InferencePlan`; everything
+downstream applies the plan and never reads the string again. The plan holds:
+- the compute dtype: bf16 for "bf16", and for "auto"/"int8" where bf16 measured faster (`precision`);
+- the encoder runner: the model's own modules in fp32 (exactly the reference pipeline), else the
+  folded twin, and in int8 mode on CPUs the fastest of the folded, int8 and ONNX Runtime runners;
+- whether the decoder's linear layers run in int8 (CPUs; on GPUs "int8" falls back to "auto");
+- the attention backend handed to generation: C++ kernels where they timed faster (lossy modes);
+- whether glibc keeps freed memory for the next batch (CPUs, the fast modes).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import nn
+
+from mmcap.accel.allocator import keep_freed_memory
+from mmcap.accel.encoder_race import fastest_encoder
+from mmcap.accel.folding import folded_encoder
+from mmcap.accel.kernel_attention import RacedAttention
+from mmcap.accel.precision import PRECISIONS, bf16_is_fast, check_precision
+from mmcap.accel.quantize import int8_available, int8_linears
+
+log = logging.getLogger(__name__)
+
+__all__ = ["InferencePlan", "PRECISIONS", "as_plan"]
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    precision: str  # as asked: fp32, bf16, auto or int8
+    device: torch.device
+    dtype: torch.dtype  # what autocast and the encoder's twin compute in
+    int8_decoder: bool  # the decoder's linear layers and LM head in int8
+    tune_allocator: bool  # glibc keeps freed memory for the next batch (`allocator`)
+
+    @classmethod
+    def resolve(cls, precision: str, device: Union[str, torch.device] = "cpu") -> "InferencePlan":
+        """The plan for `precision` on `device`: measures (or reads this machine's cached
+        measurement of) whether bf16 pays."""
+        check_precision(precision)
+        device = torch.device(device)
+        fast = precision == "bf16" or (precision in ("auto", "int8") and bf16_is_fast(device))
+        int8 = precision == "int8" and int8_available(device)
+        if precision == "int8" and not int8:
+            _warn_no_int8(str(device))
+        return cls(precision, device, torch.bfloat16 if fast else torch.float32, int8,
+                   tune_allocator=precision != "fp32" and device.type == "cpu")
+
+    @property
+    def exact(self) -> bool:
+        """Whether this plan computes what the reference fp32 pipeline computes."""
+        return self.dtype == torch.float32 and not self.int8_decoder
+
+    @property
+    def draft(self) -> bool:
+        """Whether large JPEGs may decode at a reduced scale (never below the model's image size)."""
+        return self.dtype != torch.float32
+
+    @property
+    def attention(self) -> RacedAttention:
+        """The attention backend for GPT-2's lean pass: int8 keeps its caches in the compute dtype."""
+        return RacedAttention(self.dtype if self.int8_decoder else None)
+
+    def prepare(self) -> None:
+        """Process-wide settings the plan asks for (once per process)."""
+        if self.tune_allocator:
+            keep_freed_memory()
+
+    def computing(self) -> contextlib.AbstractContextManager:
+        """Autocast to the compute dtype unless fp32. Weights are cast once per outermost context
+        (autocast caches the casts of parameters that require grad): open one around all batches."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def keeping_cast_weights(self) -> contextlib.AbstractContextManager:
+        """Between batches of a stream: keeps autocast's cache of cast weights alive (it is dropped
+        when the outermost autocast context exits) while leaving autocast as it was, so that the
+        caller's code between batches runs as it would anyway."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        kind = self.device.type
+        return torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), enabled=torch.is_autocast_enabled(kind))
+
+    def encode(self, encoder: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """The encoder's grid of normalised `pixels`, by the runner this plan uses (module docstring)."""
+        if self.exact or encoder.training:
+            return encoder(pixels.to(self.device, next(encoder.parameters()).dtype))
+        pixels = pixels.to(self.device)
+        if self.int8_decoder:  # (CPUs only)
+            return fastest_encoder(encoder, self.dtype, pixels)(pixels)
+        return folded_encoder(encoder, self.dtype)(pixels.to(self.dtype).contiguous(memory_format=torch.channels_last))
+
+    @contextlib.contextmanager
+    def decoding(self, decoder: nn.Module, memory: torch.Tensor):
+        """Within the block, `decoder` computes as the plan says; yields the image tokens to decode
+        from. int8: its linear layers in int8, the rest of it in fp32 (no autocast) but GPT-2's
+        attention, in the compute dtype (`attention`)."""
+        if not self.int8_decoder:
+            yield memory
+            return
+        with torch.autocast(self.device.type, enabled=False), int8_linears(decoder):
+            yield memory.float()
+
+
+def as_plan(precision: Union[str, InferencePlan], device: Union[str, torch.device] = "cpu") -> InferencePlan:
+    """`precision` resolved for `device`, or the plan itself where one is given."""
+    if isinstance(precision, InferencePlan):
+        return precision
+    return InferencePlan.resolve(precision, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_int8(device: str) -> None:
+    log.warning("mmcap precision: int8 runs on CPUs, not on %s: it falls back to auto there", device)

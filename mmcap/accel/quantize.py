@@ -1,0 +1,177 @@
+"""`precision="int8"`: the decoder's linear layers and LM head in int8 on CPUs, for captioning.
+
+Decoding a caption multiplies every decoder weight by a handful of rows per generated token (16
+images x 3 beams = 48). The x86 quantized engine (fbgemm/oneDNN, VNNI where the CPU has it)
+multiplies int8 by int8: per-output-channel symmetric weights, activations quantized per call
+(dynamic quantization). It reads a quarter of fp32's bytes and does 2.5x bf16's work per second
+here: a 768 x 3072 weight at 48 rows took 0.19 ms in int8 against 0.47 ms in bf16, which at that
+size is bound by arithmetic more than by memory. fbgemm and oneDNN are timed against each other
+once per weight shape and machine (`mmcap.accel.timing`); a layer runs on oneDNN where it measured
+at least 10 % faster than fbgemm (timings a few percent apart flip between runs). Figures:
+docs/performance.md.
+
+Int8 changes the numbers, so it is never chosen by `auto`: callers ask for it. The weights stay as
+they are; `int8_linears(module)` swaps int8 twins in for the duration of a call (made once and
+remade when a weight changes, e.g. after more training) and puts the originals back. Where torch
+has no x86 quantized engine, the twins multiply with `torch._int_mm` instead (slower: the scales
+are applied apart); on GPUs `int8_available` is False and callers fall back to `auto`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from mmcap.accel import timing, twins
+
+log = logging.getLogger(__name__)
+
+_ENGINES = ("x86", "fbgemm", "onednn")
+try:  # the overload itself: no lookup per call
+    _linear_dynamic = torch.ops.quantized.linear_dynamic.default
+except (AttributeError, RuntimeError):  # pragma: no cover - torch builds without quantized ops (nothing gets packed)
+    _linear_dynamic = None
+# The engines' own kernels, timed against each other per weight shape: neither wins everywhere (on
+# one CPU oneDNN ran GPT-2's LM head twice as fast as fbgemm, while fbgemm won at 768 x 768).
+_CANDIDATES = ("fbgemm", "onednn")  # the first is kept unless another is clearly faster
+ENGINE_MIN_SPEEDUP = 1.1  # timings a few percent apart flip between runs: keep the first there
+TIMING_ROWS = 48  # rows per call while timing: 16 images x 3 beams, a decoding step of `caption`'s default batch
+
+
+@functools.lru_cache(maxsize=None)
+def int8_engine() -> Optional[str]:
+    """The x86 quantized engine this torch build runs on this CPU, or None."""
+    supported = torch.backends.quantized.supported_engines
+    for engine in _ENGINES:
+        if engine in supported:
+            return engine
+    return None
+
+
+def _candidate_engines() -> tuple[str, ...]:
+    """The engines to time against each other; none where this torch has no x86 engine."""
+    if int8_engine() is None:
+        return ()
+    supported = torch.backends.quantized.supported_engines
+    return tuple(e for e in _CANDIDATES if e in supported) or (int8_engine(),)
+
+
+def int8_available(device: torch.device | str = "cpu") -> bool:
+    """Whether `precision="int8"` runs int8 on `device` (CPUs); else callers fall back."""
+    return torch.device(device).type == "cpu"
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W in int8 (symmetric, per output channel) and x quantized per call, per row."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        """`weight` [out, in] as nn.Linear stores it."""
+        super().__init__()
+        w = weight.detach().float()
+        self.out_features = w.shape[0]
+        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+        qweight = (w / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        self.bias = None if bias is None else bias.detach().float()
+        self.engine, self._packed = _prepack(qweight, scales, self.bias)
+        # the plain int8 weight only where the engine's packed copy is missing: one copy in memory
+        self.qweight, self.scales = (None, None) if self._packed is not None else (qweight, scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None and x.dim() == 2:  # a decoding step's rows: the kernel alone
+            return _linear_dynamic(x.float(), self._packed, True)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).float()
+        if self._packed is not None:  # the quantized engine: one fused kernel (the packed weight knows its engine)
+            y = _linear_dynamic(x, self._packed, True)
+        else:  # torch's int8 matmul, then the scales
+            xs = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
+            y = torch._int_mm(torch.round(x / xs).to(torch.int8), self.qweight.t()).float().mul_(xs).mul_(self.scales)
+            if self.bias is not None:
+                y.add_(self.bias)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    # Called straight, without nn.Module's hook machinery: these twins live only inside
+    # `int8_linears` and carry no hooks. A decoding step makes ~1,500 such calls per batch; the
+    # hooks' bookkeeping and the op packet's dispatch cost ~5 us each (1 % of int8 decoding).
+    __call__ = forward
+
+
+def _prepack(qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[Optional[str], object]:
+    """(engine, packed weight) for the engine that measured fastest for this shape, or (None, None)
+    where this torch has no such engine (any more: its quantized tensors are deprecated; then
+    `Int8Linear` multiplies with `torch._int_mm`)."""
+    engines = _candidate_engines()
+    if not engines:
+        return None, None
+    try:
+        shape = tuple(qweight.shape)
+        packed = {}
+
+        def race() -> dict[str, float]:
+            packed.update({e: _pack(e, qweight, scales, bias) for e in engines})
+            x = torch.randn(TIMING_ROWS, shape[1])
+            return timing.time_calls({e: functools.partial(_linear_dynamic, x, p, True) for e, p in packed.items()})
+
+        engine = timing.fastest(f"int8 linear {shape[0]} x {shape[1]}, {TIMING_ROWS} rows", engines, race,
+                                prefer=engines[0], margin=ENGINE_MIN_SPEEDUP)
+        return engine, packed[engine] if engine in packed else _pack(engine, qweight, scales, bias)
+    except (RuntimeError, AttributeError) as e:  # pragma: no cover - torch builds without the engine
+        log.info("mmcap int8: the quantized engine is unavailable (%s): using torch._int_mm", e)
+        return None, None
+
+
+def _pack(engine: str, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):
+    with warnings.catch_warnings():  # the deprecation of quantized tensors; the fallback is ready
+        warnings.simplefilter("ignore")
+        zero = torch.zeros(len(scales), dtype=torch.long)
+        q = torch._make_per_channel_quantized_tensor(qweight, scales.double(), zero, axis=0)
+        with _engine(engine):
+            return torch.ops.quantized.linear_prepack(q, bias)
+
+
+@contextlib.contextmanager
+def _engine(wanted: str) -> Iterator[None]:
+    """torch's quantized engine set to `wanted` within the block (prepacking packs for it)."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = wanted
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def _twin(module: nn.Module) -> Optional[Int8Linear]:
+    if isinstance(module, nn.Linear):
+        return Int8Linear(module.weight, module.bias)
+    if isinstance(module, Conv1D):  # transformers' GPT-2 layers: weight stored [in, out]
+        return Int8Linear(module.weight.t(), module.bias)
+    return None
+
+
+def _twins(model: nn.Module) -> dict[str, Int8Linear]:
+    """The int8 twin of every linear layer of `model` (`mmcap.accel.twins`: remade when its weights change)."""
+    return {name: twins.twin(module, "int8", functools.partial(_twin, module)) for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D))}
+
+
+@contextlib.contextmanager
+def int8_linears(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every nn.Linear (and GPT-2 Conv1D) of `model` computes in int8."""
+    twins = _twins(model)
+    swapped = []
+    try:
+        for name, twin in twins.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            swapped.append((parent, child, getattr(parent, child)))
+            setattr(parent, child, twin)
+        yield model
+    finally:
+        for parent, child, original in reversed(swapped):
+            setattr(parent, child, original)

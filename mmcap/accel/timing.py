@@ -1,0 +1,143 @@
+"""Timing candidates and keeping the fastest: the one helper every fast path's choice goes through,
+and the per-machine cache of what it chose.
+
+The statistic is each candidate's minimum over `repeats` rounds, the candidates alternating within
+a round after one warm-up call each. The minimum, because other processes only ever add time: the
+fastest of several runs is the best estimate of what the code itself costs. Alternating, because a
+burst of other load then slows every candidate, not just the one running at the time.
+
+Choices outlive the process: they are kept in `choices.json` under `cache_root()`
+(`MMCAP_CACHE_DIR`, default `~/.cache/mmcap`), keyed by the machine (processor, thread count, torch
+and mmcap versions) and by what was timed, shape included, so that a choice made for a ResNet-18
+is never reused for a ResNet-50. A new process reuses them and runs no race. An entry that cannot be
+read, or that names a candidate not offered now, is timed again, never trusted blindly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "choices.json"
+_CHOSEN: dict[tuple[str, str], dict] = {}  # (machine, what) -> entry, this process's memo of the file
+
+
+def cpu_model() -> str:
+    """The processor's model name (`lscpu`'s "Model name"), for cache keys, logs and benchmarks."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    from mmcap import __version__
+
+    return f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} | mmcap {__version__}"
+
+
+def cache_root() -> Path:
+    """Where mmcap keeps what it measured or built for this machine (`MMCAP_CACHE_DIR`)."""
+    return Path(os.environ.get("MMCAP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mmcap"))
+
+
+def time_calls(candidates: Mapping[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
+    """Seconds per call of each candidate: the minimum over `repeats` alternating rounds, after a warm-up."""
+    best = {name: float("inf") for name in candidates}
+    with torch.no_grad():
+        for r in range(repeats + 1):
+            for name, call in candidates.items():
+                start = time.perf_counter()
+                call()
+                took = time.perf_counter() - start
+                if r:  # round 0 warms up: kernel selection, page faults, lazy packing
+                    best[name] = min(best[name], took)
+    return {name: max(t, 1e-9) for name, t in best.items()}
+
+
+def fastest(what: str, names: Sequence[str], race: Callable[[], Mapping[str, float]],
+            prefer: Optional[str] = None, margin: float = 1.0) -> str:
+    """The fastest of `names` for `what` (the operation and shape timed): this machine's cached
+    choice where it names one of `names`, else the winner of `race()` (seconds per name), which is
+    then cached. `prefer` is kept unless another candidate is faster by the factor `margin`."""
+    names = list(names)
+    if len(names) == 1:
+        return names[0]
+    entry = choice(what)
+    if entry is not None and entry.get("use") in names:
+        return entry["use"]
+    seconds = dict(race())
+    use = min(seconds, key=seconds.get)
+    if prefer is not None and prefer in seconds and seconds[use] * margin > seconds[prefer]:
+        use = prefer
+    log.info("mmcap: %s: %s (%s)", what, use, ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in seconds.items()))
+    _store(what, {"use": use, "seconds": seconds})
+    return use
+
+
+def choice(what: str) -> Optional[dict]:
+    """This machine's cached entry for `what` (`{"use": name, "seconds": {name: s}}`), or None
+    where there is none or it is unreadable."""
+    key = (machine_key(), what)
+    if key not in _CHOSEN:
+        entry = _read(_path()).get(key[0], {}).get(what)
+        if not (isinstance(entry, dict) and isinstance(entry.get("use"), str)
+                and isinstance(entry.get("seconds"), dict)):
+            return None
+        _CHOSEN[key] = entry
+    return _CHOSEN[key]
+
+
+def choices() -> dict[str, str]:
+    """What this process chose or reused, {what: name}, for logs and benchmarks."""
+    machine = machine_key()
+    return {what: entry["use"] for (m, what), entry in _CHOSEN.items() if m == machine}
+
+
+def forget() -> None:
+    """Drop this process's memo (the file stays): the next lookup reads the file again."""
+    _CHOSEN.clear()
+
+
+def _path() -> Path:
+    return cache_root() / CACHE_FILE
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store(what: str, entry: dict) -> None:
+    """Memo and file; the file best effort (a read-only home just times again next time), written
+    to a temporary file and renamed, so a reader never sees half of it."""
+    machine = machine_key()
+    _CHOSEN[machine, what] = entry
+    path = _path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read(path)
+        if not isinstance(data.get(machine), dict):
+            data[machine] = {}
+        data[machine][what] = entry
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".choices-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("cannot cache the timed choice in %s: %s", path, e)

@@ -1,0 +1,97 @@
+"""GPT-2's lean decoding pass: the same modules and weights as its transformers forward, fewer
+kernels per token, and attention kept by an attention state (`mmcap.generation.attention`): the
+image's keys and values once per image (the beams of an image attend to them together, never
+copied). In fp32 with torch's attention it computes exactly the transformers forward's numbers."""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from transformers import GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+from mmcap.generation.attention import AttentionBackend, torch_attention
+
+
+class GPT2Decoding:
+    """A `DecodingPass` for a Hugging Face GPT-2 with cross-attention (eval mode, cached): the math
+    of its forward on its own modules, with less copying and fewer kernels per token. Attention,
+    and what it keeps, is the `attention` backend's (torch's ops unless the inference plan hands
+    over another)."""
+
+    attentions = False  # attention maps come from the transformers forward (`HFDecoding`)
+
+    def __init__(self, model: GPT2LMHeadModel, memory: torch.Tensor, max_len: int,
+                 attention: AttentionBackend = torch_attention):
+        cfg = model.config
+        self.model, self.body = model, model.transformer
+        self.memory, self.max_len = memory, max_len
+        self.t = 0  # tokens fed so far
+        # GPT-2's tanh GELU as one kernel (not transformers' eight) in the fast modes (autocast, or
+        # int8 twins in place of its Conv1D layers); fp32 keeps transformers' exact arithmetic.
+        autocast = torch.is_autocast_enabled(memory.device.type)
+        fast = autocast or not isinstance(self.body.h[0].mlp.c_fc, Conv1D)
+        self.fused_gelu = fast and cfg.activation_function == "gelu_new"
+        # the image's keys and values, once per image; the backend keeps them and the caches
+        image_kv = [block.crossattention.c_attn(memory).split(cfg.hidden_size, dim=2) for block in self.body.h]
+        self.attention = attention(image_kv, cfg.num_attention_heads, max_len, autocast)
+
+    @staticmethod
+    def supports(model, attentions: bool) -> bool:
+        cfg = model.config
+        return (isinstance(model, GPT2LMHeadModel) and cfg.add_cross_attention and not model.training
+                and not attentions)
+
+    def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if seqs.shape[1] > self.max_len:
+            raise ValueError(f"cannot decode past the {self.max_len} positions this pass was made for")
+        while self.t < seqs.shape[1]:  # the first call feeds BOS and the prompt, one position at a time
+            x = self._step(seqs[:, self.t])
+        return self.model.lm_head(self.body.ln_f(x)).float(), None
+
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The last hidden state [N, width] of `tokens` [N] at position `self.t`, cached."""
+        body, att = self.body, self.attention
+        x = body.wte(tokens) + body.wpe.weight[self.t]
+        att.begin(self.t, tokens.shape[0])
+        for i, block in enumerate(body.h):
+            attn, cross, mlp = block.attn, block.crossattention, block.mlp
+            x = x + attn.c_proj(att.self_attention(i, attn.c_attn(block.ln_1(x)), attn.scaling))
+            x = x + cross.c_proj(att.cross_attention(i, cross.q_attn(block.ln_cross_attn(x)), cross.scaling))
+            x = x + (mlp.c_proj(gelu_tanh(mlp.c_fc(block.ln_2(x)))) if self.fused_gelu else mlp(block.ln_2(x)))
+        self.t += 1
+        return x
+
+    def expand(self, k: int) -> None:
+        self.attention.expand(k)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.attention.reorder(rows)
+
+    def keep(self, images: torch.Tensor) -> None:
+        """From now on decode only `images` (positions among the images decoded so far, in order),
+        with their beams' rows: beam search drops the images it has finished with."""
+        self.attention.keep(images)
+
+
+_GELU_C1 = 2 * math.sqrt(2 / math.pi)  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+_GELU_C3 = _GELU_C1 * 0.044715
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU, x sigmoid(2u), as F.gelu(approximate="tanh") computes it to fp32 rounding
+    (max difference 5e-7 at 48 x 3072) in 39 us instead of 87 here: torch's CPU tanh is slow and
+    its sigmoid fast."""
+    u2 = torch.addcmul(_constant(_GELU_C1, x), x, x, value=_GELU_C3)  # C1 + C3 x^2, one pass
+    return u2.mul_(x).sigmoid_().mul_(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _constant_on(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _constant(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor of `value` in `like`'s dtype and device, made once (not per call)."""
+    return _constant_on(value, like.dtype, like.device)

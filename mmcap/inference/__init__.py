@@ -1,0 +1,1 @@
+"""Using a trained model from the shell: `mmcap caption`/`mmcap eval`, result writers, attention plots."""
