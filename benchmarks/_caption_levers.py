@@ -7,7 +7,7 @@ bench_caption adds to its JSON line). Two clocks: wall time, and the CPU time of
 which load from other processes barely moves when torch runs one thread (`--threads 1`).
 
 Only public API is used: the transformers-forward path of `mmcap.generation.generate.generate` is reached
-by handing it the decoder behind a plain module (`common.TransformersForward`), beam-search
+by handing it the decoder behind a plain module (`reference.TransformersForward`), beam-search
 bookkeeping is timed with a decoder that answers instantly, and the attention kernels (mmcap's
 matmul attention vs the fused SDPA) are timed on their own, on the shapes this decoding uses.
 """
@@ -26,10 +26,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import GENERATION, NaivePipeline, TransformersForward, best_time, build_mmcap, log, make_photos
-from mmcap.generation.generate import GenerationConfig, generate
+from measure import best_time, log
+from models import GENERATION, build_mmcap
+from photos import make_photos
+from reference import NaivePipeline, TransformersForward
+from mmcap.generation import GenerationConfig, generate
 from mmcap.images import eval_transform, open_image
-from mmcap import attention_kernel, gpt2_attention, int8_encoder, quantize
+from mmcap.accel import int8_encoder, kernel_attention, quantize
+from mmcap.accel import kernels as attention_kernel
 from mmcap.generation.attention import attend
 from mmcap.accel.folding import folded_encoder
 from mmcap.accel.quantize import int8_linears

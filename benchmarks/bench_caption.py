@@ -4,7 +4,7 @@
     python benchmarks/bench_caption.py --levers        # adds what each speed lever gives (table + JSON)
     python benchmarks/bench_caption.py --quality runs/demo/model --data 'data/demo/test-*.tar'   # fp32 vs bf16, int8
 
-The model (`common.build_mmcap`): ResNet-50 at 224 px, a linear projection and a decoder of
+The model (`models.build_mmcap`): ResNet-50 at 224 px, a linear projection and a decoder of
 GPT-2 small's shape (12 layers, width 768, 12 heads, vocabulary 50,257) with random weights and a
 stand-in word-level tokenizer, since nothing can be downloaded. Every system decodes with beam 3
 and exactly 20 new tokens, batch 16, over JPEG photos (640x480) written here, all in one process:
@@ -17,7 +17,7 @@ and exactly 20 new tokens, batch 16, over JPEG photos (640x480) written here, al
   ``int8_engines`` what int8 measured fastest on this machine (torch's float or int8 twin, or ONNX
   Runtime, for the encoder; fbgemm or oneDNN per weight shape), ``int8_attention`` whether GPT-2's
   attention ran in mmcap's C++ kernels or torch's ops (timed); ``--precision`` picks another;
-- ``naive`` (a): the same weights run the obvious way (``common.NaivePipeline``): fp32, PIL +
+- ``naive`` (a): the same weights run the obvious way (``reference.NaivePipeline``): fp32, PIL +
   torchvision transforms, a torchvision ResNet-50 grid -> Linear ->
   ``GPT2LMHeadModel.generate(encoder_hidden_states=...)``;
 - ``vit_gpt2`` (b): transformers' ``VisionEncoderDecoderModel`` with ViT-B/16 and GPT-2 small
@@ -54,12 +54,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*attention_mask.*")
 
-from common import (BEAMS, GENERATION, NaivePipeline, VitGpt2Pipeline, build_mmcap, emit, log,  # noqa: E402
-                    make_photos, peak_rss_mb, reset_peak_rss)
+from measure import emit, log, peak_rss_mb, reset_peak_rss  # noqa: E402
+from models import BEAMS, GENERATION, build_mmcap  # noqa: E402
+from photos import make_photos  # noqa: E402
+from reference import NaivePipeline, VitGpt2Pipeline  # noqa: E402
 
 from mmcap import Captioner, encoder_runners, gpt2_attention  # noqa: E402
 from mmcap.accel.precision import compute_dtype, cpu_bf16_speedup, measure_matmuls  # noqa: E402
-from mmcap.accel.quantize import engine_choices  # noqa: E402
+from mmcap.accel.timing import choices  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- measuring

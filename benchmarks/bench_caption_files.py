@@ -4,7 +4,7 @@
     python benchmarks/bench_caption_files.py --sizes 300 1000 --workers 2
 
 The model has bench_caption's shape (ResNet-50 @224 + a GPT-2-small-shaped decoder, random
-weights, beam 3, exactly 20 new tokens, batch 16; `common.build_mmcap`), saved once. Each run is
+weights, beam 3, exactly 20 new tokens, batch 16; `models.build_mmcap`), saved once. Each run is
 the real command in a fresh process; per run it reports:
 
 - `captions_per_s`: from the command's own summary line (captioning only, model loading excluded);
@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-from common import BATCH_SIZE, GENERATION, build_mmcap, emit, log, make_photos
+from measure import emit, log
+from models import BATCH_SIZE, GENERATION, build_mmcap
+from photos import make_photos
 
 from mmcap import Captioner
 from mmcap.images import eval_transform, open_image

@@ -3,7 +3,7 @@
     python benchmarks/bench_data.py [--demo-dir data/demo] [--samples 3000] [--workers 0 1 2]
 
 Two datasets: the demo shards (128 px JPEGs; generated into a temp dir unless --demo-dir holds
-them) and shards of 256 x 256 photo-like JPEGs made here (`common.photo_jpeg`, the photos of
+them) and shards of 256 x 256 photo-like JPEGs made here (`photos.photo_jpeg`, the photos of
 bench_caption at a smaller size). Each is read through
 `CaptionDataModule.train_dataloader()` (decode, random crop, normalise, batch) with 0, 1 and 2
 DataLoader workers. `--train-step` adds what `bench_train_step` reports: the hook where the
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from common import emit, photo_jpeg
+from measure import emit
+from photos import photo_jpeg
 
 from mmcap.data import CaptionDataModule, Sample, write_shards
 from mmcap.data.demo import demo_is_complete, make_demo

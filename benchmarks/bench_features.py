@@ -24,7 +24,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from common import build_fit, emit, quiet_fit_overrides
+from fits import build_fit, quiet_fit_overrides
+from measure import emit
 
 from mmcap.training.features import extract_features, use_feature_encoder
 

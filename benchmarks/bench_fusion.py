@@ -78,7 +78,8 @@ def frozen_in_checkpoint(captioner, state_dict: dict) -> int:
 def run_one(name: str, args, lm_dir: Path) -> dict:
     """Train, checkpoint and evaluate one run in this process."""
     import torch
-    from common import StepTimer, build_fit, peak_rss_mb, quiet_fit_overrides, reset_peak_rss
+    from fits import StepTimer, build_fit, quiet_fit_overrides
+    from measure import peak_rss_mb, reset_peak_rss
 
     from mmcap.data.streams import iter_samples
     from mmcap.metrics import caption_metrics
@@ -168,7 +169,7 @@ def main() -> None:
         print(json.dumps(run_one(args.child, args, lm_dir)), flush=True)
         return
 
-    from common import emit, log
+    from measure import emit, log
 
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     unknown = sorted(set(names) - set(RUNS))

@@ -4,7 +4,7 @@ samples/s and MFU of ResNet-50 + GPT-2 small. Prints one JSON line (the GPU and 
     python benchmarks/bench_gpu.py                      # about 3-4 minutes on an H200
     python benchmarks/bench_gpu.py --device cpu --n 8 --train-steps 2 --train-batch 2   # a smoke run
 
-Captioning (`common.build_mmcap`: ResNet-50 at 224 px + a decoder of GPT-2 small's shape, random
+Captioning (`models.build_mmcap`: ResNet-50 at 224 px + a decoder of GPT-2 small's shape, random
 weights, beam 3, exactly 20 new tokens) over photo-like 640x480 JPEG files, at batch 16 (as
 bench_caption) and 64:
 
@@ -41,8 +41,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 
-from common import (GENERATION, IMAGE_SIZE, NEW_TOKENS, VOCAB, NaivePipeline, VitGpt2Pipeline,  # noqa: E402
-                    build_mmcap, emit, log, make_photos)
+from measure import emit, log  # noqa: E402
+from models import GENERATION, IMAGE_SIZE, NEW_TOKENS, VOCAB, build_mmcap  # noqa: E402
+from photos import make_photos  # noqa: E402
+from reference import NaivePipeline, VitGpt2Pipeline  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

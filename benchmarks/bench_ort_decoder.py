@@ -3,7 +3,7 @@ Runtime, int8, against mmcap's own int8 step in torch.
 
     python benchmarks/bench_ort_decoder.py            # one JSON line (about 2 minutes on 2 cores)
 
-The decoder is bench_caption's (`common.build_mmcap`: GPT-2 small's shape, random weights). One
+The decoder is bench_caption's (`models.build_mmcap`: GPT-2 small's shape, random weights). One
 decoding step (embeddings, 12 blocks with self- and cross-attention, LM head; past keys/values in,
 present out) is exported to ONNX (torch's TorchScript exporter) and quantized the way ONNX
 Runtime documents for transformers on CPUs (`quantize_dynamic`: int8 weights per output channel,
@@ -26,9 +26,10 @@ import warnings
 import torch
 from torch import nn
 
-from common import BEAMS, NEW_TOKENS, build_mmcap, emit, log
+from measure import emit, log
+from models import BEAMS, NEW_TOKENS, build_mmcap
 
-from mmcap.generation.passes import GPT2Decoding
+from mmcap.generation.gpt2_pass import GPT2Decoding
 from mmcap.accel.precision import compute_dtype
 from mmcap.accel.quantize import int8_linears
 

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_serve.py            # one JSON line (about 3-6 minutes on 2 cores)
 
-The model is bench_caption's (`common.build_mmcap`: ResNet-50 at 224 px + a decoder of GPT-2
+The model is bench_caption's (`models.build_mmcap`: ResNet-50 at 224 px + a decoder of GPT-2
 small's shape, random weights), saved and served by `mmcap serve` in its own process at its
 defaults (fp32, --max-batch-size 16). Every request uploads a 640x480 JPEG photo (multipart) and
 asks for beam 3 and exactly 20 new tokens, like bench_caption. First one client sends requests
@@ -28,7 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from common import BATCH_SIZE, GENERATION, build_mmcap, emit, log, make_photos, peak_rss_mb
+from measure import emit, log, peak_rss_mb
+from models import BATCH_SIZE, GENERATION, build_mmcap
+from photos import make_photos
 
 
 def free_port() -> int:

@@ -19,7 +19,8 @@ import statistics
 import warnings
 
 import torch
-from common import StepTimer, build_fit, clocks, emit, quiet_fit_overrides
+from fits import StepTimer, build_fit, quiet_fit_overrides
+from measure import clocks, emit
 
 from mmcap.accel.precision import lightning_precision
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import emit, held_out_keys
+from measure import emit
+from photos import held_out_keys
 
 from mmcap import Captioner
 from mmcap.data.streams import iter_samples

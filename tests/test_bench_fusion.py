@@ -1,13 +1,9 @@
 """benchmarks/bench_fusion.py's parameter counts, against a hand count of LoRA's adapters."""
-import sys
-from pathlib import Path
-
 from helpers import CAPTIONS, tiny_config
 
 from mmcap import Captioner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_fusion import parameter_counts  # noqa: E402
+from bench_fusion import parameter_counts  # benchmarks/, on pytest's `pythonpath`
 
 
 def test_parameter_counts_of_a_lora_llama_by_hand():

@@ -10,13 +10,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcap.accel.plan import InferencePlan, as_plan
 from mmcap.captioner.inputs import Images, Prompt, image_sequence, is_one_image, per_image
 from mmcap.captioner.results import CaptionResult, Captions, results_of
 from mmcap.config import CaptionerConfig
@@ -28,6 +27,9 @@ from mmcap.model.fusion import OwnCrossAttention, build_fusion
 from mmcap.model.lora import apply_train_mode, has_lora, merged_lora
 from mmcap.model.projection import GridProjection
 from mmcap.model.tokenizer import CaptionTokenizer
+
+if TYPE_CHECKING:  # the plan (and its fast paths) load on the first caption, never for training
+    from mmcap.accel.plan import InferencePlan
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -193,11 +195,13 @@ class Captioner(nn.Module):
         )
 
     def generate(self, pixels: Optional[torch.Tensor], output_attentions: bool = False,
-                 precision: Union[str, InferencePlan] = "fp32", memory: Optional[torch.Tensor] = None,
+                 precision: Union[str, "InferencePlan"] = "fp32", memory: Optional[torch.Tensor] = None,
                  prompt: Prompt = None, **generation_kwargs) -> GenerationOutput:
         """Decode normalised pixels [B,3,S,S] (or image tokens `memory`); `precision` (or a plan
         resolved from one), `prompt` and the generation options as in `caption`. The sequences are
         the continuations of the prompts."""
+        from mmcap.accel.plan import as_plan
+
         cfg = self.generation_options(**generation_kwargs)
         plan = as_plan(precision, self.device)
         n = len(memory) if memory is not None else len(pixels)
@@ -249,7 +253,7 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def caption(self, images: Images, batch_size: int = 16, return_scores: bool = False,
-                return_attention: bool = False, precision: Union[str, InferencePlan] = "fp32",
+                return_attention: bool = False, precision: Union[str, "InferencePlan"] = "fp32",
                 prompt: Prompt = None, **generation_kwargs):
         """Captions for paths, PIL images or a tensor batch; one image in, one `str` out.
 
@@ -277,11 +281,13 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def caption_details(self, images: Images, batch_size: int = 16, return_attention: bool = False,
-                        precision: Union[str, InferencePlan] = "fp32", prompt: Prompt = None,
+                        precision: Union[str, "InferencePlan"] = "fp32", prompt: Prompt = None,
                         **generation_kwargs) -> list[CaptionResult]:
         """A `CaptionResult` per image: caption, log-prob, words, attention maps (when asked) and,
         with beam search, the other finished captions. Arguments as in `caption`, which is this
         result in its familiar shape."""
+        from mmcap.accel.plan import as_plan
+
         generation_kwargs = self.generation_options(**generation_kwargs).to_dict()
         plan = as_plan(precision, self.device)
         was_training = self.training

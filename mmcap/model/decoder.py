@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, BertConfig, GPT2Config, PretrainedConfig, PreTrainedModel
 
-from mmcap.config import DecoderConfig, causal_lm_types  # noqa: F401  (re-exported)
+from mmcap.config import DecoderConfig, causal_lm_types
 from mmcap.model.tokenizer import CaptionTokenizer
 
 # Families with their own cross-attention layers: the config flags that switch them on (BERT also

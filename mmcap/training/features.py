@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from mmcap.config import EncoderConfig
-from mmcap.data.samples import features_from_bytes, features_to_bytes  # noqa: F401  (re-exported)
+from mmcap.data.samples import features_to_bytes
 from mmcap.data.shards import FEATURE_MEMBER
 from mmcap.model.encoder import ResNetEncoder
 from mmcap.images import eval_transform

@@ -21,8 +21,7 @@ import dataclasses
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -33,49 +32,15 @@ from mmcap.data.interface import TrainingData
 from mmcap.generation.config import GenerationConfig
 from mmcap.model.lora import frozen_lm_weights
 from mmcap.metrics import evaluate_captions
-from mmcap.training.scst import SCSTConfig, reward_scorer, self_critical_loss
+from mmcap.training.config import TrainingConfig, coerce
+from mmcap.training.contexts import frozen_encoder, token_dropout
+from mmcap.training.scst import reward_scorer, self_critical_loss
 from mmcap.training.checkpoint_entry import CHECKPOINT_KEY, captioner_from_entry, checkpoint_entry, with_frozen_lm_weights
-from mmcap.training.callbacks import (NonFiniteGuard, NonFiniteLossError, ThroughputLogger,  # noqa: F401  (re-exported)
-                        TimeBudgetSchedule, time_budget)
+from mmcap.training.callbacks import NonFiniteGuard, ThroughputLogger, TimeBudgetSchedule, time_budget
 from mmcap.training.distributed import gather_from_ranks, gather_predictions
 from mmcap.training.optim import OptimConfig, build_optimizer
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass
-class TrainingConfig:
-    """A recipe's `model.training` block: options that exist only while training."""
-
-    label_smoothing: float = 0.0
-    # Share of the decoder's input words (teacher forcing; never BOS) shown as UNK, so that each
-    # word is predicted more from the image than from the words before it.
-    token_dropout: float = 0.0
-    max_bad_steps: int = 20  # consecutive non-finite steps (skipped) tolerated before raising
-    tokenizer_max_captions: Optional[int] = None  # training captions read to train a tokenizer
-    val_meteor: bool = False  # METEOR (Java, slow to start) at validation too; test always has it
-    grid_images: int = 8  # images in the caption grid logged at each validation (0: none)
-    channels_last: bool = False  # encoder in channels-last memory format (faster on CPUs, tensor cores)
-    # Start from this save_pretrained directory (its config replaces model.captioner), e.g. for SCST.
-    init_from: Optional[str] = None
-    # Self-critical sequence training (CIDEr-D rewards) instead of cross-entropy.
-    scst: Optional[SCSTConfig] = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.scst, dict):
-            self.scst = SCSTConfig(**self.scst)
-
-
-def _coerce(typ, value):
-    """A config dataclass from an instance, a dict (YAML/JSON, checkpoint hparams) or None."""
-    if value is None or isinstance(value, typ):
-        return value if value is not None else typ()
-    if typ is CaptionerConfig:
-        return CaptionerConfig.from_dict(value if isinstance(value, dict) else dataclasses.asdict(value))
-    if typ is GenerationConfig:
-        return GenerationConfig.coerce(value)
-    return typ(**(value if isinstance(value, dict) else dataclasses.asdict(value)))
 
 
 class CaptionModule(L.LightningModule):
@@ -99,12 +64,12 @@ class CaptionModule(L.LightningModule):
                 cheaper than `generation` (greedy against beam 3, say). `mmcap eval` uses `generation`.
         """
         super().__init__()
-        self.captioner_config: CaptionerConfig = _coerce(CaptionerConfig, captioner)
-        self.optim: OptimConfig = _coerce(OptimConfig, optim)
-        self.training_config: TrainingConfig = _coerce(TrainingConfig, training)
-        self.generation: GenerationConfig = _coerce(GenerationConfig, generation)
+        self.captioner_config: CaptionerConfig = coerce(CaptionerConfig, captioner)
+        self.optim: OptimConfig = coerce(OptimConfig, optim)
+        self.training_config: TrainingConfig = coerce(TrainingConfig, training)
+        self.generation: GenerationConfig = coerce(GenerationConfig, generation)
         self.eval_generation: GenerationConfig = (self.generation if eval_generation is None
-                                                 else _coerce(GenerationConfig, eval_generation))
+                                                 else coerce(GenerationConfig, eval_generation))
         # Plain types only: checkpoints are read back with torch.load(weights_only=True).
         self.save_hyperparameters(dict(
             captioner=self.captioner_config.to_dict(), optim=dataclasses.asdict(self.optim),
@@ -119,10 +84,6 @@ class CaptionModule(L.LightningModule):
         self._eval_loss = torch.zeros(2)
         self._grid: list[tuple[torch.Tensor, str, list[str]]] = []
         self._features_dir: Optional[str] = None  # training from precomputed encoder grids
-
-    @property
-    def model_config(self) -> CaptionerConfig:  # the 0.1 name
-        return self.captioner_config
 
     @property
     def bad_steps(self) -> int:
@@ -250,9 +211,9 @@ class CaptionModule(L.LightningModule):
         opts = self.training_config
         with contextlib.ExitStack() as stack:
             if self.encoder_frozen:
-                stack.enter_context(self._frozen_encoder())
+                stack.enter_context(frozen_encoder(self.captioner.encoder))
             if opts.token_dropout > 0:
-                stack.enter_context(self._token_dropout(opts.token_dropout))
+                stack.enter_context(token_dropout(self.captioner, opts.token_dropout))
             if opts.scst is not None:
                 loss, stats = self_critical_loss(self.captioner, pixels, batch["references"], self._reward_scorer,
                                                  opts.scst, memory=memory, prompts=batch.get("prompts"))
@@ -272,44 +233,6 @@ class CaptionModule(L.LightningModule):
             if not group.get("name", "").endswith("_no_decay"):  # same rate as its decayed twin
                 self.log(f"train/lr_{group.get('name', 'group')}", group["lr"], batch_size=n)
         return loss
-
-    @contextlib.contextmanager
-    def _frozen_encoder(self) -> Iterator[None]:
-        """No gradients into the encoder and BatchNorm statistics fixed, for one forward pass.
-
-        The parameters stay in the optimizer (and in DDP's reducer) all along, so unfreezing is
-        just the end of this context.
-        """
-        encoder = self.captioner.encoder
-        params = list(encoder.parameters())
-        flags, was_training = [p.requires_grad for p in params], encoder.training
-        encoder.eval()
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
-            encoder.train(was_training)
-
-    @contextlib.contextmanager
-    def _token_dropout(self, rate: float) -> Iterator[None]:
-        """Replace input word embeddings by UNK's (the targets stay intact), for one forward pass."""
-        embedding = self.captioner.decoder.get_input_embeddings()
-        tok = self.captioner.tokenizer
-        unk = tok.hf.unk_token_id if tok.hf.unk_token_id is not None else tok.pad_id
-
-        def drop_words(module, args, output):
-            ids = args[0]
-            drop = (torch.rand(ids.shape, device=ids.device) < rate) & (ids != tok.bos_id)
-            return torch.where(drop[..., None], module.weight[unk].to(output.dtype), output)
-
-        handle = embedding.register_forward_hook(drop_words)
-        try:
-            yield
-        finally:
-            handle.remove()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """While the encoder is frozen, drop the zero gradients DDP gave it (see training_step).

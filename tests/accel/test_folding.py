@@ -55,7 +55,8 @@ def test_folding_refuses_a_training_module():
 
 @pytest.mark.parametrize("bf16_fast", [True, False], ids=["bf16-machine", "fp32-machine"])
 def test_fast_modes_encode_through_the_twin_and_fp32_never_does(bf16_fast, peaky_gpt2, image_files, monkeypatch):
-    from mmcap import captioner, encoder_runners, int8_encoder, ort_encoder, precision
+    from mmcap.accel import encoder_race as encoder_runners, int8_encoder, ort_encoder, precision
+    from mmcap.captioner import model as captioner
 
     monkeypatch.setattr(precision, "bf16_is_fast", lambda device="cpu": bf16_fast)
     # torch's float twin alone (the int8 twin and ONNX Runtime: test_encoder_runners)

@@ -3,19 +3,17 @@ transformers pipeline's, the lean GPT-2 decoding equals the transformers forward
 opt-in that only changes precision."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from mmcap.generation.generate import GenerationConfig, generate
+from mmcap.generation import GenerationConfig, generate
 from mmcap.accel.precision import bf16_is_fast, compute_dtype
 
-# The naive reference pipeline is the benchmarks' (benchmarks/common.py), so that the test and
-# bench_caption hold mmcap to the same reference.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import NaivePipeline, TransformersForward  # noqa: E402
+# The naive reference pipeline is the benchmarks' (benchmarks/reference.py, importable through
+# pytest's `pythonpath`), so that the test and bench_caption hold mmcap to the same reference.
+from reference import NaivePipeline, TransformersForward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

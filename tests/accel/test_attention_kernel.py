@@ -7,9 +7,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from mmcap import attention_kernel, gpt2_attention
-from mmcap.generation.passes import GPT2Decoding
-from mmcap.generation.generate import generate
+from mmcap.accel import kernel_attention
+from mmcap.accel import kernels as attention_kernel
+from mmcap.generation import attention as gpt2_attention
+from mmcap.generation.gpt2_pass import GPT2Decoding
+from mmcap.generation import generate
 from mmcap.generation.config import GenerationConfig
 
 kernels = attention_kernel.kernels()
@@ -207,7 +209,7 @@ def test_a_build_belongs_to_one_cpu_and_one_source(monkeypatch):
 OTHER_CPU_CHECK = r"""
 import sys, torch
 from torch.utils import cpp_extension
-from mmcap import attention_kernel
+from mmcap.accel import kernels as attention_kernel
 cpp_extension.load(name="mmcap_attention_other_cpu", sources=[str(attention_kernel.SOURCE)], build_directory=sys.argv[2],
                    extra_cflags=["-O3", "-march=" + sys.argv[1], "-fopenmp"], extra_ldflags=["-fopenmp"],
                    is_python_module=False)

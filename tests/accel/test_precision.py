@@ -5,19 +5,17 @@ import json
 import pytest
 import torch
 
-from mmcap import precision
+from mmcap.accel import precision, timing
 
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("MMCAP_CACHE_DIR", str(tmp_path))
-    precision.cpu_bf16_speedup.cache_clear()
+    precision._cpu_choice.cache_clear()
+    timing.forget()
     yield tmp_path
-    precision.cpu_bf16_speedup.cache_clear()
-
-
-def timings(fp32: float, bf16: float) -> dict:
-    return {"fp32": fp32, "bf16": bf16, "fp32_gflops": 1 / fp32, "bf16_gflops": 1 / bf16}
+    precision._cpu_choice.cache_clear()
+    timing.forget()
 
 
 @pytest.mark.parametrize("fp32,bf16,expected", [
@@ -27,14 +25,16 @@ def timings(fp32: float, bf16: float) -> dict:
 ])
 def test_auto_follows_the_measurement_not_the_flags(fresh, monkeypatch, fp32, bf16, expected):
     calls = []
-    monkeypatch.setattr(precision, "measure_matmuls", lambda: calls.append(1) or timings(fp32, bf16))
+    monkeypatch.setattr(precision, "measure_matmuls", lambda: calls.append(1) or {"fp32": fp32, "bf16": bf16})
     assert precision.compute_dtype("auto") == expected
     assert precision.lightning_precision("auto") == ("bf16-mixed" if expected == torch.bfloat16 else "32-true")
     assert precision.compute_dtype("auto") == expected and len(calls) == 1  # measured once
-    cached = json.loads((fresh / "precision.json").read_text())
-    assert cached[precision.machine_key()]["speedup"] == pytest.approx(fp32 / bf16)
+    cached = json.loads((fresh / timing.CACHE_FILE).read_text())
+    assert cached[timing.machine_key()][precision.WHAT]["seconds"] == {"fp32": fp32, "bf16": bf16}
+    assert precision.cpu_bf16_speedup() == pytest.approx(fp32 / bf16)
     # a new process reads the cache instead of measuring again
-    precision.cpu_bf16_speedup.cache_clear()
+    precision._cpu_choice.cache_clear()
+    timing.forget()
     monkeypatch.setattr(precision, "measure_matmuls", lambda: pytest.fail("measured again"))
     assert precision.compute_dtype("auto") == expected
     assert precision.compute_dtype("fp32") == torch.float32 and precision.compute_dtype("bf16") == torch.bfloat16
@@ -43,16 +43,15 @@ def test_auto_follows_the_measurement_not_the_flags(fresh, monkeypatch, fp32, bf
 
 
 def test_measurement_times_real_matmuls():
-    clock = iter(range(1000))  # a fake clock: every call one second later
-    out = precision.measure_matmuls(size=32, repeats=2, timer=lambda: float(next(clock)))
-    assert out["fp32"] == out["bf16"] == 1.0 and out["fp32_gflops"] > 0
-    assert precision.cpu_model()  # named in logs and benchmark output
+    out = precision.measure_matmuls(size=32, repeats=2)
+    assert set(out) == {"fp32", "bf16"} and all(0 < t < 1 for t in out.values())
+    assert timing.cpu_model()  # named in logs and benchmark output
 
 
 def test_recipe_precision_auto_resolves_in_the_trainer(fresh, monkeypatch):
     from mmcap.training.cli import Trainer
 
-    monkeypatch.setattr(precision, "measure_matmuls", lambda: timings(1.0, 2.0))
+    monkeypatch.setattr(precision, "measure_matmuls", lambda: {"fp32": 1.0, "bf16": 2.0})
     trainer = Trainer(precision="auto", accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     assert trainer.precision == "32-true"

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcap import int8_encoder
+from mmcap.accel import int8_encoder
 from mmcap.images import IMAGENET_MEAN, IMAGENET_STD
 from helpers import trained_like_encoder
 

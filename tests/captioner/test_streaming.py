@@ -13,7 +13,7 @@ from helpers import CAPTIONS, tiny_image_bytes
 from mmcap.inference.writers import coco_image_id, output_shard_name
 from mmcap.cli import main as mmcap_main
 from mmcap.data.shards import Sample, update_index, write_shards
-from mmcap.captioner.stream import plan_inputs
+from mmcap.data.image_stream import plan_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

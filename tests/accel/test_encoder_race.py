@@ -3,7 +3,7 @@ on this machine (`mmcap.accel.encoder_race`); each computes the encoder's grid."
 import pytest
 import torch
 
-from mmcap import encoder_runners, int8_encoder, ort_encoder
+from mmcap.accel import encoder_race as encoder_runners, int8_encoder, ort_encoder
 from helpers import trained_like_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,7 +85,7 @@ def test_runners_that_fail_are_left_out_and_logged(monkeypatch, caplog):
 
 def test_int8_captions_through_onnxruntime_equal_fp32(peaky_gpt2, image_files, monkeypatch):
     pytest.importorskip("onnxruntime")
-    from mmcap import precision
+    from mmcap.accel import precision
 
     monkeypatch.setattr(precision, "bf16_is_fast", lambda device="cpu": False)  # a CPU where fp32 wins
     monkeypatch.setattr(encoder_runners, "_time", lambda run, pixels: 0.0 if _name(run) == "onnxruntime fp32" else 1.0)

@@ -4,8 +4,10 @@ import torch
 from transformers import BertConfig, BertLMHeadModel, GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from mmcap.generation.passes import gelu_tanh
-from mmcap.generation.generate import GenerationConfig, _slot_order, ban_repeated_ngrams, generate, topk_rows, warp_for_sampling
+from mmcap.generation.gpt2_pass import gelu_tanh
+from mmcap.generation import GenerationConfig, generate
+from mmcap.generation.beams import slot_order as _slot_order
+from mmcap.generation.processors import ban_repeated_ngrams, topk_rows, warp_for_sampling
 
 V, BOS, EOS, PAD = 12, 1, 2, 0
 SETTINGS = [
@@ -201,7 +203,8 @@ def test_gpt2_pass_reorders_like_transformers_cache():
     """GPT-2's lean pass against the transformers forward over the same rows: beam moves that
     keep their sources (applied lazily, per layer), moves that overwrite a source (gathered at
     once) and two reorders between steps all give the same next-token logits."""
-    from mmcap.generation.passes import GPT2Decoding, HFDecoding
+    from mmcap.generation.gpt2_pass import GPT2Decoding
+    from mmcap.generation.hf_pass import HFDecoding
 
     model = peaky_decoder("gpt2", 0)
     memory = image_tokens(2)
@@ -232,7 +235,8 @@ def test_finished_images_leave_the_batch_and_results_stay(monkeypatch, family, u
     """Beam search stops decoding the images it has finished with (the pass drops their rows: GPT-2's
     lean pass, the transformers forward cached and uncached): the same captions, scores and
     hypotheses as decoding every image to the end, and as transformers."""
-    from mmcap.generation.passes import GPT2Decoding, HFDecoding
+    from mmcap.generation.gpt2_pass import GPT2Decoding
+    from mmcap.generation.hf_pass import HFDecoding
 
     pass_type = GPT2Decoding if family == "gpt2" and use_cache else HFDecoding
     model, memory = peaky_decoder(family, seed), image_tokens(8, seed=100 + seed)
@@ -258,7 +262,7 @@ def test_finished_images_leave_the_batch_and_results_stay(monkeypatch, family, u
 def test_greedy_rows_leave_the_batch_at_eos_and_results_stay(monkeypatch, kw):
     """Greedy rows that reach EOS leave GPT-2's pass: the same captions and scores as decoding every
     row to the end, and as transformers."""
-    from mmcap.generation.passes import GPT2Decoding
+    from mmcap.generation.gpt2_pass import GPT2Decoding
 
     model, memory = peaky_decoder("gpt2", 7), image_tokens(6, seed=107)
     cfg = GenerationConfig.from_kwargs(max_new_tokens=12, **kw)

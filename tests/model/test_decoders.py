@@ -8,7 +8,7 @@ import torch
 from helpers import CAPTIONS, circle_images, tiny_config
 
 from mmcap import Captioner
-from mmcap.generation.generate import GenerationConfig, generate
+from mmcap.generation import GenerationConfig, generate
 from mmcap.model.tokenizer import CaptionTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

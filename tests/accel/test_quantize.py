@@ -5,7 +5,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from mmcap.accel.precision import compute_dtype, decoder_int8
-from mmcap import quantize
+from mmcap.accel import quantize
 from mmcap.accel.quantize import Int8Linear, int8_linears
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from mmcap import allocator
+from mmcap.accel import allocator
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 

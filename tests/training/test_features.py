@@ -18,7 +18,8 @@ from mmcap.data.datamodule import CaptionDataModule
 from mmcap.data.samples import Collate, SkipCounter
 from mmcap.data.streams import iter_samples
 from mmcap.data.shards import FEATURE_MEMBER, read_members, write_member_shards
-from mmcap.training.features import features_from_bytes, features_to_bytes, load_encoder, load_info
+from mmcap.data.samples import features_from_bytes, features_to_bytes
+from mmcap.training.features import load_encoder, load_info
 from mmcap.training import CaptionModule
 
 

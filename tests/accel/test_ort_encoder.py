@@ -3,7 +3,7 @@ encoder's grid."""
 import pytest
 import torch
 
-from mmcap import ort_encoder
+from mmcap.accel import ort_encoder
 from helpers import trained_like_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
