@@ -105,13 +105,16 @@ def run_mmcap(args, data_dir: Path, image_size: int, run_dir: Path, extra: list[
            "--data.val_shards", str(data_dir / "val-*.tar"),
            "--data.test_shards", str(data_dir / "test-*.tar"),
            "--data.image_size", str(image_size),
-           "--trainer.max_time", max_time(args.budget), "--trainer.max_steps", "-1",
+           *(["--trainer.max_steps", str(args.max_steps)] if args.max_steps else
+             ["--trainer.max_time", max_time(args.budget), "--trainer.max_steps", "-1"]),
            "--trainer.default_root_dir", str(run_dir), "--checkpoint.dirpath", str(run_dir / "checkpoints"),
            "--export_dir", str(run_dir / "model"), "--test_after_fit", "false",
            "--trainer.profiler", "simple", "--trainer.callbacks+=recipe_probe.BudgetProbe", *extra]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([*( [str(src)] if src else []), str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["MMCAP_BENCH_PROBE"] = str(run_dir / "probe.json")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
     cpu0, t0 = children_cpu(), time.perf_counter()
@@ -153,12 +156,16 @@ def run_mmcap(args, data_dir: Path, image_size: int, run_dir: Path, extra: list[
 
 def run_plain(args, data_dir: Path, image_size: int, run_dir: Path) -> dict:
     cmd = [sys.executable, str(HERE / "plain_loop.py"), "--train", str(data_dir / "train-*.tar"),
-           "--test", str(data_dir / "test-*.tar"), "--image-size", str(image_size), "--budget", str(args.budget),
+           "--test", str(data_dir / "test-*.tar"), "--image-size", str(image_size),
+           "--budget", str(1e9 if args.max_steps else args.budget), "--max-steps", str(args.max_steps or 0),
            "--beams", str(args.beams), "--out", str(run_dir)]
     run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     cpu0, t0 = children_cpu(), time.perf_counter()
     with open(run_dir / "plain.log", "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     wall, cpu = time.perf_counter() - t0, children_cpu() - cpu0
     if rc != 0:
         raise SystemExit(f"plain loop failed (exit {rc}): {(run_dir / 'plain.log').read_text()[-3000:]}")
@@ -202,6 +209,10 @@ def main(argv=None) -> None:
     p.add_argument("--data-root", default="runs/bench_recipe/data", help="data kinds are written to DATA_ROOT/KIND")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--beams", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="train each arm for this many optimizer steps instead of a time budget (per-step learning; "
+                        "mmcap's schedule then spans these steps)")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both arms (default: torch's)")
     p.add_argument("--out", default="runs/bench_recipe")
     p.add_argument("--label", default="", help="names this run's mmcap arm (e.g. the override tried)")
     p.add_argument("--wait-idle", type=float, default=None, metavar="LOAD",
@@ -254,7 +265,8 @@ def main(argv=None) -> None:
         result.update(kind=kind, label=args.label if arm == "mmcap" else "", oracle_CIDEr=round(oracle, 4),
                       score=score(references, predictions, held), loadavg_start=load_start, loadavg_end=loadavg(),
                       waited_for_idle_s=waited, processor=header["processor"], mmcap=header["mmcap"],
-                      budget_s=args.budget, image_size=image_size, extra_args=extra if arm == "mmcap" else [])
+                      budget_s=None if args.max_steps else args.budget, max_steps=args.max_steps or None,
+                      threads=args.threads, image_size=image_size, extra_args=extra if arm == "mmcap" else [])
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))
         line = {k: v for k, v in result.items() if k not in ("curve", "profiler_top", "loss_every_50")}
         print(json.dumps(line), flush=True)

@@ -47,6 +47,11 @@ class BudgetProbe(L.Callback):
         self.samples = 0
         self.curve: list[tuple[int, float, float, float]] = []  # step, seconds, lr, loss
         self._patched = False
+        self.final_validation = self.final_checkpoint = 0.0  # after the budget ran out (not in the window)
+
+    @staticmethod
+    def _checkpoint_seconds(rows: dict) -> float:
+        return sum(sum(v) for k, v in rows.items() if "ModelCheckpoint" in k and k.startswith("[Callback]"))
 
     def setup(self, trainer, pl_module, stage):
         if stage != "fit" or self._patched:
@@ -56,12 +61,20 @@ class BudgetProbe(L.Callback):
 
         def timed_run(*args, **kwargs):
             t0 = time.perf_counter()
+            after_budget = bool(trainer.should_stop)  # the Timer has stopped training: a last validation
+            rows = getattr(trainer.profiler, "recorded_durations", {}) or {}
+            saved0 = self._checkpoint_seconds(rows)
             try:
                 return original(*args, **kwargs)
             finally:
                 if self.t_start is not None and self.t_end is None:
-                    self.validation += time.perf_counter() - t0
-                    self.val_runs += 1
+                    spent = time.perf_counter() - t0
+                    if after_budget:
+                        self.final_validation += spent
+                        self.final_checkpoint += self._checkpoint_seconds(rows) - saved0
+                    else:
+                        self.validation += spent
+                        self.val_runs += 1
 
         loop.run = timed_run
         self._patched = True
@@ -98,10 +111,10 @@ class BudgetProbe(L.Callback):
         if self.t_start is None:
             return
         end = self.t_end or time.perf_counter()
-        window = end - self.t_start
+        window = end - self.t_start - self.final_validation
         rows = getattr(trainer.profiler, "recorded_durations", {}) or {}
         data = sum(rows.get(DATA_ROW, []))
-        checkpoint = sum(sum(v) for k, v in rows.items() if "ModelCheckpoint" in k and k.startswith("[Callback]"))
+        checkpoint = self._checkpoint_seconds(rows) - self.final_checkpoint
         validation = max(0.0, self.validation - checkpoint)
         rest = window - self.compute - self.validation - data
         top = sorted(((k, sum(v), len(v)) for k, v in rows.items()), key=lambda r: -r[1])[:25]
@@ -112,6 +125,8 @@ class BudgetProbe(L.Callback):
             "time": {"compute": round(self.compute, 2), "data": round(data, 2), "validation": round(validation, 2),
                      "checkpoint": round(checkpoint, 2), "rest": round(rest, 2)},
             "val_runs": self.val_runs,
+            "after_budget": {"validation": round(self.final_validation - self.final_checkpoint, 2),
+                             "checkpoint": round(self.final_checkpoint, 2)},
             "epochs": self.epochs,
             "precision": str(trainer.precision),
             "batch_size": getattr(trainer.datamodule, "batch_size", None),

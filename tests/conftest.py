@@ -11,6 +11,29 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*attention_mask.*")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def machine_cache(tmp_path_factory):
+    """Timed choices and built kernels in a cache of this test session's own (`MMCAP_CACHE_DIR`):
+    a developer's ~/.cache/mmcap never decides a test."""
+    import os
+
+    before = os.environ.get("MMCAP_CACHE_DIR")
+    os.environ["MMCAP_CACHE_DIR"] = str(tmp_path_factory.mktemp("mmcap-cache"))
+    yield
+    if before is None:
+        os.environ.pop("MMCAP_CACHE_DIR", None)
+    else:
+        os.environ["MMCAP_CACHE_DIR"] = before
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    """Each test starts from the cache file, not from choices an earlier test made in this process."""
+    from mmcap.accel import timing
+
+    timing.forget()
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process

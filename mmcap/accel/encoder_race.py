@@ -45,8 +45,9 @@ def _what(encoder: nn.Module, dtype: torch.dtype, shape: tuple) -> str:
 
 
 def _choose(encoder: nn.Module, dtype: torch.dtype, pixels: torch.Tensor) -> tuple[str, Runner]:
-    makers = {f"torch {str(dtype).replace('torch.', '')}": lambda: _torch_runner(encoder, dtype),
-              "torch int8": lambda: _int8_runner_if_usable(encoder, pixels)}
+    makers = {f"torch {str(dtype).replace('torch.', '')}": lambda: _torch_runner(encoder, dtype)}
+    if int8_encoder.available():
+        makers["torch int8"] = lambda: _int8_runner_if_usable(encoder, pixels)
     if dtype == torch.float32 and ort_encoder.onnxruntime_available():
         makers["onnxruntime fp32"] = lambda: _ort_runner_if_usable(encoder, pixels)
     made: dict[str, Optional[Runner]] = {}
@@ -54,6 +55,8 @@ def _choose(encoder: nn.Module, dtype: torch.dtype, pixels: torch.Tensor) -> tup
     def race() -> dict[str, float]:
         made.update({name: make() for name, make in makers.items() if name not in made})
         usable = {name: run for name, run in made.items() if run is not None}
+        if len(usable) == 1:  # the others cannot run here: nothing to time
+            return {name: 0.0 for name in usable}
         return timing.time_calls({name: lambda run=run: run(pixels) for name, run in usable.items()}, repeats=2)
 
     use = timing.fastest(_what(encoder, dtype, tuple(pixels.shape[1:])), list(makers), race)

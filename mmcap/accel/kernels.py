@@ -41,6 +41,7 @@ DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),  # an
 OPENMP = "OpenMP" in torch.__config__.parallel_info()
 FLAGS = ["-O3", "-march=native"] + (["-fopenmp"] if OPENMP else [])
 FAILED = "FAILED"  # written into a key's build directory when its build failed: not retried per process
+_LOADED: dict = {}  # torch registers a library's operators once per process: never load a second copy
 
 
 def _cpu_flags() -> str:
@@ -74,6 +75,8 @@ def kernels():
             log.info("mmcap: the attention kernels failed to build here before (%s; delete it to retry); "
                      "decoding uses torch's ops", build / FAILED)
             return None
+        if "ops" in _LOADED:  # built and loaded already in this process (from another cache directory, say)
+            return _LOADED["ops"]
         cpp_extension = _import_cpp_extension()
         build.mkdir(parents=True, exist_ok=True)
         fresh = not any(build.glob("*.so"))
@@ -87,7 +90,8 @@ def kernels():
         if fresh:
             log.info("mmcap: attention kernels built in %.1f s", time.perf_counter() - start)
         ops = torch.ops.mmcap  # the overloads themselves: no lookup per call
-        return SimpleNamespace(self_attend=ops.self_attend.default, cross_attend=ops.cross_attend.default)
+        _LOADED["ops"] = SimpleNamespace(self_attend=ops.self_attend.default, cross_attend=ops.cross_attend.default)
+        return _LOADED["ops"]
     except Exception as e:  # no compiler, no headers, a read-only cache: torch's ops do the work
         what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         marker = _mark_failed(build, what)

@@ -9,7 +9,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from mmcap.accel import kernel_attention
 from mmcap.accel import kernels as attention_kernel
-from mmcap.generation import attention as gpt2_attention
+from mmcap.accel.kernel_attention import RacedAttention
+from mmcap.generation.attention import TorchAttention
 from mmcap.generation.gpt2_pass import GPT2Decoding
 from mmcap.generation import generate
 from mmcap.generation.config import GenerationConfig
@@ -57,7 +58,7 @@ def test_cross_attention_matches_torch_for_every_beam_of_every_image(dtype, posi
     images, beams, heads, head_dim = 4, 3, 2, 32
     w = heads * head_dim
     k, v = torch.randn(images, positions, w) * 3, torch.randn(images, positions, w)
-    att = gpt2_attention.KernelAttention(heads, [(k, v)], dtype, max_len=4, kernels=kernels)
+    att = kernel_attention.KernelAttention(heads, [(k, v)], dtype, max_len=4, kernels=kernels)
     att.group = beams
     q = torch.randn(images * beams, 2 * w)[:, :w]
     got = att.cross_attention(0, q, 0.2)
@@ -87,17 +88,17 @@ def test_gpt2_decoding_through_the_kernels_equals_decoding_through_torch(monkeyp
     model, memory = gpt2(), torch.randn(6, 5, 128) * 3
     cfg = GenerationConfig(num_beams=num_beams, max_new_tokens=12)
     kept = []
-    monkeypatch.setattr(gpt2_attention.KernelAttention, "keep",
-                        lambda self, images, orig=gpt2_attention.KernelAttention.keep: kept.append(len(images))
+    monkeypatch.setattr(kernel_attention.KernelAttention, "keep",
+                        lambda self, images, orig=kernel_attention.KernelAttention.keep: kept.append(len(images))
                         or orig(self, images))
     outs, kinds = {}, {}
     for use in (False, True):
-        monkeypatch.setattr(gpt2_attention, "_kernel_faster", lambda *a, use=use: use)
-        kinds[use] = type(GPT2Decoding(model, memory, 16, torch.float32).attention)
+        monkeypatch.setattr(kernel_attention, "kernels_faster", lambda *a, use=use: use)
+        kinds[use] = type(GPT2Decoding(model, memory, 16, RacedAttention(torch.float32)).attention)
         with torch.no_grad():
-            outs[use] = generate(model, memory, 0, 1, 1, cfg, attention_dtype=torch.float32,
+            outs[use] = generate(model, memory, 0, 1, 1, cfg, attention=RacedAttention(torch.float32),
                                  prompts=None if prompt is None else [prompt] * len(memory))
-    assert kinds == {False: gpt2_attention.TorchAttention, True: gpt2_attention.KernelAttention}
+    assert kinds == {False: TorchAttention, True: kernel_attention.KernelAttention}
     assert kept, "no image finished early: the test would not cover `keep`"
     assert torch.equal(outs[True].sequences, outs[False].sequences)
     torch.testing.assert_close(outs[True].scores, outs[False].scores, rtol=1e-5, atol=1e-5)
@@ -105,15 +106,22 @@ def test_gpt2_decoding_through_the_kernels_equals_decoding_through_torch(monkeyp
 
 
 def test_fp32_and_fp16_never_use_the_kernels(monkeypatch):
-    """The kernels round differently from torch: only the lossy modes (int8's `attention_dtype`,
-    bf16 autocast) may take them; fp32 stays exactly the transformers forward."""
-    monkeypatch.setattr(gpt2_attention, "_kernel_faster", lambda *a: True)
+    """The kernels round differently from torch: only the lossy modes (int8's caches in a given
+    dtype, bf16 autocast) may take them; fp32 stays exactly the transformers forward."""
+    monkeypatch.setattr(attention_kernel, "kernels", lambda: object())
+    monkeypatch.setattr(kernel_attention.timing, "fastest", lambda *a, **k: "kernels")
+    kernel_attention.kernels_faster.cache_clear()
     model, memory = gpt2(), torch.randn(2, 5, 128)
-    assert isinstance(GPT2Decoding(model, memory, 8).attention, gpt2_attention.TorchAttention)
-    assert isinstance(GPT2Decoding(model, memory, 8, torch.float32).attention, gpt2_attention.KernelAttention)
-    # nor dtypes the source has no kernel for (fp16 autocast)
-    with torch.autocast("cpu", dtype=torch.float16):
-        assert isinstance(GPT2Decoding(model, memory, 8).attention, gpt2_attention.TorchAttention)
+    try:
+        assert isinstance(GPT2Decoding(model, memory, 8).attention, TorchAttention)  # generation's own default
+        assert isinstance(GPT2Decoding(model, memory, 8, RacedAttention()).attention, TorchAttention)  # the fp32 plan's
+        assert isinstance(GPT2Decoding(model, memory, 8, RacedAttention(torch.float32)).attention,
+                          kernel_attention.KernelAttention)
+        # nor dtypes the source has no kernel for (fp16 autocast)
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert isinstance(GPT2Decoding(model, memory, 8, RacedAttention()).attention, TorchAttention)
+    finally:
+        kernel_attention.kernels_faster.cache_clear()
 
 
 @needs_kernels
@@ -126,11 +134,11 @@ def test_bf16_autocast_decoding_through_the_kernels_is_closer_to_fp32_than_torch
         want, _ = GPT2Decoding(model, memory, 8)(seqs)
         got = {}
         for use in (False, True):
-            monkeypatch.setattr(gpt2_attention, "_kernel_faster", lambda *a, use=use: use)
+            monkeypatch.setattr(kernel_attention, "kernels_faster", lambda *a, use=use: use)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                dec = GPT2Decoding(model, memory, 8)
+                dec = GPT2Decoding(model, memory, 8, RacedAttention())
                 got[use], _ = dec(seqs)
-            assert isinstance(dec.attention, gpt2_attention.KernelAttention if use else gpt2_attention.TorchAttention)
+            assert isinstance(dec.attention, kernel_attention.KernelAttention if use else TorchAttention)
             if use:
                 assert dec.attention.k[0].dtype == torch.bfloat16
     err = {use: (logits - want).abs().max().item() for use, logits in got.items()}
@@ -139,29 +147,31 @@ def test_bf16_autocast_decoding_through_the_kernels_is_closer_to_fp32_than_torch
 
 
 @pytest.mark.parametrize("kernel_s, torch_s, chosen", [(0.001, 0.004, True), (0.004, 0.001, False)])
-def test_the_race_decides_by_the_timings(monkeypatch, caplog, kernel_s, torch_s, chosen):
+def test_the_race_decides_by_the_timings(monkeypatch, caplog, kernel_s, torch_s, chosen, tmp_path):
+    monkeypatch.setenv("MMCAP_CACHE_DIR", str(tmp_path))  # no choice cached by another test
     monkeypatch.setattr(attention_kernel, "kernels", lambda: object())
-    monkeypatch.setattr(gpt2_attention, "_timings", lambda *a: (kernel_s, torch_s))
-    gpt2_attention._kernel_faster.cache_clear()
-    with caplog.at_level(logging.INFO, logger="mmcap.generation.attention"):
-        assert gpt2_attention._kernel_faster(2, 64, torch.float32) is chosen
-        assert not gpt2_attention._kernel_faster(2, 24, torch.float32)  # a head size the source has no kernel for
-    gpt2_attention._kernel_faster.cache_clear()
-    assert f"C++ kernels {kernel_s * 1e3:.2f} ms, torch {torch_s * 1e3:.2f} ms" in caplog.text
+    monkeypatch.setattr(kernel_attention, "_timings", lambda *a: {"kernels": kernel_s, "torch": torch_s})
+    kernel_attention.kernels_faster.cache_clear()
+    with caplog.at_level(logging.INFO, logger="mmcap.accel.timing"):
+        assert kernel_attention.kernels_faster(2, 64, torch.float32) is chosen
+        assert not kernel_attention.kernels_faster(2, 24, torch.float32)  # a head size the source has no kernel for
+    kernel_attention.kernels_faster.cache_clear()
+    assert f"kernels {kernel_s * 1e3:.3f} ms, torch {torch_s * 1e3:.3f} ms" in caplog.text
 
 
-def test_a_kernel_that_fails_in_the_race_leaves_torchs_ops(monkeypatch, caplog):
+def test_a_kernel_that_fails_in_the_race_leaves_torchs_ops(monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("MMCAP_CACHE_DIR", str(tmp_path))
     def broken(*args):
         raise RuntimeError("head_dim 64 not built")
 
     monkeypatch.setattr(attention_kernel, "kernels", lambda: SimpleNamespace(self_attend=broken, cross_attend=broken))
-    gpt2_attention._kernel_faster.cache_clear()
+    kernel_attention.kernels_faster.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="mmcap.generation.attention"):
-            assert not gpt2_attention._kernel_faster(2, 64, torch.float32)
+        with caplog.at_level(logging.WARNING, logger="mmcap.accel.kernel_attention"):
+            assert not kernel_attention.kernels_faster(2, 64, torch.float32)
         assert "the C++ kernels failed on 2 heads of 64 (head_dim 64 not built)" in caplog.text
     finally:
-        gpt2_attention._kernel_faster.cache_clear()
+        kernel_attention.kernels_faster.cache_clear()
 
 
 def test_without_a_compiler_decoding_keeps_torchs_ops(monkeypatch, caplog, tmp_path):
@@ -172,13 +182,14 @@ def test_without_a_compiler_decoding_keeps_torchs_ops(monkeypatch, caplog, tmp_p
 
     monkeypatch.setenv("MMCAP_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(attention_kernel, "_LOADED", {})  # as in a process that has not loaded them
     attention_kernel.kernels.cache_clear()
-    gpt2_attention._kernel_faster.cache_clear()
+    kernel_attention.kernels_faster.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="mmcap.accel.kernels"):
             assert attention_kernel.kernels() is None
-            att = GPT2Decoding(gpt2(), torch.randn(2, 5, 128), 8, torch.float32).attention
-        assert isinstance(att, gpt2_attention.TorchAttention)
+            att = GPT2Decoding(gpt2(), torch.randn(2, 5, 128), 8, RacedAttention(torch.float32)).attention
+        assert isinstance(att, TorchAttention)
         assert "could not be built (RuntimeError: Error building extension" in caplog.text
         # later processes do not try again (a compile attempt costs seconds) until the marker goes
         marker = tmp_path / "kernels" / attention_kernel.build_key() / attention_kernel.FAILED
@@ -188,7 +199,7 @@ def test_without_a_compiler_decoding_keeps_torchs_ops(monkeypatch, caplog, tmp_p
         assert attention_kernel.kernels() is None
     finally:
         attention_kernel.kernels.cache_clear()
-        gpt2_attention._kernel_faster.cache_clear()
+        kernel_attention.kernels_faster.cache_clear()
 
 
 def test_a_build_belongs_to_one_cpu_and_one_source(monkeypatch):

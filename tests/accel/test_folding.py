@@ -55,18 +55,17 @@ def test_folding_refuses_a_training_module():
 
 @pytest.mark.parametrize("bf16_fast", [True, False], ids=["bf16-machine", "fp32-machine"])
 def test_fast_modes_encode_through_the_twin_and_fp32_never_does(bf16_fast, peaky_gpt2, image_files, monkeypatch):
-    from mmcap.accel import encoder_race as encoder_runners, int8_encoder, ort_encoder, precision
-    from mmcap.captioner import model as captioner
+    from mmcap.accel import encoder_race, int8_encoder, ort_encoder, plan
 
-    monkeypatch.setattr(precision, "bf16_is_fast", lambda device="cpu": bf16_fast)
+    monkeypatch.setattr(plan, "bf16_is_fast", lambda device="cpu": bf16_fast)
     # torch's float twin alone (the int8 twin and ONNX Runtime: test_encoder_runners)
     monkeypatch.setattr(ort_encoder, "onnxruntime_available", lambda: False)
     monkeypatch.setattr(int8_encoder, "available", lambda: False)
     used = []
-    real = captioner.folded_encoder
+    real = plan.folded_encoder
     spy = lambda enc, dtype: used.append(dtype) or real(enc, dtype)  # noqa: E731
-    monkeypatch.setattr(captioner, "folded_encoder", spy)
-    monkeypatch.setattr(encoder_runners, "folded_encoder", spy)
+    monkeypatch.setattr(plan, "folded_encoder", spy)
+    monkeypatch.setattr(encoder_race, "folded_encoder", spy)
     paths = [str(p) for p in image_files]
     fp32 = peaky_gpt2.caption(paths, precision="fp32", max_new_tokens=6)
     assert used == []  # fp32 runs the model's own modules: exactly the reference computation

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from mmcap.accel.precision import compute_dtype, decoder_int8
+from mmcap.accel import timing
+from mmcap.accel.plan import as_plan
 from mmcap.accel import quantize
 from mmcap.accel.quantize import Int8Linear, int8_linears
 
@@ -72,32 +73,35 @@ def test_int8_captions_equal_fp32_on_a_decisive_model(peaky_gpt2, image_files):
 
 
 def test_int8_means_auto_for_the_encoder_and_falls_back_off_cpu():
-    assert compute_dtype("int8") == compute_dtype("auto")
-    assert decoder_int8("int8", "cpu")
-    assert not decoder_int8("bf16", "cpu") and not decoder_int8("auto", "cpu")
-    assert not decoder_int8("int8", "meta")  # no int8 engine there: the model decodes as auto
+    assert as_plan("int8").dtype == as_plan("auto").dtype
+    assert as_plan("int8", "cpu").int8_decoder
+    assert not as_plan("bf16", "cpu").int8_decoder and not as_plan("auto", "cpu").int8_decoder
+    assert not as_plan("int8", "meta").int8_decoder  # no int8 engine there: the model decodes as auto
 
 
 @pytest.mark.parametrize("faster,margin", [("fbgemm", 2.0), ("onednn", 2.0), ("onednn", 1.05)],
                          ids=["fbgemm", "onednn", "onednn-by-5-percent"])
-def test_each_weight_shape_runs_on_the_engine_that_measured_faster(faster, margin, monkeypatch):
+def test_each_weight_shape_runs_on_the_engine_that_measured_faster(faster, margin, monkeypatch, tmp_path):
     engines = quantize._candidate_engines()
     if len(engines) < 2:
         pytest.skip("this torch build has one x86 quantized engine")
-    monkeypatch.setattr(quantize, "_FASTEST", {})
+    monkeypatch.setenv("MMCAP_CACHE_DIR", str(tmp_path))
+    timing.forget()
     timed = []
 
-    def fake_time(engine, packed, x):
-        timed.append((engine, tuple(x.shape)))
-        return 1.0 if engine == faster else margin
+    def fake_time(calls, repeats=5):
+        for engine, call in calls.items():
+            timed.append((engine, tuple(call.args[0].shape)))
+        return {engine: 1.0 if engine == faster else margin for engine in calls}
 
-    monkeypatch.setattr(quantize, "_time_engine", fake_time)
+    monkeypatch.setattr(quantize.timing, "time_calls", fake_time)
     torch.manual_seed(0)
     layer, same_shape = torch.nn.Linear(64, 96), torch.nn.Linear(64, 96)
     twin = Int8Linear(layer.weight, layer.bias)
     # a few percent either way is noise: the first candidate (fbgemm) stays unless clearly beaten
     expected = faster if margin >= quantize.ENGINE_MIN_SPEEDUP else engines[0]
-    assert twin.engine == expected and quantize.engine_choices() == {"96 x 64": expected}
+    assert twin.engine == expected
+    assert timing.choices() == {f"int8 linear 96 x 64, {quantize.TIMING_ROWS} rows": expected}
     assert sorted(timed) == sorted((e, (quantize.TIMING_ROWS, 64)) for e in engines)
     assert Int8Linear(same_shape.weight, same_shape.bias).engine == expected and len(timed) == 2  # timed once per shape
     x = torch.randn(3, 64)
