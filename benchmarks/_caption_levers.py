@@ -6,7 +6,7 @@ of a group differ in one lever only. Printed as a table on stderr and returned a
 bench_caption adds to its JSON line). Two clocks: wall time, and the CPU time of this process,
 which load from other processes barely moves when torch runs one thread (`--threads 1`).
 
-Only public API is used: the transformers-forward path of `mmcap.generation.generate.generate` is reached
+Only public API is used: the transformers-forward path of `mmcap.generation.decode.generate` is reached
 by handing it the decoder behind a plain module (`reference.TransformersForward`), beam-search
 bookkeeping is timed with a decoder that answers instantly, and the attention kernels (mmcap's
 matmul attention vs the fused SDPA) are timed on their own, on the shapes this decoding uses.

@@ -101,7 +101,7 @@ class VitGpt2Pipeline:
 
 
 class TransformersForward(torch.nn.Module):
-    """`decoder` behind a plain module. `mmcap.generation.generate.generate` takes its lean path only for a
+    """`decoder` behind a plain module. `mmcap.generation.decode.generate` takes its lean path only for a
     `GPT2LMHeadModel` itself and decodes any other model through its transformers forward (with
     the caches): wrapping the same decoder gives that generic path, same weights and math."""
 

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in ("caption", "eval"):
         from mmcap.inference import cli
 
-        return getattr(caption_cli, f"{cmd}_main")(rest)
+        return getattr(cli, f"{cmd}_main")(rest)
     if cmd == "serve":
         from mmcap.serve.cli import serve_main
 

@@ -17,8 +17,10 @@ from mmcap.generation.output import GenerationOutput
 from mmcap.generation.passes import DecodingPass
 
 
-def beam_search(dec: DecodingPass, start: torch.Tensor, eos: int, pad: int, cfg: GenerationConfig) -> GenerationOutput:
-    """`start` [B, L]: BOS and the prompt of every row (L the same for all)."""
+def beam_search(dec: DecodingPass, start: torch.Tensor, eos: int, pad: int, cfg: GenerationConfig,
+                drop_finished: bool = True) -> GenerationOutput:
+    """`start` [B, L]: BOS and the prompt of every row (L the same for all). `drop_finished=False`
+    decodes every image to the end (the same results, more work: for tests)."""
     k, (b, prompt_len) = cfg.num_beams, start.shape
     logits, att = dec(start)  # the first step runs on the un-expanded batch
     dec.expand(k)
@@ -27,7 +29,7 @@ def beam_search(dec: DecodingPass, start: torch.Tensor, eos: int, pad: int, cfg:
     att_shape = (cfg.max_new_tokens, dec.memory.shape[1]) if dec.attentions else None
     running = Running.first(start, k, prompt_len + cfg.max_new_tokens, pad, att_shape)
     finished = Finished.empty(running)
-    shrink = not dec.attentions
+    shrink = drop_finished and not dec.attentions
     images, done = torch.arange(b, device=start.device), None  # the image of each row of the state
 
     cur = prompt_len  # the position the next token takes

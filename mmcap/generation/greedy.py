@@ -10,18 +10,18 @@ from mmcap.generation.passes import DecodingPass
 from mmcap.generation.processors import process, warp_for_sampling
 
 
-def greedy_or_sample(dec: DecodingPass, start: torch.Tensor, eos: int, pad: int,
-                      cfg: GenerationConfig) -> GenerationOutput:
+def greedy_or_sample(dec: DecodingPass, start: torch.Tensor, eos: int, pad: int, cfg: GenerationConfig,
+                     drop_finished: bool = True) -> GenerationOutput:
     """`start` [B, L]: BOS and the prompt of every row (L the same for all). Greedy rows that reach
-    EOS leave the pass where it can drop them (`keep`); sampling keeps every row, so that a seed
-    draws the same numbers whatever finishes when."""
+    EOS leave the pass (`keep`) unless `drop_finished=False`; sampling keeps every row, so that a
+    seed draws the same numbers whatever finishes when."""
     device, (b, prompt_len) = start.device, start.shape
     seqs = start
     done = torch.zeros(b, dtype=torch.bool, device=device)
     lengths = torch.zeros(b, dtype=torch.long, device=device)
     scores = torch.zeros(b, device=device)
     atts = []
-    shrink = not dec.attentions and not cfg.do_sample
+    shrink = drop_finished and not dec.attentions and not cfg.do_sample
     rows = torch.arange(b, device=device)  # the rows still decoded (all, unless `shrink`)
     for step in range(cfg.max_new_tokens):
         decoded = seqs[rows] if shrink else seqs

@@ -14,7 +14,7 @@ from typing import Iterable, Literal, Optional, Sequence
 
 import torch
 
-from mmcap.generation.generate import generate
+from mmcap.generation.decode import generate
 from mmcap.generation.config import GenerationConfig
 from mmcap.metrics.cider import CiderD
 from mmcap.metrics.ptb import ptb_tokenize

@@ -263,7 +263,7 @@ def test_cli_caption(tiny_gpt2, image_files, tmp_path):
 def _config_files():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     return sorted(root.glob("model/*.yaml")) + sorted(p for p in root.glob("*.yaml") if "scst" not in p.name)
 
 

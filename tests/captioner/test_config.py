@@ -14,8 +14,8 @@ from helpers import circle_images, tiny_config
 from mmcap import Captioner, CaptionerConfig
 from mmcap.generation.config import GenerationConfig, add_generation_arguments, generation_overrides
 
-FIXTURES = Path(__file__).parent / "fixtures"
-ROOT = Path(__file__).parent.parent
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

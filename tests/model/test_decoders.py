@@ -10,6 +10,7 @@ from helpers import CAPTIONS, circle_images, tiny_config
 from mmcap import Captioner
 from mmcap.generation import GenerationConfig, generate
 from mmcap.model.tokenizer import CaptionTokenizer
+from mmcap.generation.lm_pass import LMDecoding
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,6 +21,16 @@ SPECIALS = {
     "gpt_neox": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
 }
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+
+
+
+def decode_every_row_to_the_end(monkeypatch):
+    import functools
+
+    from mmcap.generation import beam_search, decode, greedy
+
+    monkeypatch.setattr(decode, "beam_search", functools.partial(beam_search.beam_search, drop_finished=False))
+    monkeypatch.setattr(decode, "greedy_or_sample", functools.partial(greedy.greedy_or_sample, drop_finished=False))
 
 
 def family_tokenizer(family: str):
@@ -158,7 +169,7 @@ def test_prefix_teacher_forcing_matches_stepwise_decoding(checkpoints):
     memory = torch.randn(2, 5, 32)
     batch = model.tokenizer(CAPTIONS[:2])
     full = model.fusion.logits(model.decoder, memory, batch["input_ids"], batch["attention_mask"])
-    dec = model.fusion.decoding(model.decoder, memory, use_cache=True, attentions=False)
+    dec = LMDecoding(model.decoder, model.fusion, memory, use_cache=True, attentions=False)
     with torch.no_grad():
         for t in range(3):
             step, _ = dec(batch["input_ids"][:, : t + 1])
@@ -377,7 +388,7 @@ def test_lora_training_checkpoint_holds_only_trainable_weights(checkpoints, tmp_
 def test_finished_images_leave_the_lm_pass_and_results_stay(checkpoints, monkeypatch, fusion, cache):
     """Beam search drops finished images from an LM's pass (`LMDecoding.keep`): the same captions,
     scores and hypotheses as decoding every row to the end."""
-    from mmcap.model.fusion import LMDecoding
+    from mmcap.generation.lm_pass import LMDecoding
 
     model = Captioner.from_config(pretrained_config(checkpoints["llama"], fusion=fusion)).eval()
     if fusion == "cross_attention":
@@ -392,7 +403,7 @@ def test_finished_images_leave_the_lm_pass_and_results_stay(checkpoints, monkeyp
     monkeypatch.setattr(LMDecoding, "keep", lambda self, images: (kept.append(len(images)), keep(self, images)))
     ours = generate(model.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, fusion=model.fusion)
     assert kept and kept[-1] < 6  # some image left the pass before the end
-    monkeypatch.delattr(LMDecoding, "keep")
+    decode_every_row_to_the_end(monkeypatch)  # the same results, without dropping images
     full = generate(model.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, fusion=model.fusion)
     assert ours.sequences.tolist() == full.sequences.tolist() and ours.lengths.tolist() == full.lengths.tolist()
     torch.testing.assert_close(ours.scores, full.scores, atol=1e-5, rtol=1e-5)

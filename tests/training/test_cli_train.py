@@ -11,7 +11,7 @@ from mmcap.inference.cli import eval_main
 from mmcap.config import CaptionerConfig
 from mmcap.training.cli import export_main, lightning_main
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 METRIC_KEYS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr"}
 
