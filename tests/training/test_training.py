@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import CAPTIONS, module_args, tiny_config
 
+from mmcap.training.contexts import token_dropout
 from mmcap import Captioner
 from mmcap.training import CaptionModule, NonFiniteLossError, WarmupCosine, param_groups
 from mmcap.training.optim import no_decay_names
@@ -376,7 +377,7 @@ def test_token_dropout_hides_input_words_not_targets():
     cap = module.captioner.eval()
     batch = make_batches(cap.tokenizer, n_batches=1)[0]
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad(), module._token_dropout(1.0):
+    with torch.no_grad(), token_dropout(cap, 1.0):
         hidden = cap(batch["pixels"], ids, mask)
     # the same loss as feeding BOS followed by UNKs, scored against the real next words
     unk = cap.tokenizer.hf.unk_token_id
