@@ -14,6 +14,22 @@ import torch
 
 from mmcap.accel.timing import cpu_model
 
+# the flags that say which matmul units a CPU has (whether they pay is measured, never assumed)
+MATMUL_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+
+
+def cpu_flags() -> list[str]:
+    """Which of `MATMUL_FLAGS` this CPU has (from /proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in MATMUL_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
@@ -60,7 +76,8 @@ def peak_rss_mb(pid: Optional[int] = None) -> float:
 
 def machine_info() -> dict:
     """The machine a result was measured on: processor model, torch threads, load."""
-    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
