@@ -4,10 +4,8 @@ Decoding allocates the same large temporaries at every step and every call: 48 x
 (9.6 MB), the attention caches (37 MB for GPT-2 small, beam 3, batch 16), the encoder's
 activations. glibc serves allocations above a threshold (128 KB, adapting up to 32 MB) straight
 from the kernel and unmaps them on free, and it trims free memory above 128 KB off the top of
-its heap: every call then faults its memory in again, page by page, zeroed. On the 2-core AMD EPYC
-a batch of 16 (ResNet-50 + GPT-2 small, int8) took about 20,000 page faults and 0.70-0.84 s; with
-allocations up to 32 MB served from the heap and up to 512 MB of free heap kept, 0-20 faults and
-0.64-0.70 s.
+its heap: every call then faults its memory in again, page by page, zeroed (tens of thousands of
+page faults per batch of 16; figures in docs/performance.md).
 
 `keep_freed_memory()` sets those two glibc parameters once per process. The fast modes call it on
 CPUs (`precision="fp32"` leaves the process as it is); it logs what it did. It changes the

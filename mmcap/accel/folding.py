@@ -3,9 +3,8 @@ stored in the compute dtype and channels-last.
 
 In eval mode a BatchNorm is an affine map per channel, so it can be folded into the preceding
 convolution's weights and bias: 53 fewer passes over the activations of a ResNet-50. Storing the
-weights in bf16 also saves autocast's cast of every weight per call. On a 2-core AMD EPYC, ResNet-50
-on 16 images at 224 px took 0.214 s under autocast opened per call and 0.167 s folded in bf16
-(`python benchmarks/bench_caption.py --levers`).
+weights in bf16 also saves autocast's cast of every weight per call (timings:
+`python benchmarks/bench_caption.py --levers`, docs/performance.md).
 
 The folded twin rounds differently from the original (last bits), so only the fast modes use it
 (bf16, and int8 in either dtype); `precision="fp32"` runs the model's own modules. Twins are made

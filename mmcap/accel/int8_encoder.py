@@ -1,9 +1,8 @@
 """The ResNet encoder in int8, for `precision="int8"` on CPUs where it measures faster.
 
 A convolution in int8 (u8 activations x s8 weights, oneDNN's VNNI kernels) does twice the work of
-bf16 per cycle, and four times fp32's. On a 2-core AMD EPYC, ResNet-50 on 16 images at 224 px took
-0.084 s this way against 0.187 s folded in bf16. Where bf16 is slow (an Intel Xeon with VNNI but no
-AMX runs bf16 at half fp32's speed) the gap is the widest.
+bf16 per cycle, and four times fp32's; where bf16 is slow (an Intel Xeon with VNNI but no AMX runs
+bf16 at half fp32's speed) the gap is the widest. Timings: docs/performance.md.
 
 How it runs: BatchNorm folded into every convolution (`mmcap.accel.folding`); weights per output channel
 in int8; every activation between convolutions stays u8, quantized per tensor with a scale fixed
@@ -97,9 +96,8 @@ class _QConv:
         self._packed: dict[tuple, torch.Tensor] = {}
 
     def _weights(self, shape: torch.Size) -> torch.Tensor:
-        # oneDNN picks the weight layout for the input shape it is given: packing without it ran
-        # the 256->1024 1x1 convolution at 14x14 in 5.6 ms instead of 0.9 ms here. The batch size
-        # does not matter (packed for 1 image, 16 ran as fast), so one pack per image size: a
+        # oneDNN picks the weight layout for the input shape it is given (packing without it was
+        # several times slower). The batch size does not matter, so one pack per image size: a
         # server's batches of 1 to 16 share it
         key = tuple(shape[1:])
         if key not in self._packed:
@@ -187,8 +185,8 @@ class Int8ResNet:
 
 def _max_pool_u8(x: torch.Tensor, pool: tuple, q: QParams) -> torch.Tensor:
     """Max pooling of channels-last u8 activations (the maximum commutes with the monotonic
-    quantization). torch's channels-last pooling refuses u8, and NCHW took 39 ms for the stem's
-    output here: the quantized-tensor kernel, viewing the same memory, takes 1.3 ms."""
+    quantization). torch's channels-last pooling refuses u8, and its NCHW pooling is an order of
+    magnitude slower than the quantized-tensor kernel, which views the same memory."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quantized tensors are deprecated; the NCHW path stays below

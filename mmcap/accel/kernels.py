@@ -8,7 +8,7 @@ row n's position p is read from cache row `anc[n, p]` (a beam reorder permutes t
 no keys), and the beams of an image read its keys once.
 
 The source (`csrc/one_query_attention.cpp`) is compiled with `torch.utils.cpp_extension` on first
-use for this CPU (`-march=native`; about 9 s here) into the operators `torch.ops.mmcap.*`, under
+use for this CPU (`-march=native`; seconds, once per machine) into the operators `torch.ops.mmcap.*`, under
 `MMCAP_CACHE_DIR` (default `~/.cache/mmcap`)/kernels, keyed by the source, the CPU and torch.
 Without a C++ compiler, or with `MMCAP_KERNELS=0`, decoding keeps torch's ops; where both run,
 `mmcap.accel.kernel_attention` times them against each other.

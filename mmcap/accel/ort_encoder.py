@@ -1,8 +1,7 @@
 """The encoder on ONNX Runtime: one of the runners `mmcap.accel.encoder_race` races for int8 mode.
 
 Where bf16 is slow, `auto` (and so int8's float encoder) computes in fp32, and for fp32
-convolutions ONNX Runtime's kernels can beat torch's. On a 2-core AMD EPYC, ResNet-50 on 16 images
-took 0.30 s on ONNX Runtime and 0.39 s in torch (folded, channels-last).
+convolutions ONNX Runtime's kernels can beat torch's (docs/performance.md).
 
 `onnxruntime` is optional (`pip install mmcap[onnx]`). The graph exported is the folded fp32
 twin's (`mmcap.accel.folding`); it is re-exported when a weight changes. The session uses torch's thread

@@ -3,9 +3,8 @@
 Decoding a caption multiplies every decoder weight by a handful of rows per generated token (16
 images x 3 beams = 48). The x86 quantized engine (fbgemm/oneDNN, VNNI where the CPU has it)
 multiplies int8 by int8: per-output-channel symmetric weights, activations quantized per call
-(dynamic quantization). It reads a quarter of fp32's bytes and does 2.5x bf16's work per second
-here: a 768 x 3072 weight at 48 rows took 0.19 ms in int8 against 0.47 ms in bf16, which at that
-size is bound by arithmetic more than by memory. fbgemm and oneDNN are timed against each other
+(dynamic quantization). It reads a quarter of fp32's bytes and, where the CPU has VNNI, does more
+work per cycle than bf16; at 48 rows a GPT-2 layer is bound by arithmetic more than by memory. fbgemm and oneDNN are timed against each other
 once per weight shape and machine (`mmcap.accel.timing`); a layer runs on oneDNN where it measured
 at least 10 % faster than fbgemm (timings a few percent apart flip between runs). Figures:
 docs/performance.md.

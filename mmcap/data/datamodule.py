@@ -44,7 +44,7 @@ class CaptionLoader(wds.WebLoader):
 
     def __init__(self, stream, num_workers: int, num_batches: Optional[int] = None, cut: bool = False):
         # Inside a spawned process (Lightning's ddp_spawn) the default start method is spawn, and every
-        # worker would re-import torch and mmcap each epoch (~10 s here); on Linux, fork as usual.
+        # worker would re-import torch and mmcap each epoch (seconds each); on Linux, fork as usual.
         context = "fork" if num_workers > 0 and sys.platform.startswith("linux") else None
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
                          multiprocessing_context=context)

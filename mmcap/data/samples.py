@@ -171,8 +171,8 @@ def to_item(example: Example, transform: Callable, rng: Optional[random.Random] 
 def one_torch_thread():
     """Run a per-sample transform on one intra-op thread, then restore the setting.
 
-    Its tensor ops are tiny, so extra threads only add hand-offs: on a busy 2-core machine a
-    128 px train transform took 17 ms with 2 threads and 0.17 ms with one. DataLoader workers are
+    Its tensor ops are tiny, so extra threads only add hand-offs (on a busy 2-core machine, a
+    hundred times slower than one thread). DataLoader workers are
     single-threaded already; this matters when the main process loads (num_workers=0).
     """
     threads = torch.get_num_threads()

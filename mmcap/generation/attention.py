@@ -135,7 +135,7 @@ def attend(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, scale: f
         weights = torch.matmul(q, keys_t) * scale
     if weights.dtype == torch.bfloat16 and weights.device.type == "cpu":
         # torch's CPU softmax computes bf16 in fp32 and rounds once: the same values as fp32 and a
-        # cast, in one kernel (29 us against 47 for 48 beams x 12 heads here)
+        # cast, in one kernel instead of two
         return torch.matmul(torch.softmax(weights, -1), values)
     # else in fp32, as autocast runs it
     return torch.matmul(torch.softmax(weights, -1, dtype=torch.float32).to(values.dtype), values)
