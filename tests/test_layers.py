@@ -91,3 +91,25 @@ def test_building_a_model_for_training_loads_no_fast_path():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_moved_module_path_still_imports_with_a_deprecation_warning():
+    """0.2's module paths resolve through one alias table (`mmcap.MOVED`) to the new modules."""
+    import importlib
+    import sys as _sys
+    import warnings
+
+    import mmcap
+
+    for old, new in mmcap.MOVED.items():
+        _sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new), old
+        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
+    assert not [p for p in mmcap.MOVED if (PACKAGE / (p.replace("mmcap.", "").replace(".", "/") + ".py")).exists()]
+    from mmcap.viz import plot_attention  # the spelling 0.2's notebooks used
+    from mmcap.inference.viz import plot_attention as moved
+
+    assert plot_attention is moved
