@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, Union
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 FREEZE_POINTS = ("none", "stem", "layer1", "layer2", "layer3", "layer4", "all")
 OUTPUT_STRIDES = (32, 16, 8, "auto")
-LAST_STAGES = ("layer4", "layer3")
+LAST_STAGES = ("auto", "layer4", "layer3")
 
 
 @dataclass
@@ -32,8 +32,10 @@ class EncoderConfig:
     # strided, so pretrained weights stay valid), or "auto": the largest that still gives at least
     # a 4x4 grid at the model's image_size (a 2x2 grid cannot tell fine detail apart).
     output_stride: Union[int, str] = 32
-    # "layer3" ends the trunk a stage early: a finer grid (stride 16) for much less compute.
-    last_stage: str = "layer4"
+    # "layer3" ends the trunk a stage early: a finer grid (stride 16) for much less compute. "auto":
+    # layer3 where, with output_stride auto, layer4 would have to be dilated to give a 4x4 grid at
+    # the model's image_size and layer3 gives one at its own stride (images up to 96 px); else layer4.
+    last_stage: str = "auto"
 
     def __post_init__(self) -> None:
         if self.arch not in RESNETS:

@@ -21,19 +21,20 @@ class ResNetEncoder(nn.Module):
         """`image_size` resolves `cfg.output_stride == "auto"` (see `resolve_stride`)."""
         super().__init__()
         self.cfg = cfg
+        self.last_stage = resolve_last_stage(cfg, image_size)
         self.stride = resolve_stride(cfg, image_size)
         net = torchvision.models.get_model(cfg.arch, weights=None)
         if load_weights and cfg.weights:
             net.load_state_dict(_load_resnet_weights(cfg), strict=False)
-        native = 32 if cfg.last_stage == "layer4" else 16
-        stages = [net.layer2, net.layer3, net.layer4][: 3 if cfg.last_stage == "layer4" else 2]
+        native = 32 if self.last_stage == "layer4" else 16
+        stages = [net.layer2, net.layer3, net.layer4][: 3 if self.last_stage == "layer4" else 2]
         dilated = {32: 0, 16: 1, 8: 2}[self.stride] - (32 // native - 1)
         dilate_last_stages(stages, dilated)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
         # Ending after layer3: layer4 is gone (no parameters), so freezing "layer4" means nothing.
-        self.layer4 = net.layer4 if cfg.last_stage == "layer4" else nn.Identity()
-        block = net.layer4[-1] if cfg.last_stage == "layer4" else net.layer3[-1]
+        self.layer4 = net.layer4 if self.last_stage == "layer4" else nn.Identity()
+        block = net.layer4[-1] if self.last_stage == "layer4" else net.layer3[-1]
         self.out_channels = (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
         self.frozen: tuple[str, ...] = ()
         self.set_freeze(cfg.freeze)
@@ -73,6 +74,19 @@ class ResNetEncoder(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
+def resolve_last_stage(cfg: EncoderConfig, image_size: Optional[int]) -> str:
+    """The stage the trunk ends at. "auto": layer3 where the output stride is "auto", layer4's own
+    stride (32) gives less than a 4x4 grid at `image_size` and layer3's (16) gives one; a dilated
+    layer4 would compute four times its FLOPs, on convolution kernels that run slower on CPUs.
+    Else layer4, as torchvision's ResNet ends."""
+    if cfg.last_stage != "auto":
+        return cfg.last_stage
+    if cfg.output_stride != "auto" or image_size is None:
+        return "layer4"
+    too_coarse = -(-image_size // 32) < MIN_GRID
+    return "layer3" if too_coarse and -(-image_size // 16) >= MIN_GRID else "layer4"
+
+
 def resolve_stride(cfg: EncoderConfig, image_size: Optional[int]) -> int:
     """The output stride `cfg` asks for; "auto": the largest stride whose grid at `image_size` is
     at least 4x4 (8 if none is)."""
@@ -80,7 +94,7 @@ def resolve_stride(cfg: EncoderConfig, image_size: Optional[int]) -> int:
         return int(cfg.output_stride)
     if image_size is None:
         raise ValueError("encoder.output_stride auto needs the model's image_size")
-    choices = (32, 16, 8) if cfg.last_stage == "layer4" else (16, 8)
+    choices = (32, 16, 8) if resolve_last_stage(cfg, image_size) == "layer4" else (16, 8)
     return next((s for s in choices if -(-image_size // s) >= MIN_GRID), choices[-1])
 
 

@@ -159,7 +159,7 @@ def extract_features(
     encoder = encoder.cpu().eval()
     probe = encoder(torch.zeros(1, 3, image_size, image_size))
     # the stride as resolved ("auto" depends on the image size): the description is exact
-    info = FeatureSetInfo(encoder=dataclasses.replace(encoder.cfg, output_stride=encoder.stride),
+    info = FeatureSetInfo(encoder=dataclasses.replace(encoder.cfg, output_stride=encoder.stride, last_stage=encoder.last_stage),
                           image_size=image_size, dtype=dtype,
                           channels=int(probe.shape[1]), grid=(int(probe.shape[2]), int(probe.shape[3])))
     save_description(encoder, info, out_dir)

@@ -62,3 +62,27 @@ def test_position_table_follows_the_grid_and_attention_maps_match_it(image_files
     assert attention.shape[1:] == (4, 4)
     # the resolved stride is not written into the config: a saved model rebuilds it the same way
     assert model.config.encoder.output_stride == "auto"
+
+
+@pytest.mark.parametrize("image_size, output_stride, last_stage, expected", [
+    (64, "auto", "auto", ("layer3", 16, 4)),    # layer4 would need dilation for 4x4: end at layer3 instead
+    (96, "auto", "auto", ("layer3", 16, 6)),
+    (128, "auto", "auto", ("layer4", 32, 4)),   # layer4's own stride reaches 4x4: as torchvision ends
+    (224, "auto", "auto", ("layer4", 32, 7)),
+    (32, "auto", "auto", ("layer4", 8, 4)),     # even layer3 is too coarse: dilate, as before
+    (64, 32, "auto", ("layer4", 32, 2)),        # an explicit stride is kept (saved 0.1/0.2 models)
+    (64, "auto", "layer4", ("layer4", 16, 4)),  # an explicit stage too: dilated layer4
+])
+def test_last_stage_auto_ends_at_layer3_where_layer4_would_need_dilation(image_size, output_stride, last_stage,
+                                                                        expected):
+    from mmcap.model.encoder import ResNetEncoder
+
+    enc = ResNetEncoder(EncoderConfig(arch="resnet18", output_stride=output_stride, last_stage=last_stage),
+                        load_weights=False, image_size=image_size).eval()
+    with torch.no_grad():
+        grid = enc(torch.zeros(1, 3, image_size, image_size))
+    stage, stride, cells = expected
+    assert (enc.last_stage, enc.stride, tuple(grid.shape[2:])) == (stage, stride, (cells, cells))
+    assert grid.shape[1] == (512 if stage == "layer4" else 256)
+    dilated = [m for m in enc.modules() if isinstance(m, torch.nn.Conv2d) and m.dilation != (1, 1)]
+    assert bool(dilated) == (stride < {"layer4": 32, "layer3": 16}[stage])
