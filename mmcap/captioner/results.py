@@ -19,6 +19,9 @@ class CaptionResult:
     attention: Optional[torch.Tensor] = None  # (words, H, W) cross-attention, mean over heads and layers
     # beam search: every finished caption with its log-prob, best first ([0] is `caption`)
     alternatives: list[tuple[str, float]] = field(default_factory=list)
+    # beam search: each alternative's generated tokens (EOS included), what its ranking score
+    # log_prob / tokens ** length_penalty divides by
+    alternative_tokens: list[int] = field(default_factory=list)
 
 
 class Captions(tuple):
@@ -59,6 +62,8 @@ def results_of(out: GenerationOutput, tokenizer, grid: Optional[tuple[int, int]]
         ids = out.sequences[i, :n].tolist()
         words = ["" if t == tok.eos_id else w for t, w in zip(ids, tok.tokens(ids))]
         attention = out.cross_attentions[i].reshape(n, *grid).cpu() if grid else None
-        alternatives = [(tok.decode(seq), logp) for seq, logp in out.hypotheses[i]] if out.hypotheses else []
-        results.append(CaptionResult(tok.decode(ids), float(out.scores[i]), words, attention, alternatives))
+        hypotheses = out.hypotheses[i] if out.hypotheses else []
+        alternatives = [(tok.decode(seq), logp) for seq, logp in hypotheses]
+        results.append(CaptionResult(tok.decode(ids), float(out.scores[i]), words, attention, alternatives,
+                                     [len(seq) for seq, _ in hypotheses]))
     return results

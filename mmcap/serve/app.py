@@ -48,12 +48,15 @@ class RequestError(Exception):
 class Alternative(BaseModel):
     caption: str
     log_prob: float
+    tokens: Optional[int] = None  # generated tokens, EOS included
+    score: Optional[float] = None  # what ranks the alternatives: log_prob / tokens ** length_penalty
 
 
 class CaptionResponse(BaseModel):
     caption: str
     log_prob: float
     alternatives: Optional[list[Alternative]] = None  # beam search: every finished caption, best first
+    length_penalty: Optional[float] = None  # beam search: the exponent of the alternatives' scores
     words: Optional[list[str]] = None  # with attention: one per generated token, "" for the end
     attention: Optional[list[list[list[float]]]] = None  # with attention: a (H, W) grid per word
 
@@ -123,7 +126,7 @@ def create_app(model: Captioner, precision: Union[str, InferencePlan] = "fp32", 
         # sampled captions depend on the random draws of their batch: each request runs alone
         key = (tuple(options.to_dict().items()), attention, object() if options.do_sample else None)
         result, batch_size = await batcher.submit(key, (pixels, prompt))
-        return JSONResponse(_response(result, attention, options.num_beams > 1),
+        return JSONResponse(_response(result, attention, options),
                             headers={"X-Batch-Size": str(batch_size)})
 
     return app
@@ -215,10 +218,17 @@ def _pixels(image: bytes, transform, min_size: Optional[int]) -> torch.Tensor:
         raise RequestError(IMAGE_ERROR_STATUS.get(e.reason, 400), e.reason, e.detail) from None
 
 
-def _response(result: CaptionResult, attention: bool, beams: bool) -> dict:
+def _response(result: CaptionResult, attention: bool, options) -> dict:
+    """The JSON of one result; `options`: the request's resolved `GenerationConfig`."""
     out = {"caption": result.caption, "log_prob": result.log_prob}
-    if beams:
-        out["alternatives"] = [{"caption": c, "log_prob": lp} for c, lp in result.alternatives]
+    if options.num_beams > 1:
+        # ranked as beam search ranks them (transformers' convention): the raw log-prob favours
+        # short captions, so each alternative also carries its tokens and its ranking score
+        penalty = options.length_penalty
+        tokens = result.alternative_tokens or [None] * len(result.alternatives)
+        out["alternatives"] = [{"caption": c, "log_prob": lp, **({"tokens": n, "score": lp / n**penalty} if n else {})}
+                               for (c, lp), n in zip(result.alternatives, tokens)]
+        out["length_penalty"] = penalty
     if attention:
         out["words"] = result.words
         out["attention"] = [[[round(v, 5) for v in row] for row in grid] for grid in result.attention.tolist()]

@@ -134,7 +134,21 @@ class Trainer(L.Trainer):
     def __init__(self, *args, precision: Optional[Union[str, int]] = None, **kwargs):
         from mmcap.accel.precision import trainer_precision
 
+        kwargs["callbacks"] = with_steps_bar(kwargs.get("callbacks"), kwargs.get("enable_progress_bar"))
         super().__init__(*args, precision=trainer_precision(precision, kwargs.get("accelerator", "auto")), **kwargs)
+
+
+def with_steps_bar(callbacks, enabled: Optional[bool]):
+    """`callbacks` plus mmcap's progress bar (steps against the run's budget: `training.progress`),
+    unless the bar is off or the user brought one."""
+    from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+
+    from mmcap.training.progress import steps_bar
+
+    callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    if enabled is False or any(isinstance(c, ProgressBar) for c in callbacks):
+        return callbacks
+    return [*callbacks, steps_bar()]
 
 
 # ---------------------------------------------------------------------- mmcap export

@@ -84,6 +84,12 @@ def test_captions_equal_offline_captions(served, image_files):
     assert got["caption"] == offline.caption
     assert [a["caption"] for a in got["alternatives"]] == [c for c, _ in offline.alternatives]
     assert got["alternatives"][0]["caption"] == got["caption"]
+    # each alternative's ranking score (log_prob / tokens ** length_penalty), best first
+    penalty = got["length_penalty"]
+    assert got["alternatives"][0]["tokens"] == len(got["words"])
+    for alt in got["alternatives"]:
+        assert alt["score"] == pytest.approx(alt["log_prob"] / alt["tokens"] ** penalty)
+    assert [a["score"] for a in got["alternatives"]] == sorted((a["score"] for a in got["alternatives"]), reverse=True)
     assert got["words"] == offline.words
     torch.testing.assert_close(torch.tensor(got["attention"]), offline.attention, atol=1e-4, rtol=0)
 
@@ -245,6 +251,13 @@ def test_page_shows_caption_and_heatmap(served, image_files, tmp_path):
             page.wait_for_selector("#caption .word", timeout=60_000)
             offline = model.caption(str(image_files[0]), num_beams=3)
             assert page.inner_text("#alternatives li >> nth=0").startswith(offline or "(empty)")
+            # beam search ranks by log-prob / tokens^length_penalty, not by the raw log-prob shown:
+            # the page says so, and labels each figure it shows
+            assert "best first by score = log-prob ÷ tokens^" in page.inner_text("#ranking")
+            rows = page.locator("#alternatives li").all_inner_texts()
+            assert len(rows) > 1 and all("log-prob " in row for row in rows)
+            shown = page.eval_on_selector_all("#alternatives .score b", "els => els.map((e) => Number(e.textContent))")
+            assert len(shown) == len(rows) and shown == sorted(shown, reverse=True)  # best first by the ranking score
             page.hover("#caption .word >> nth=1")
             page.wait_for_function("document.getElementById('heatmap').dataset.word === '1'")
             painted = page.evaluate("""() => {
@@ -261,6 +274,45 @@ def test_page_shows_caption_and_heatmap(served, image_files, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+@slow
+def test_page_shows_the_ranking_score_beside_the_log_prob(served, image_files):
+    """A response that carries each alternative's ranking score (and its tokens): the page lists
+    them best first by that score, labelled, beside the raw log-probability, also labelled. The
+    issue's case: log-probs -2.56, -2.58, -2.30 where the last is shortest and ranks last."""
+    url, _ = served
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: .ci/run installs Debian's chromium")
+        pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    alternatives = [{"caption": c, "log_prob": lp, "tokens": n, "score": lp / n}
+                    for c, lp, n in (("a red circle on the left", -2.56, 7), ("a red circle at the left", -2.58, 7),
+                                     ("a red circle", -2.30, 4))]
+    words = "a red circle on the left".split() + [""]
+    body = {"caption": alternatives[0]["caption"], "log_prob": -2.56, "length_penalty": 1.0,
+            "alternatives": alternatives, "words": words, "attention": [[[0.25, 0.25], [0.25, 0.25]]] * len(words)}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.route("**/caption", lambda route: route.fulfill(json=body))
+            page.goto(url)
+            page.set_input_files("#file", str(image_files[0]))
+            page.wait_for_selector("#alternatives li")
+            assert page.inner_text("#ranking").startswith("best first by score = log-prob ÷ tokens^1")
+            rows = page.locator("#alternatives li").all_inner_texts()
+            assert [r.split(" score ")[0] for r in rows] == [a["caption"] for a in alternatives]
+            for row, alt in zip(rows, alternatives):
+                assert f"score {alt['score']:.3f}" in row and f"log-prob {alt['log_prob']:.2f}" in row
+                assert f"tokens {alt['tokens']}" in row
+            scores = page.eval_on_selector_all("#alternatives .score b", "els => els.map((e) => Number(e.textContent))")
+            assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+        finally:
+            browser.close()
 
 
 def test_batcher_groups_by_key_up_to_the_batch_size():

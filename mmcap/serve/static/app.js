@@ -82,16 +82,18 @@ function showAlternatives() {
   list.replaceChildren();
   for (const alt of alts) {
     const li = document.createElement("li");
+    const shown = [];
+    if (alt.score !== undefined) {
+      shown.push(figure("score", alt.score.toFixed(3), "the ranking score: log-prob / tokens^length_penalty", "score"));
+    }
+    shown.push(figure("log-prob", alt.log_prob.toFixed(2), "the model's log-probability of the caption's tokens, end included", "lp"));
+    if (alt.tokens !== undefined) {
+      shown.push(figure("tokens", String(alt.tokens), "generated tokens, end included", "tokens"));
+    }
     const figures = document.createElement("span");
     figures.className = "figures";
-    if (alt.score !== undefined) {
-      figures.append(figure("score", alt.score.toFixed(3), "the ranking score: log-prob / tokens^length_penalty", "score"));
-    }
-    figures.append(figure("log-prob", alt.log_prob.toFixed(2), "the model's log-probability of the caption's tokens, end included", "lp"));
-    if (alt.tokens !== undefined) {
-      figures.append(figure("tokens", String(alt.tokens), "generated tokens, end included", "tokens"));
-    }
-    li.append(alt.caption || "(empty)", figures);
+    shown.forEach((el, i) => figures.append(...(i ? [" · ", el] : [el])));
+    li.append(alt.caption || "(empty)", " ", figures);
     list.append(li);
   }
 }
