@@ -109,7 +109,8 @@ def run_mmcap(args, data_dir: Path, image_size: int, run_dir: Path, extra: list[
              ["--trainer.max_time", max_time(args.budget), "--trainer.max_steps", "-1"]),
            "--trainer.default_root_dir", str(run_dir), "--checkpoint.dirpath", str(run_dir / "checkpoints"),
            "--export_dir", str(run_dir / "model"), "--test_after_fit", "false",
-           "--trainer.profiler", "simple", "--trainer.callbacks+=recipe_probe.BudgetProbe", *extra]
+           "--trainer.profiler", "simple", "--trainer.callbacks+=recipe_probe.BudgetProbe",
+           *(["--seed_everything", str(args.seed)] if args.seed is not None else []), *extra]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([*( [str(src)] if src else []), str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["MMCAP_BENCH_PROBE"] = str(run_dir / "probe.json")
@@ -158,7 +159,7 @@ def run_plain(args, data_dir: Path, image_size: int, run_dir: Path) -> dict:
     cmd = [sys.executable, str(HERE / "plain_loop.py"), "--train", str(data_dir / "train-*.tar"),
            "--test", str(data_dir / "test-*.tar"), "--image-size", str(image_size),
            "--budget", str(1e9 if args.max_steps else args.budget), "--max-steps", str(args.max_steps or 0),
-           "--beams", str(args.beams), "--out", str(run_dir)]
+           "--beams", str(args.beams), "--out", str(run_dir), "--seed", str(args.seed or 0)]
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if args.threads:
@@ -212,6 +213,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-steps", type=int, default=0,
                    help="train each arm for this many optimizer steps instead of a time budget (per-step learning; "
                         "mmcap's schedule then spans these steps)")
+    p.add_argument("--seed", type=int, default=None, help="seed of both arms (default: the recipe's, 0)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both arms (default: torch's)")
     p.add_argument("--out", default="runs/bench_recipe")
     p.add_argument("--label", default="", help="names this run's mmcap arm (e.g. the override tried)")
@@ -266,7 +268,7 @@ def main(argv=None) -> None:
                       score=score(references, predictions, held), loadavg_start=load_start, loadavg_end=loadavg(),
                       waited_for_idle_s=waited, processor=header["processor"], mmcap=header["mmcap"],
                       budget_s=None if args.max_steps else args.budget, max_steps=args.max_steps or None,
-                      threads=args.threads, image_size=image_size, extra_args=extra if arm == "mmcap" else [])
+                      threads=args.threads, seed=args.seed, image_size=image_size, extra_args=extra if arm == "mmcap" else [])
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))
         line = {k: v for k, v in result.items() if k not in ("curve", "profiler_top", "loss_every_50")}
         print(json.dumps(line), flush=True)

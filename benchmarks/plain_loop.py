@@ -226,6 +226,8 @@ def main(argv=None) -> dict:
         data_s, compute_s, steps = data_s + t1 - t0, compute_s + t2 - t1, steps + 1
         if steps % 50 == 0:
             losses.append(round(loss.item(), 4))
+            print(f"step {steps} loss {losses[-1]} {time.perf_counter() - started:.1f} s load {os.getloadavg()[0]:.2f}",
+                  file=sys.stderr, flush=True)
     trained = time.perf_counter()
 
     model.eval()

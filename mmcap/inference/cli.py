@@ -34,9 +34,10 @@ def caption_main(argv: list[str]) -> int:
     p.add_argument("--output", default=None,
                    help="write results here (JSON Lines unless --format says otherwise; a directory for shards) "
                         "instead of stdout")
-    p.add_argument("--format", choices=["text", "jsonl", "coco", "shards"], default=None,
+    p.add_argument("--format", choices=["text", "jsonl", "coco", "shards", "parquet"], default=None,
                    help="stdout: text (default) or jsonl; --output: jsonl (default), coco (results JSON) or "
-                        "shards (new shards: every input member plus KEY.mmcap.json)")
+                        "shards (new shards: every input member plus KEY.mmcap.json); --engine ray: parquet "
+                        "(default) or jsonl files in the --output directory")
     p.add_argument("--resume", action="store_true",
                    help="complete the --output of an earlier run, skipping the images it holds")
     p.add_argument("--batch-size", "--batch_size", type=int, default=16)
@@ -46,10 +47,35 @@ def caption_main(argv: list[str]) -> int:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument("--prompt", default=None,
                    help="text every caption continues (e.g. 'a photo of'); the captions written leave it out")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: stream on this machine (default); ray: Ray Data, on a cluster or a local Ray, "
+                        "one output file per input in the --output directory (pip install \"mmcap[ray]\")")
+    ray = p.add_argument_group("--engine ray")
+    ray.add_argument("--ray-address", default=None,
+                     help="a running cluster (auto: the one this machine belongs to); default: start a local Ray")
+    ray.add_argument("--concurrency", type=int, default=1, help="model workers (Ray actors), each loading the model")
+    ray.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs each model worker reserves")
+    ray.add_argument("--threads-per-worker", type=int, default=None,
+                     help="torch threads per model worker (default: its CPUs; a local Ray without GPUs: this "
+                          "machine's cores over --concurrency)")
+    ray.add_argument("--files-per-output", type=int, default=1000,
+                     help="image files per output file (all files sorted, then cut; each shard and Parquet "
+                          "file has its own)")
+    ray.add_argument("--image-column", default=None, help="Parquet inputs: the column of image bytes (default: "
+                     "the first of jpg, jpeg, png, webp, image, bytes, img)")
+    ray.add_argument("--key-column", default=None,
+                     help="Parquet inputs: the column naming each image (default: __key__, path, key or id, else the row number)")
     add_generation_arguments(p)
     p.add_argument("images", nargs="+",
-                   help="image files, folders (read recursively) and shards (brace patterns, globs, URLs, pipe:)")
+                   help="image files, folders (read recursively) and shards (brace patterns, globs, URLs, pipe:); "
+                        "with --engine ray also Parquet files")
     args = p.parse_args(argv)
+    if args.engine == "ray":
+        from mmcap.inference.ray_run import caption_on_ray
+
+        return caption_on_ray(args)
+    if args.format == "parquet":
+        p.error("--format parquet is for --engine ray")
     fmt = args.format or ("jsonl" if args.output else "text")
     if args.output is None and fmt in ("coco", "shards"):
         p.error(f"--format {fmt} needs --output")
