@@ -113,13 +113,13 @@ class PlainCaptioner(nn.Module):
 
 @torch.no_grad()
 def beam_search(model: PlainCaptioner, pixels: torch.Tensor, beams: int = 3, max_new: int = 20,
-                length_penalty: float = 1.0) -> list[list[int]]:
+                length_penalty: float = 1.0, bos: int = BOS, eos: int = EOS) -> list[list[int]]:
     """Standard beam search (transformers' rules: 2 x beams candidates per step, a finished
     hypothesis scores sum log p / length ** length_penalty, an image is done once it has `beams`
     finished ones no live beam can beat)."""
     b = pixels.shape[0]
     mem = model.memory(pixels).repeat_interleave(beams, 0)
-    seqs = torch.full((b * beams, 1), BOS, dtype=torch.long)
+    seqs = torch.full((b * beams, 1), bos, dtype=torch.long)
     scores = torch.zeros(b, beams)
     scores[:, 1:] = -math.inf  # all beams start equal: keep one
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
@@ -138,7 +138,7 @@ def beam_search(model: PlainCaptioner, pixels: torch.Tensor, beams: int = 3, max
                 for rank, (s, j) in enumerate(zip(top[i].tolist(), idx[i].tolist())):
                     beam, tok = divmod(j, vocab)
                     prev = seqs[i * beams + beam]
-                    if tok == EOS:
+                    if tok == eos:
                         if rank < beams:
                             finished[i].append((s / cur_len ** length_penalty, prev[1:].tolist()))
                     else:
@@ -150,7 +150,7 @@ def beam_search(model: PlainCaptioner, pixels: torch.Tensor, beams: int = 3, max
                 if len(finished[i]) >= beams and row and row[0][0] / cur_len ** length_penalty <= finished[i][-1][0]:
                     done[i] = True
             while len(row) < beams:  # done images: dummy beams that never win
-                row.append((-math.inf, torch.cat([seqs[i * beams], seqs.new_tensor([EOS])])))
+                row.append((-math.inf, torch.cat([seqs[i * beams], seqs.new_tensor([eos])])))
             for k, (s, seq) in enumerate(row):
                 next_scores[i, k] = s
                 next_seqs.append(seq)
