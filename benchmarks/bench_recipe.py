@@ -218,7 +218,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/bench_recipe")
     p.add_argument("--label", default="", help="names this run's mmcap arm (e.g. the override tried)")
     p.add_argument("--wait-idle", type=float, default=None, metavar="LOAD",
-                   help="before each arm, wait (up to 20 min) until the 1-minute load average is below LOAD")
+                   help="before each arm, wait (up to --wait-max s) until the 1-minute load average is below LOAD")
+    p.add_argument("--wait-max", type=float, default=1200.0)
     p.add_argument("--table", nargs="*", default=None, help="print the table of saved result files and exit")
     args = p.parse_args(argv)
     if args.table is not None:
@@ -253,7 +254,7 @@ def main(argv=None) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = []
     for arm in [a.strip() for a in args.arms.split(",") if a.strip()]:
-        waited = wait_idle(args.wait_idle, 1200) if args.wait_idle is not None else 0.0
+        waited = wait_idle(args.wait_idle, args.wait_max) if args.wait_idle is not None else 0.0
         name = f"{stamp}-{arm}" + (f"-{args.label}" if args.label else "")
         run_dir = out / name
         load_start = loadavg()
