@@ -30,8 +30,10 @@ over the rounds, so that load from other processes hits all systems alike; ``oth
 how many cores other processes used meanwhile (on a shared machine, trust runs where it is ~0).
 ``peak_rss_mb`` is the process's peak resident memory while mmcap captions (model included),
 before the other systems are built. ``machine_fraction`` = mmcap's FLOPs per caption (counted
-with torch.utils.flop_counter) x its captions/s / the bf16 matmul FLOP/s measured in the run
-(``mmcap.accel.precision.measure_matmuls`` on 2048x2048 matrices). ``cpu_model`` names the processor.
+with torch.utils.flop_counter) x its captions/s / the peak matmul FLOP/s measured in the run;
+``roofline_fraction`` = its captions/s / the roofline's (``roofline.py``: 1 / max(FLOPs / peak,
+bytes / triad bandwidth)), with the bytes per caption and the decoder's bytes per step it counts.
+``cpu_model`` and ``cpu_flags`` name the processor (AMX, VNNI, AVX-512 BF16).
 
 ``--quality MODEL --data SHARDS`` instead compares caption quality: CIDEr-D of a trained model's
 fp32, bf16 and int8 captions, and the share of fast captions identical to fp32's; the exit status
@@ -55,12 +57,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*attention_mask.*")
 
 from measure import emit, log, peak_rss_mb, reset_peak_rss  # noqa: E402
-from models import BEAMS, GENERATION, build_mmcap  # noqa: E402
+from models import BEAMS, GENERATION, NEW_TOKENS, build_mmcap  # noqa: E402
 from photos import make_photos  # noqa: E402
 from reference import NaivePipeline, VitGpt2Pipeline  # noqa: E402
+from roofline import bytes_per_caption, matmul_rates, roofline, triad_bandwidth  # noqa: E402
 
-from mmcap import Captioner, encoder_runners, gpt2_attention  # noqa: E402
-from mmcap.accel.precision import compute_dtype, cpu_bf16_speedup, measure_matmuls  # noqa: E402
+from mmcap import Captioner  # noqa: E402
+from mmcap.accel.precision import compute_dtype, cpu_bf16_speedup  # noqa: E402
 from mmcap.accel.timing import choices  # noqa: E402
 
 
@@ -101,6 +104,33 @@ def flops_per_caption(model: Captioner, paths, batch_size: int) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.generate(pixels, **GENERATION)
     return counter.get_total_flops() / len(pixels)
+
+
+def machine_limit(model: Captioner, paths, batch_size: int, precision: str, flops: float, measured: float) -> dict:
+    """The roofline (benchmarks/roofline.py) of `precision` on this machine, and how close `measured` is."""
+    encoder_dtype = "bf16" if compute_dtype(precision) == torch.bfloat16 else "fp32"
+    weight_dtype = "int8" if precision == "int8" else encoder_dtype
+    cache_dtype = "fp32" if precision == "int8" else encoder_dtype
+    rates = matmul_rates()
+    used = {weight_dtype, encoder_dtype}
+    peak = max(rate for dtype, rate in rates.items() if dtype in used) * 1e9
+    bandwidth = triad_bandwidth()
+    pixels, _ = model.preprocess(paths[:1])
+    cfg = model.decoder.config
+    traffic = bytes_per_caption(
+        encoder=model.encoder, decoder=model.decoder, pixels=pixels, batch_size=batch_size, beams=BEAMS,
+        new_tokens=NEW_TOKENS, layers=cfg.num_hidden_layers, width=cfg.hidden_size, vocab=cfg.vocab_size,
+        weight_dtype=weight_dtype, encoder_dtype=encoder_dtype, cache_dtype=cache_dtype)
+    out = roofline(flops, traffic["bytes_per_caption"], peak, bandwidth["triad_gb_per_s"] * 1e9, measured)
+    return {
+        **out, "machine_fraction": round(flops * measured / peak, 4),
+        "peak_matmul_gflops": round(peak / 1e9, 1), **{f"{k}_matmul_gflops": round(v, 1) for k, v in rates.items()},
+        **bandwidth, "mb_per_caption": round(traffic["bytes_per_caption"] / 1e6, 1),
+        "decoder_mb_per_step": round(traffic["decoder_bytes_per_step"] / 1e6, 1),
+        "decoder_weight_mb_per_step": round(traffic["decoder_weight_bytes_per_step"] / 1e6, 1),
+        "traffic_mb_per_caption": {k: round(traffic[k] / 1e6, 1) for k in
+                                   ("encoder_bytes", "decoder_weight_bytes", "cache_bytes", "logit_bytes")},
+    }
 
 
 # ----------------------------------------------------------------------------- main benchmark
@@ -153,8 +183,7 @@ def run(args) -> dict:
 
     rate = {name: args.n / sum(times) for name, times in best.items()}
     flops = flops_per_caption(model, paths, args.batch_size)
-    matmuls = measure_matmuls(size=2048, repeats=10)
-    peak = matmuls["bf16_gflops"] * 1e9
+    limit = machine_limit(model, paths, args.batch_size, precision, flops, rate["mmcap"])
     return {
         "mmcap": round(rate["mmcap"], 3),
         "naive": round(rate["naive"], 3),
@@ -162,18 +191,18 @@ def run(args) -> dict:
         "mmcap_over_naive": round(rate["mmcap"] / rate["naive"], 2),
         "mmcap_over_vit_gpt2": round(rate["mmcap"] / rate["vit_gpt2"], 2),
         "peak_rss_mb": round(rss_mmcap),
-        "machine_fraction": round(flops * rate["mmcap"] / peak, 4),
+        "roofline_fraction": limit.pop("roofline_fraction"),
+        "machine_fraction": limit.pop("machine_fraction"),
         "mmcap_fp32": round(rate["mmcap_fp32"], 3),
         "mmcap_fp32_equals_naive": not mismatches,
         "precision": precision,
         "encoder_dtype": str(compute_dtype(precision)).replace("torch.", ""),
-        "encoder_runner": encoder_runners.choice(model.encoder),  # int8: torch float or int8 twin, or ONNX Runtime, as timed
-        "int8_engines": engine_choices(),  # int8: the engine each weight shape measured fastest on
-        "int8_attention": gpt2_attention.choices(),  # int8: mmcap's C++ kernels or torch's ops, as timed
+        # what this process timed and chose: the encoder's runner (torch float or int8 twin, ONNX
+        # Runtime), int8 engines per weight shape, GPT-2 attention (C++ kernels or torch's ops)
+        "timed_choices": choices(),
         "bf16_matmul_speedup": round(cpu_bf16_speedup(), 2),
         "gflops_per_caption": round(flops / 1e9, 2),
-        "bf16_matmul_gflops": round(matmuls["bf16_gflops"], 1),
-        "fp32_matmul_gflops": round(matmuls["fp32_gflops"], 1),
+        **limit,
         "others_cpu": round(share.mean(), 2),
         "n": args.n,
         "batch_size": args.batch_size,
@@ -201,11 +230,9 @@ def quality_check(model_dir: str, data: str, num_beams: int = BEAMS, batch_size:
         t0 = time.perf_counter()
         captions[precision] = model.caption(images, batch_size=batch_size, precision=precision, num_beams=num_beams)
         result[f"seconds_{precision}"] = round(time.perf_counter() - t0, 2)
-        if precision == "int8":  # which encoder int8's race chose (the int8 one is calibrated on the first batch)
-            result["encoder_runner_int8"] = encoder_runners.choice(model.encoder)
         predictions = {ex.key: c for ex, c in zip(examples, captions[precision])}
         result[f"cider_{precision}"] = round(caption_metrics(references, predictions, meteor=False)["CIDEr"], 4)
-    result["attention"] = gpt2_attention.choices()  # the fast modes' GPT-2 attention: C++ kernels or torch's ops
+    result["timed_choices"] = choices()  # the fast modes' encoder runner, int8 engines and attention, as timed
     for mode in modes:
         same = sum(a == b for a, b in zip(captions["fp32"], captions[mode]))
         result[f"same_captions_{mode}"] = round(same / len(examples), 4)
