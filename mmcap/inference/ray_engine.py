@@ -77,10 +77,11 @@ def pixel_steps(image_size: int) -> tuple[Callable, Callable]:
     return compose(steps[:cut]), compose(steps[cut:])
 
 
-def image_pixels(value: Any, name: str, to_pixels: Callable) -> np.ndarray:
+def image_pixels(value: Any, name: str, to_pixels: Callable, min_size: Optional[int] = None) -> np.ndarray:
     """uint8 pixels [3,S,S] of one image as Ray Data holds it: encoded bytes, a struct with
     `bytes` (Hugging Face datasets' Parquet), an array [H,W(,C)] (`read_images`) or a PIL image.
-    Raises `ImageError` for anything unusable."""
+    `min_size`: a large JPEG may decode at a reduced scale down to this size (`Captioner`'s draft
+    decoding in its lossy modes). Raises `ImageError` for anything unusable."""
     if isinstance(value, dict):
         value = value.get("bytes")
     if value is None:
@@ -90,7 +91,7 @@ def image_pixels(value: Any, name: str, to_pixels: Callable) -> np.ndarray:
     if isinstance(value, (bytes, bytearray, memoryview)):
         if len(value) > MAX_IMAGE_BYTES:
             raise ImageError(name, "too_large", f"{len(value)} bytes")
-        image = open_image(bytes(value), name)
+        image = open_image(bytes(value), name, min_size=min_size)
     elif isinstance(value, np.ndarray):
         try:
             image = open_image(Image.fromarray(np.ascontiguousarray(value)), name)
@@ -112,7 +113,7 @@ def pick_column(columns, wanted: Optional[str], candidates: tuple[str, ...], wha
 
 
 def decode_row(row: dict, *, image_size: int, image_column: Optional[str] = None,
-               key_column: Optional[str] = None) -> list[dict]:
+               key_column: Optional[str] = None, draft: bool = False) -> list[dict]:
     """The CPU stage, for `Dataset.flat_map`: one row of a dataset read by Ray Data in, one row
     out with `pixels` (uint8 [3,S,S]; zeros where unusable), `image` (its key), `error` and
     `detail` ("" where usable); the row's other columns pass through, its image columns do not.
@@ -130,7 +131,7 @@ def decode_row(row: dict, *, image_size: int, image_column: Optional[str] = None
     value = next((row[c] for c in present if row.get(c) is not None), None)
     out.update(image=name, pixels=np.zeros((3, image_size, image_size), np.uint8), error="", detail="")
     try:
-        out["pixels"] = image_pixels(value, name or "<row>", to_pixels)
+        out["pixels"] = image_pixels(value, name or "<row>", to_pixels, min_size=image_size if draft else None)
     except ImageError as e:
         out.update(error=e.reason, detail=e.detail)
     return [out]
@@ -152,7 +153,7 @@ def _text(value: Any) -> str:
 # ---- mmcap's own inputs (CPU stage of `mmcap caption --engine ray`) ----
 
 
-def read_unit(row: dict, *, image_size: int, batch_size: int, root: str) -> Iterator[dict]:
+def read_unit(row: dict, *, image_size: int, batch_size: int, root: str, draft: bool = False) -> Iterator[dict]:
     """For `Dataset.flat_map`: a unit's row in (`mmcap.inference.ray_run.Unit`), a row per image
     out: `unit`, `index`, `image`, `shard`, uint8 `pixels`, `error`, `detail` ("" where they do not
     apply), and `count`: -1, but on the unit's last row its number of rows (and `skipped`, its
@@ -166,7 +167,7 @@ def read_unit(row: dict, *, image_size: int, batch_size: int, root: str) -> Iter
     if kind == "parquet":
         items = _parquet_items(sources[0], row["image_column"], row["key_column"], batch_size, root, to_pixels)
     else:
-        items = _stream_items(kind, sources, image_size, batch_size, root, to_pixels, skipped)
+        items = _stream_items(kind, sources, image_size, batch_size, root, to_pixels, skipped, draft)
     def out(index, image, shard, pixels, error, detail, end=False) -> dict:
         return {"unit": unit, "index": index, "end": end, "count": -1, "skipped": "", "image": image, "shard": shard,
                 "pixels": blank if pixels is None else pixels, "error": error, "detail": detail}
@@ -198,12 +199,13 @@ class _CompactStream(ImageStream):
             return self.to_pixels(open_image(source, name, min_size=self.image_size if self.draft else None))
 
 
-def _stream_items(kind, sources, image_size, batch_size, root, to_pixels, skipped: Counter):
+def _stream_items(kind, sources, image_size, batch_size, root, to_pixels, skipped: Counter, draft: bool = False):
     """(index, image, shard, pixels, error, detail) of a group of files or of one shard."""
     given = {_readable(s, root): s for s in sources}
     position = {path: i for i, path in enumerate(given)}
     files, shards = (list(given), []) if kind == "files" else ([], list(given))
-    stream = _CompactStream(files, shards, image_size=image_size, batch_size=batch_size, to_pixels=to_pixels)
+    stream = _CompactStream(files, shards, image_size=image_size, batch_size=batch_size, to_pixels=to_pixels,
+                            draft=draft)
     number = 0
     for batch in stream:
         skipped.update(batch["skipped"])
@@ -270,7 +272,7 @@ class CaptionBatches:
         self.options = self.model.generation_options(**generation_kwargs).to_dict()
         self.prompt = prompt
         self.decode_options = dict(image_size=self.model.config.image_size, image_column=image_column,
-                                   key_column=key_column)
+                                   key_column=key_column, draft=self.plan.draft)
         _, self.normalize = pixel_steps(self.model.config.image_size)
 
     def __call__(self, batch: dict) -> dict:
@@ -333,6 +335,14 @@ def _assigned_cpus() -> int:
 # ---- the two stages together ----
 
 
+def drafts(precision: str, gpus_per_worker: float = 0) -> bool:
+    """Whether the decode stage may draft-decode large JPEGs, as `Captioner.caption` does at this
+    precision on the workers' device (`InferencePlan.draft`: wherever it computes below fp32)."""
+    from mmcap.accel.precision import compute_dtype
+
+    return compute_dtype(precision, "cuda" if gpus_per_worker else "cpu") != torch.float32
+
+
 def model_image_size(model: Union[str, Path], revision: Optional[str] = None) -> int:
     """The image size of a saved model (its config.json), read without loading the weights."""
     from mmcap.config import CaptionerConfig
@@ -365,7 +375,8 @@ def caption_dataset(ds, model: Union[str, Path], *, precision: str = "fp32", rev
     Rows keep their other columns; the result is lazy, like any Ray `Dataset`."""
     local = Path(model).expanduser()
     model = str(local.resolve()) if local.is_dir() else str(model)  # workers may run elsewhere
-    decode = dict(image_size=model_image_size(model, revision), image_column=image_column, key_column=key_column)
+    decode = dict(image_size=model_image_size(model, revision), image_column=image_column, key_column=key_column,
+                  draft=drafts(precision, gpus_per_worker))
     ds = ds.flat_map(decode_row, fn_kwargs=decode, num_cpus=1)
     return ds.map_batches(CaptionBatches, **model_stage_options(concurrency=concurrency,
                                                                 gpus_per_worker=gpus_per_worker,

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 from mmcap.data.image_stream import Inputs, plan_inputs
 from mmcap.inference.ray_engine import (IMAGE_COLUMNS, KEY_COLUMNS, CaptionBatches, model_image_size,
-                                        model_stage_options, pick_column, read_unit, require_ray)
+                                        drafts, model_stage_options, pick_column, read_unit, require_ray)
 from mmcap.inference.writers import RECORD_FIELDS, output_shard_name
 
 MANIFEST, LOCK = "_mmcap_run.json", ".mmcap.lock"
@@ -282,7 +282,9 @@ def caption_on_ray(args) -> int:
         if todo:
             ds = ray.data.from_items([{"unit": i, **asdict(u)} for i, u in todo.items()], override_num_blocks=len(todo))
             ds = ds.flat_map(read_unit, fn_kwargs=dict(image_size=image_size, batch_size=args.batch_size,
-                                                       root=os.getcwd()), num_cpus=1)
+                                                       root=os.getcwd(),
+                                                       draft=drafts(args.precision, args.gpus_per_worker)),
+                             num_cpus=1)
             ds = ds.map_batches(CaptionBatches, **model_stage_options(concurrency=args.concurrency,
                                                                       gpus_per_worker=args.gpus_per_worker,
                                                                       batch_size=args.batch_size),

@@ -374,3 +374,27 @@ def test_units_group_sorted_files_and_name_outputs_after_their_inputs(tmp_path):
         ("files-000000", ["a.jpg", "b.jpg"]), ("files-000001", ["c.png"])]
     with pytest.raises(FileNotFoundError, match="matches no Parquet"):
         plan_units([str(tmp_path / "*.parquet")])
+
+
+def test_lossy_precisions_draft_decode_large_jpegs_as_the_api_does(model, tmp_path):
+    """Below fp32 `Captioner.caption` may decode a large JPEG at a reduced scale; the decode stage
+    does the same there (and only there), so the Ray path sees the same pixels as the API."""
+    pytest.importorskip("pyarrow")
+    from mmcap.inference.ray_engine import decode_row, drafts, pixel_steps, read_unit
+
+    captioner, _ = model
+    size = captioner.config.image_size
+    torch.manual_seed(0)
+    big = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8), size=(480, 640), mode="bilinear")[0]
+    path = tmp_path / "big.jpg"
+    Image.fromarray((big.permute(1, 2, 0) * 255).byte().numpy()).save(path, quality=95)
+    assert not drafts("fp32") and drafts("bf16")
+    _, normalize = pixel_steps(size)
+    for draft in (False, True):
+        (row,) = decode_row({"jpg": path.read_bytes(), "__key__": "big"}, image_size=size, draft=draft)
+        unit = {"unit": 0, "kind": "files", "sources": [str(path)], "image_column": None, "key_column": None}
+        (streamed,) = read_unit(unit, image_size=size, batch_size=2, root=str(tmp_path), draft=draft)
+        assert (row["pixels"] == streamed["pixels"]).all()
+        api = captioner.preprocess(str(path), draft=draft)[0][0]
+        assert torch.equal(normalize(torch.from_numpy(row["pixels"])), api)
+    assert not torch.equal(captioner.preprocess(str(path), draft=True)[0], captioner.preprocess(str(path))[0])
