@@ -1,7 +1,9 @@
-"""Cross-cutting training concerns as Lightning Callbacks: the non-finite-step guard and
-throughput logging. `CaptionModule.configure_callbacks` adds both to every run."""
+"""Cross-cutting training concerns as Lightning Callbacks: the non-finite-step guard, throughput
+logging, and what a time budget changes (the schedule's length, validation's spacing).
+`CaptionModule.configure_callbacks` adds them to every run."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Optional
 
@@ -103,6 +105,39 @@ class TimeBudgetSchedule(L.Callback):
         if trainer.max_steps is not None and trainer.max_steps > 0:
             estimate = min(estimate, trainer.max_steps)
         schedule.total_steps = max(estimate, step + 1, schedule.warmup_steps + 1)
+
+
+class ValidationBudget(L.Callback):
+    """Keeps validation within `SHARE` (2 %) of a time budget: where `trainer.max_time` ends the run
+    and validation comes every N steps (`val_check_interval: N`), each validation's measured time
+    stretches the interval to the smallest multiple of N whose steps, at the pace so far, take at
+    least 1 / SHARE times as long. Validation during training is for watching the run; the time
+    is for training. A step budget alone, an epoch-based interval or a cheap validation keep N.
+    """
+
+    SHARE = 0.02
+
+    def __init__(self) -> None:
+        self._base: Optional[int] = None
+        self._started: Optional[float] = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter() if not trainer.sanity_checking else None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        timer, started, self._started = time_budget(trainer), self._started, None
+        interval = trainer.val_check_batch
+        if (started is None or timer is None or trainer.check_val_every_n_epoch is not None
+                or not isinstance(interval, int) or trainer.global_step < 1):
+            return
+        self._base = self._base or interval
+        elapsed = timer.time_elapsed("train")
+        if not elapsed:
+            return
+        took = time.perf_counter() - started
+        wanted_s = took / self.SHARE  # training time between validations
+        steps = math.ceil(wanted_s * trainer.global_step / elapsed)
+        trainer.val_check_batch = max(interval, self._base * math.ceil(steps / self._base))
 
 
 def time_budget(trainer: L.Trainer):

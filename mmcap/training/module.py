@@ -36,7 +36,8 @@ from mmcap.training.config import TrainingConfig, coerce
 from mmcap.training.contexts import frozen_encoder, token_dropout
 from mmcap.training.scst import reward_scorer, self_critical_loss
 from mmcap.training.checkpoint_entry import CHECKPOINT_KEY, captioner_from_entry, checkpoint_entry, with_frozen_lm_weights
-from mmcap.training.callbacks import NonFiniteGuard, ThroughputLogger, TimeBudgetSchedule, time_budget
+from mmcap.training.callbacks import (NonFiniteGuard, ThroughputLogger, TimeBudgetSchedule, ValidationBudget,
+                                      time_budget)
 from mmcap.training.distributed import gather_from_ranks, gather_predictions
 from mmcap.training.optim import OptimConfig, build_optimizer
 
@@ -91,7 +92,7 @@ class CaptionModule(L.LightningModule):
         return self._guard.bad_steps
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [self._guard, ThroughputLogger(), TimeBudgetSchedule()]
+        return [self._guard, ThroughputLogger(), TimeBudgetSchedule(), ValidationBudget()]
 
     # ------------------------------------------------------------------ building the model
     def _data(self) -> Optional[TrainingData]:
