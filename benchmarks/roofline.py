@@ -104,7 +104,7 @@ def _linear_weight_numel(module: nn.Module) -> tuple[int, int]:
     return linear, other
 
 
-def encoder_traffic(encoder: nn.Module, pixels: torch.Tensor, act_bytes: int) -> tuple[int, int]:
+def encoder_traffic(encoder: nn.Module, pixels: torch.Tensor) -> tuple[int, int]:
     """(convolution output elements per image, grid positions): one forward with hooks."""
     outputs = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out[0].numel()))
@@ -126,13 +126,12 @@ def bytes_per_caption(*, encoder: nn.Module, decoder: nn.Module, pixels: torch.T
     """The least memory traffic of one caption, split by kind (module docstring)."""
     eb, wb, cb = DTYPE_BYTES[encoder_dtype], DTYPE_BYTES[weight_dtype], DTYPE_BYTES[cache_dtype]
     enc_lin, enc_other = _linear_weight_numel(encoder)
-    conv_out, positions = encoder_traffic(encoder, pixels, eb)
+    conv_out, positions = encoder_traffic(encoder, pixels)
     encoder_bytes = (enc_lin + enc_other) * eb / batch_size + 2 * conv_out * eb
     dec_lin, dec_other = _linear_weight_numel(decoder)
     image_kv = sum(m.weight.numel() for name, m in decoder.named_modules() if name.endswith(IMAGE_KV_PROJECTIONS))
     step_weights = (dec_lin - image_kv) * wb + dec_other * 4  # norms and biases stay fp32
     encoder_bytes += image_kv * wb / batch_size  # the image's keys and values: projected once per image
-    rows = batch_size * beams
     cache = image = logits = 0.0
     for t in range(1, new_tokens + 1):  # per caption, summed over the steps
         cache += beams * layers * 2 * width * cb * (t + 1)  # read t entries, write 1
@@ -144,7 +143,7 @@ def bytes_per_caption(*, encoder: nn.Module, decoder: nn.Module, pixels: torch.T
         "bytes_per_caption": total, "encoder_bytes": encoder_bytes, "decoder_weight_bytes": weights,
         "cache_bytes": cache + image, "logit_bytes": logits, "grid_positions": positions,
         "decoder_bytes_per_step": step_weights + (cache + image + logits) * batch_size / new_tokens,
-        "decoder_weight_bytes_per_step": step_weights, "rows": rows,
+        "decoder_weight_bytes_per_step": step_weights,
     }
 
 

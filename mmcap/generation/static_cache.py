@@ -60,13 +60,8 @@ class StaticAttention(TorchAttention):
         q = qkv[:, :w].view(n, h, 1, -1)
         if q.dtype != cache.dtype:
             q = q.to(cache.dtype)
-        weights = torch.matmul(q, cache[0].transpose(-1, -2)) * scale + self.bias.to(cache.dtype)
+        weights = torch.matmul(q, cache[0].transpose(-1, -2)) * scale + self.bias  # bias: the cache's dtype
         return torch.matmul(torch.softmax(weights, -1), cache[1]).reshape(n, w)
-
-    def expand(self, k: int) -> None:
-        self._apply_reorder()
-        self.group *= k
-        self.kv = [kv.repeat_interleave(k, dim=1) if kv is not None else None for kv in self.kv]
 
 
 def static_attention(image_kv: ImageKV, heads: int, max_len: int, autocast: bool = False) -> StaticAttention:

@@ -23,6 +23,16 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
                 "--disable-component-update", "--disable-sync"]
 
 
+def chromium_or_skip() -> str:
+    """Debian's chromium for the page tests: skipped without it, except on CI, which must have it."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: .ci/run installs Debian's chromium")
+        pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
+    return chromium
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -235,11 +245,7 @@ def test_page_shows_caption_and_heatmap(served, image_files, tmp_path):
     """Upload an image, wait for the caption, hover a word, check its heatmap is drawn, screenshot.
     `MMCAP_SERVE_SCREENSHOT=path` also saves the screenshot there (the README's docs/serve.png)."""
     url, model = served
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the browser test: .ci/run installs Debian's chromium")
-        pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
+    chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -282,11 +288,7 @@ def test_page_shows_the_ranking_score_beside_the_log_prob(served, image_files):
     them best first by that score, labelled, beside the raw log-probability, also labelled. The
     issue's case: log-probs -2.56, -2.58, -2.30 where the last is shortest and ranks last."""
     url, _ = served
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the browser test: .ci/run installs Debian's chromium")
-        pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
+    chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
     alternatives = [{"caption": c, "log_prob": lp, "tokens": n, "score": lp / n}
