@@ -1,4 +1,6 @@
-"""One-query attention in C++ for cached decoding on CPUs, built at first use.
+"""mmcap's C++ kernels for cached decoding on CPUs, built at first use: one-query attention, and
+int8 linear layers on AMX where the CPU has it (`csrc/int8_matmul.cpp`, raced against torch's
+quantized engines by `mmcap.accel.quantize`).
 
 A decoding step attends with one query per beam and head. Torch runs that as a chain of calls per
 layer (cast, gather, `cat`, matmul, softmax, matmul), each with a fixed cost that dwarfs its
@@ -7,9 +9,9 @@ beam reorder. The kernels here do one layer's attention in one call: the cache i
 row n's position p is read from cache row `anc[n, p]` (a beam reorder permutes that table, copying
 no keys), and the beams of an image read its keys once.
 
-The source (`csrc/one_query_attention.cpp`) is compiled with `torch.utils.cpp_extension` on first
+The sources (`csrc/*.cpp`) are compiled with `torch.utils.cpp_extension` on first
 use for this CPU (`-march=native`; seconds, once per machine) into the operators `torch.ops.mmcap.*`, under
-`MMCAP_CACHE_DIR` (default `~/.cache/mmcap`)/kernels, keyed by the source, the CPU and torch.
+`MMCAP_CACHE_DIR` (default `~/.cache/mmcap`)/kernels, keyed by the sources, the CPU and torch.
 Without a C++ compiler, or with `MMCAP_KERNELS=0`, decoding keeps torch's ops; where both run,
 `mmcap.accel.kernel_attention` times them against each other.
 """
@@ -33,6 +35,7 @@ from mmcap.accel.timing import cache_root, cpu_model
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "one_query_attention.cpp"
+INT8_SOURCE = SOURCE.with_name("int8_matmul.cpp")  # int8 linear layers on AMX (`mmcap.accel.quantize`)
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the source instantiates
 DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),  # and its (caches, queries) dtypes
           (torch.bfloat16, torch.bfloat16))
@@ -57,14 +60,15 @@ def _cpu_flags() -> str:
 def build_key() -> str:
     """What the compiled module depends on: a binary built with -march=native for one CPU may not
     run on another that shares the cache directory."""
-    parts = [SOURCE.read_bytes(), cpu_model().encode(), _cpu_flags().encode(), torch.__version__.encode(),
+    parts = [SOURCE.read_bytes(), INT8_SOURCE.read_bytes(), cpu_model().encode(), _cpu_flags().encode(), torch.__version__.encode(),
              sys.version.encode(), " ".join(FLAGS).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)
 def kernels():
-    """The compiled kernels (`self_attend`, `cross_attend`), or None where they cannot be built."""
+    """The compiled kernels (`self_attend`, `cross_attend`; `int8_linear` where `amx_int8()`), or None
+    where they cannot be built."""
     if os.environ.get("MMCAP_KERNELS", "1") == "0":
         return None
     build = None
@@ -84,13 +88,15 @@ def kernels():
             # a warning: the first call pauses for it, and nothing else would say why
             log.warning("mmcap: compiling the attention kernels for this CPU, once (about 10 s) into %s", build)
         start = time.perf_counter()
-        cpp_extension.load(name=f"mmcap_attention_{key}", sources=[str(SOURCE)], extra_cflags=FLAGS,
+        cpp_extension.load(name=f"mmcap_attention_{key}", sources=[str(SOURCE), str(INT8_SOURCE)], extra_cflags=FLAGS,
                            extra_ldflags=["-fopenmp"] if OPENMP else [], build_directory=str(build),
                            is_python_module=False, verbose=False)
         if fresh:
             log.info("mmcap: attention kernels built in %.1f s", time.perf_counter() - start)
         ops = torch.ops.mmcap  # the overloads themselves: no lookup per call
-        _LOADED["ops"] = SimpleNamespace(self_attend=ops.self_attend.default, cross_attend=ops.cross_attend.default)
+        _LOADED["ops"] = SimpleNamespace(self_attend=ops.self_attend.default, cross_attend=ops.cross_attend.default,
+                                         amx_int8=ops.amx_int8.default, int8_pack=ops.int8_pack.default,
+                                         int8_linear=ops.int8_linear.default)
         return _LOADED["ops"]
     except Exception as e:  # no compiler, no headers, a read-only cache: torch's ops do the work
         what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -1,13 +1,14 @@
 """`precision="int8"`: the decoder's linear layers and LM head in int8 on CPUs, for captioning.
 
 Decoding a caption multiplies every decoder weight by a handful of rows per generated token (16
-images x 3 beams = 48). The x86 quantized engine (fbgemm/oneDNN, VNNI where the CPU has it)
-multiplies int8 by int8: per-output-channel symmetric weights, activations quantized per call
-(dynamic quantization). It reads a quarter of fp32's bytes and, where the CPU has VNNI, does more
-work per cycle than bf16; at 48 rows a GPT-2 layer is bound by arithmetic more than by memory. fbgemm and oneDNN are timed against each other
-once per weight shape and machine (`mmcap.accel.timing`); a layer runs on oneDNN where it measured
-at least 10 % faster than fbgemm (timings a few percent apart flip between runs). Figures:
-docs/performance.md.
+images x 3 beams = 48), so a step reads every weight once: the weights' bytes set its pace. int8
+weights (symmetric, per output channel) read a quarter of fp32's; the rows are quantized per call
+(dynamic quantization). Three kernels multiply int8 by int8: torch's x86 quantized engines fbgemm
+and oneDNN (activations per call), and, on CPUs with AMX, mmcap's own (`csrc/int8_matmul.cpp`,
+activations per row), which streams the packed weights once through AMX tiles. They are timed
+against each other once per weight shape and machine (`mmcap.accel.timing`); another engine
+replaces fbgemm only where it measured at least 10 % faster (timings a few percent apart flip
+between runs). Figures: docs/performance.md.
 
 Int8 changes the numbers, so it is never chosen by `auto`: callers ask for it. The weights stay as
 they are; `int8_linears(module)` swaps int8 twins in for the duration of a call (made once and
@@ -21,13 +22,13 @@ import contextlib
 import functools
 import logging
 import warnings
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from mmcap.accel import timing, twins
+from mmcap.accel import kernels, timing, twins
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ except (AttributeError, RuntimeError):  # pragma: no cover - torch builds withou
 # The engines' own kernels, timed against each other per weight shape: neither wins everywhere (on
 # one CPU oneDNN ran GPT-2's LM head twice as fast as fbgemm, while fbgemm won at 768 x 768).
 _CANDIDATES = ("fbgemm", "onednn")  # the first is kept unless another is clearly faster
+AMX = "amx"  # mmcap's kernel (`mmcap.accel.kernels`), a candidate where the CPU has AMX
 ENGINE_MIN_SPEEDUP = 1.1  # timings a few percent apart flip between runs: keep the first there
 TIMING_ROWS = 48  # rows per call while timing: 16 images x 3 beams, a decoding step of `caption`'s default batch
 
@@ -54,11 +56,22 @@ def int8_engine() -> Optional[str]:
 
 
 def _candidate_engines() -> tuple[str, ...]:
-    """The engines to time against each other; none where this torch has no x86 engine."""
+    """The engines to time against each other: torch's x86 quantized engines (none where this torch
+    has none), and mmcap's AMX kernel where the CPU has AMX."""
     if int8_engine() is None:
         return ()
     supported = torch.backends.quantized.supported_engines
-    return tuple(e for e in _CANDIDATES if e in supported) or (int8_engine(),)
+    return (tuple(e for e in _CANDIDATES if e in supported) or (int8_engine(),)) + ((AMX,) if amx_available() else ())
+
+
+@functools.lru_cache(maxsize=None)
+def amx_available() -> bool:
+    """Whether mmcap's AMX int8 kernel runs here (built for this CPU, which has AMX, and the OS allows it)."""
+    ops = kernels.kernels()
+    try:
+        return ops is not None and bool(ops.amx_int8())
+    except RuntimeError:  # pragma: no cover - a build without the operator
+        return False
 
 
 def int8_available(device: torch.device | str = "cpu") -> bool:
@@ -67,7 +80,7 @@ def int8_available(device: torch.device | str = "cpu") -> bool:
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T + b with W in int8 (symmetric, per output channel) and x quantized per call, per row."""
+    """y = x W^T + b with W in int8 (symmetric, per output channel) and x quantized per call."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         """`weight` [out, in] as nn.Linear stores it."""
@@ -83,11 +96,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.dim() == 2:  # a decoding step's rows: the kernel alone
-            return _linear_dynamic(x.float(), self._packed, True)
+            return self._packed(x.float())
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()
-        if self._packed is not None:  # the quantized engine: one fused kernel (the packed weight knows its engine)
-            y = _linear_dynamic(x, self._packed, True)
+        if self._packed is not None:  # the engine's kernel: one fused call
+            y = self._packed(x)
         else:  # torch's int8 matmul, then the scales
             xs = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
             y = torch._int_mm(torch.round(x / xs).to(torch.int8), self.qweight.t()).float().mul_(xs).mul_(self.scales)
@@ -101,28 +114,40 @@ class Int8Linear(nn.Module):
     __call__ = forward
 
 
-def _prepack(qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[Optional[str], object]:
-    """(engine, packed weight) for the engine that measured fastest for this shape, or (None, None)
-    where this torch has no such engine (any more: its quantized tensors are deprecated; then
-    `Int8Linear` multiplies with `torch._int_mm`)."""
+def _prepack(qweight: torch.Tensor, scales: torch.Tensor,
+             bias: Optional[torch.Tensor]) -> tuple[Optional[str], Optional[Callable[[torch.Tensor], torch.Tensor]]]:
+    """(engine, its kernel on this weight: fp32 rows [M, in] -> [M, out]) for the engine that
+    measured fastest for this shape, or (None, None) where there is none (torch's quantized tensors
+    are deprecated; then `Int8Linear` multiplies with `torch._int_mm`)."""
     engines = _candidate_engines()
     if not engines:
         return None, None
     try:
         shape = tuple(qweight.shape)
-        packed = {}
+        runs = {}
 
         def race() -> dict[str, float]:
-            packed.update({e: _pack(e, qweight, scales, bias) for e in engines})
+            runs.update({e: _kernel(e, qweight, scales, bias) for e in engines})
             x = torch.randn(TIMING_ROWS, shape[1])
-            return timing.time_calls({e: functools.partial(_linear_dynamic, x, p, True) for e, p in packed.items()})
+            return timing.time_calls({e: functools.partial(run, x) for e, run in runs.items()})
 
         engine = timing.fastest(f"int8 linear {shape[0]} x {shape[1]}, {TIMING_ROWS} rows", engines, race,
                                 prefer=engines[0], margin=ENGINE_MIN_SPEEDUP)
-        return engine, packed[engine] if engine in packed else _pack(engine, qweight, scales, bias)
+        return engine, runs[engine] if engine in runs else _kernel(engine, qweight, scales, bias)
     except (RuntimeError, AttributeError) as e:  # pragma: no cover - torch builds without the engine
         log.info("mmcap int8: the quantized engine is unavailable (%s): using torch._int_mm", e)
         return None, None
+
+
+def _kernel(engine: str, qweight: torch.Tensor, scales: torch.Tensor,
+            bias: Optional[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`engine`'s kernel with the weight packed for it."""
+    if engine == AMX:  # mmcap's own (`csrc/int8_matmul.cpp`): the same rounding of the weight, x per row
+        ops, n = kernels.kernels(), qweight.shape[0]
+        packed, scales = ops.int8_pack(qweight), scales.float().contiguous()
+        return lambda x: ops.int8_linear(x, packed, scales, bias, n)
+    packed = _pack(engine, qweight, scales, bias)
+    return lambda x: _linear_dynamic(x, packed, True)
 
 
 def _pack(engine: str, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):

@@ -1,0 +1,201 @@
+// y = x W^T + b for decoding steps on CPUs with AMX: W in int8 (symmetric, per output channel), x
+// quantized per row as it comes in, int8 products summed in int32 by AMX tiles.
+//
+// A decoding step multiplies every decoder weight by a few dozen rows, so each weight byte is read
+// from memory once per step and used by every row: the kernel streams the packed weights once, in
+// the order the tiles consume them, and keeps the rows (a few KB) in cache. Without AMX in the
+// compiler's target (-march=native elsewhere) it compiles to `amx_int8() == false`.
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MMCAP_AMX 1
+#endif
+
+namespace {
+
+constexpr int64_t kRows = 16;   // rows of a tile (activations, outputs); K / 4 rows of a weight tile
+constexpr int64_t kCols = 16;   // output columns of a tile
+constexpr int64_t kDepth = 64;  // int8 products summed per tile row
+constexpr int64_t kTile = kRows * kDepth;  // bytes in a tile
+
+bool amx_ready() {
+#ifdef MMCAP_AMX
+  static const bool ready = [] {
+    // Linux hands out AMX's tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return false;
+    unsigned long features = 0;
+    return syscall(SYS_arch_prctl, 0x1022, &features) == 0 && (features & (1UL << 18));
+  }();
+  return ready;
+#else
+  return false;
+#endif
+}
+
+
+// q = round(x * 127 / max|x|) (half to even) into `q`; returns the row's scale max|x| / 127
+inline float quantize_row(const float* x, int64_t k, int8_t* q) {
+  float amax = 0.f;
+  int64_t j = 0;
+#ifdef MMCAP_AMX
+  __m512 vmax = _mm512_setzero_ps();
+  for (; j + 16 <= k; j += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
+  amax = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; j < k; ++j) amax = std::max(amax, std::fabs(x[j]));
+  if (!(amax > 0.f)) return 1.f;  // an all-zero row: its zeros stay zeros
+  const float inv = 127.f / amax;
+  j = 0;
+#ifdef MMCAP_AMX
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (; j + 16 <= k; j += 16) {
+    const __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), vinv),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+#endif
+  for (; j < k; ++j) q[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
+  return amax / 127.f;
+}
+
+#ifdef MMCAP_AMX
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tiles 0-2: int32 sums of up to three 16-row blocks; 3: weights; 4-6: activations
+template <int Blocks>
+inline void tile_sums(const int8_t* a, int64_t lda, const int8_t* b, int64_t depth_tiles, int32_t* sums) {
+  _tile_zero(0);
+  if (Blocks > 1) _tile_zero(1);
+  if (Blocks > 2) _tile_zero(2);
+  for (int64_t kb = 0; kb < depth_tiles; ++kb) {
+    _tile_loadd(3, b + kb * kTile, kDepth);
+    _tile_loadd(4, a + kb * kDepth, lda);
+    _tile_dpbssd(0, 4, 3);
+    if (Blocks > 1) {
+      _tile_loadd(5, a + kRows * lda + kb * kDepth, lda);
+      _tile_dpbssd(1, 5, 3);
+    }
+    if (Blocks > 2) {
+      _tile_loadd(6, a + 2 * kRows * lda + kb * kDepth, lda);
+      _tile_dpbssd(2, 6, 3);
+    }
+  }
+  _tile_stored(0, sums, kCols * 4);
+  if (Blocks > 1) _tile_stored(1, sums + kRows * kCols, kCols * 4);
+  if (Blocks > 2) _tile_stored(2, sums + 2 * kRows * kCols, kCols * 4);
+}
+#endif
+
+}  // namespace
+
+bool amx_int8() { return amx_ready(); }
+
+// W [N, K] int8 -> [N/16, K/64, 16, 64]: each 16 x 64 block of W as one AMX weight tile, whose row
+// r holds the 4 products k = 4r..4r+3 of each of the 16 columns side by side (zero-padded)
+at::Tensor int8_pack(at::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "int8_pack: want an int8 matrix [out, in]");
+  w = w.contiguous();
+  const int64_t n = w.size(0), k = w.size(1);
+  const int64_t nb = (n + kCols - 1) / kCols, kb = (k + kDepth - 1) / kDepth;
+  auto out = at::zeros({nb, kb, kRows, kDepth}, w.options());
+  const int8_t* src = w.data_ptr<int8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < k; ++j)
+      dst[((i / kCols) * kb + j / kDepth) * kTile + ((j % kDepth) / 4) * kDepth + (i % kCols) * 4 + j % 4] =
+          src[i * k + j];
+  return out;
+}
+
+// x [M, K] float -> y [M, N] float: x quantized per row (symmetric, round half to even), int8
+// products summed in int32 on AMX, then y = sum * x_scale[m] * w_scale[n] + bias[n]
+at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10::optional<at::Tensor> bias,
+                       int64_t n) {
+  TORCH_CHECK(amx_ready(), "int8_linear: AMX is not available on this CPU");
+  TORCH_CHECK(x.dim() == 2, "int8_linear: want x [rows, in]");
+  x = x.to(at::kFloat).contiguous();
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t nb = packed.size(0), kb = packed.size(1), kp = kb * kDepth;
+  TORCH_CHECK(k <= kp && kp - k < kDepth && (n + kCols - 1) / kCols == nb && w_scale.numel() == n,
+              "int8_linear: x [", m, ", ", k, "] does not match the packed weight of ", n, " outputs");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(), "int8_linear: want fp32 scales");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->scalar_type() == at::kFloat && bias->numel() == n &&
+              bias->is_contiguous()), "int8_linear: want an fp32 bias of ", n);
+  auto out = at::empty({m, n}, x.options());
+  if (m == 0) return out;
+  const int64_t mp = (m + kRows - 1) / kRows * kRows;
+  // the rows quantized once, here (microseconds), into buffers kept between calls: padding rows
+  // and columns are zeros
+  thread_local std::vector<int8_t> qbuf;
+  thread_local std::vector<float> sbuf;
+  qbuf.resize(mp * kp);
+  sbuf.resize(m);
+  int8_t* qp = qbuf.data();
+  float* sp = sbuf.data();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) {
+    sp[r] = quantize_row(xp + r * k, k, qp + r * kp);
+    std::memset(qp + r * kp + k, 0, kp - k);
+  }
+  std::memset(qp + m * kp, 0, (mp - m) * kp);
+  const float* ws = w_scale.data_ptr<float>();
+  const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  float* op = out.data_ptr<float>();
+#ifdef MMCAP_AMX
+  at::parallel_for(0, nb, 8, [&](int64_t b0, int64_t b1) {
+    TileConfig cfg;
+    for (int t = 0; t < 7; ++t) {
+      cfg.rows[t] = kRows;
+      cfg.colsb[t] = kDepth;
+    }
+    _tile_loadconfig(&cfg);
+    alignas(64) int32_t sums[3 * kRows * kCols];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int8_t* wb = wp + b * kb * kTile;
+      const int64_t c0 = b * kCols, cols = std::min(kCols, n - c0);
+      for (int64_t r0 = 0; r0 < mp; r0 += 3 * kRows) {
+        const int blocks = static_cast<int>(std::min<int64_t>(3, (mp - r0) / kRows));
+        const int8_t* a = qp + r0 * kp;
+        if (blocks == 3) tile_sums<3>(a, kp, wb, kb, sums);
+        else if (blocks == 2) tile_sums<2>(a, kp, wb, kb, sums);
+        else tile_sums<1>(a, kp, wb, kb, sums);
+        const int64_t rows = std::min<int64_t>(blocks * kRows, m - r0);
+        for (int64_t i = 0; i < rows; ++i) {
+          const float s = sp[r0 + i];
+          float* o = op + (r0 + i) * n + c0;
+          const int32_t* acc = sums + i * kCols;
+          for (int64_t j = 0; j < cols; ++j)
+            o[j] = static_cast<float>(acc[j]) * s * ws[c0 + j] + (bp ? bp[c0 + j] : 0.f);
+        }
+      }
+    }
+    _tile_release();
+  });
+#endif
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(mmcap, m) {
+  m.def("amx_int8() -> bool", &amx_int8);
+  m.def("int8_pack(Tensor w) -> Tensor", &int8_pack);
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int n) -> Tensor", &int8_linear);
+}
