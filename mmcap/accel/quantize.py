@@ -93,6 +93,21 @@ class Int8Linear(nn.Module):
         self.engine, self._packed = _prepack(qweight, scales, self.bias)
         # the plain int8 weight only where the engine's packed copy is missing: one copy in memory
         self.qweight, self.scales = (None, None) if self._packed is not None else (qweight, scales)
+        if self.engine != AMX:  # what follows the layer fused into its outputs: mmcap's kernel only
+            self.fused_add = self.fused_gelu = None
+
+    def fused_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + self(x), added as the outputs are written (no pass of its own)."""
+        return self._fused(x, residual.reshape(-1, self.out_features).float().contiguous(), False)
+
+    def fused_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """GPT-2's tanh GELU of self(x), applied as the outputs are written."""
+        return self._fused(x, None, True)
+
+    def _fused(self, x: torch.Tensor, residual: Optional[torch.Tensor], gelu: bool) -> torch.Tensor:
+        shape = x.shape
+        y = self._packed(x.reshape(-1, shape[-1]).float(), residual, gelu)
+        return y.reshape(*shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.dim() == 2:  # a decoding step's rows: the kernel alone
@@ -145,7 +160,7 @@ def _kernel(engine: str, qweight: torch.Tensor, scales: torch.Tensor,
     if engine == AMX:  # mmcap's own (`csrc/int8_matmul.cpp`): the same rounding of the weight, x per row
         ops, n = kernels.kernels(), qweight.shape[0]
         packed, scales = ops.int8_pack(qweight), scales.float().contiguous()
-        return lambda x: ops.int8_linear(x, packed, scales, bias, n)
+        return lambda x, residual=None, gelu=False: ops.int8_linear(x, packed, scales, bias, n, residual, gelu)
     packed = _pack(engine, qweight, scales, bias)
     return lambda x: _linear_dynamic(x, packed, True)
 

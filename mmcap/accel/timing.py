@@ -10,7 +10,10 @@ Choices outlive the process: they are kept in `choices.json` under `cache_root()
 (`MMCAP_CACHE_DIR`, default `~/.cache/mmcap`), keyed by the machine (processor, thread count, torch
 and mmcap versions) and by what was timed, shape included, so that a choice made for a ResNet-18
 is never reused for a ResNet-50. A new process reuses them and runs no race. An entry that cannot be
-read, or that names a candidate not offered now, is timed again, never trusted blindly.
+read, or that names a candidate not offered now, is timed again, never trusted blindly. A race
+run while other processes competed for the cores mmcap's threads use (`others_competed`, from
+/proc/stat) decides for this process only and is not written: a choice timed under someone else's
+load would otherwise outlive the load (it once kept a kernel 2x slower on every later run).
 """
 from __future__ import annotations
 
@@ -78,13 +81,57 @@ def fastest(what: str, names: Sequence[str], race: Callable[[], Mapping[str, flo
     entry = choice(what)
     if entry is not None and entry.get("use") in names:
         return entry["use"]
+    load = OtherLoad()
     seconds = dict(race())
     use = min(seconds, key=seconds.get)
     if prefer is not None and prefer in seconds and seconds[use] * margin > seconds[prefer]:
         use = prefer
     log.info("mmcap: %s: %s (%s)", what, use, ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in seconds.items()))
-    _store(what, {"use": use, "seconds": seconds})
+    if load.others_competed():
+        log.info("mmcap: %s: timed while other processes used %.1f cores: kept for this process only",
+                 what, load.cores())
+        _CHOSEN[machine_key(), what] = {"use": use, "seconds": seconds}
+    else:
+        _store(what, {"use": use, "seconds": seconds})
     return use
+
+
+class OtherLoad:
+    """CPU time that other processes used from construction on (Linux's /proc/stat; none elsewhere)."""
+
+    SLACK_S = 0.02  # /proc/stat counts in 10 ms ticks: two ticks of other work are noise
+
+    def __init__(self):
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> Optional[tuple[float, float, float]]:
+        try:
+            fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            tick = os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+        mine = os.times()
+        # all CPUs' busy time (all but idle and iowait), this process's own, and the wall clock
+        return (sum(fields) - fields[3] - fields[4]) / tick, mine.user + mine.system, time.perf_counter()
+
+    def _others(self) -> tuple[float, float]:
+        end = self._read()
+        if self._start is None or end is None:
+            return 0.0, 1.0
+        (busy0, mine0, t0), (busy1, mine1, t1) = self._start, end
+        return max(0.0, (busy1 - busy0) - (mine1 - mine0)), max(t1 - t0, 1e-9)
+
+    def cores(self) -> float:
+        """Cores that other processes kept busy, on average."""
+        others, wall = self._others()
+        return others / wall
+
+    def others_competed(self) -> bool:
+        """Whether other processes used more than the cores this process's threads leave free, plus half a core."""
+        others, wall = self._others()
+        spare = max(0, (os.cpu_count() or 1) - torch.get_num_threads())
+        return others > (spare + 0.5) * wall + self.SLACK_S
 
 
 def choice(what: str) -> Optional[dict]:

@@ -1,7 +1,8 @@
 """GPT-2's lean decoding pass: the same modules and weights as its transformers forward, fewer
 kernels per token, and attention kept by an attention state (`mmcap.generation.attention`): the
 image's keys and values once per image (the beams of an image attend to them together, never
-copied). In fp32 with torch's attention it computes exactly the transformers forward's numbers."""
+copied). A linear layer that offers `fused_add(h, residual)` or `fused_gelu(h)` (the inference
+plan's twins may) does the residual add or the GELU that follows it in the same pass. In fp32 with torch's attention it computes exactly the transformers forward's numbers."""
 from __future__ import annotations
 
 import functools
@@ -57,9 +58,13 @@ class GPT2Decoding:
         att.begin(self.t, tokens.shape[0])
         for i, block in enumerate(body.h):
             attn, cross, mlp = block.attn, block.crossattention, block.mlp
-            x = x + attn.c_proj(att.self_attention(i, attn.c_attn(block.ln_1(x)), attn.scaling))
-            x = x + cross.c_proj(att.cross_attention(i, cross.q_attn(block.ln_cross_attn(x)), cross.scaling))
-            x = x + (mlp.c_proj(gelu_tanh(mlp.c_fc(block.ln_2(x)))) if self.fused_gelu else mlp(block.ln_2(x)))
+            x = plus(attn.c_proj, att.self_attention(i, attn.c_attn(block.ln_1(x)), attn.scaling), x)
+            x = plus(cross.c_proj, att.cross_attention(i, cross.q_attn(block.ln_cross_attn(x)), cross.scaling), x)
+            if self.fused_gelu:
+                fc = getattr(mlp.c_fc, "fused_gelu", None)
+                x = plus(mlp.c_proj, fc(block.ln_2(x)) if fc is not None else gelu_tanh(mlp.c_fc(block.ln_2(x))), x)
+            else:
+                x = x + mlp(block.ln_2(x))
         self.t += 1
         return x
 
@@ -73,6 +78,13 @@ class GPT2Decoding:
         """From now on decode only `images` (positions among the images decoded so far, in order),
         with their beams' rows: beam search drops the images it has finished with."""
         self.attention.keep(images)
+
+
+def plus(layer, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + layer(h): in one pass where the layer adds as it writes its outputs (a linear
+    layer of an inference plan that offers `fused_add`), else as transformers computes it."""
+    fused = getattr(layer, "fused_add", None)
+    return fused(h, residual) if fused is not None else residual + layer(h)
 
 
 _GELU_C1 = 2 * math.sqrt(2 / math.pi)  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)

@@ -221,7 +221,8 @@ OTHER_CPU_CHECK = r"""
 import sys, torch
 from torch.utils import cpp_extension
 from mmcap.accel import kernels as attention_kernel
-cpp_extension.load(name="mmcap_attention_other_cpu", sources=[str(attention_kernel.SOURCE)], build_directory=sys.argv[2],
+cpp_extension.load(name="mmcap_attention_other_cpu", sources=[str(attention_kernel.SOURCE), str(attention_kernel.INT8_SOURCE)],
+                   build_directory=sys.argv[2],
                    extra_cflags=["-O3", "-march=" + sys.argv[1], "-fopenmp"], extra_ldflags=["-fopenmp"],
                    is_python_module=False)
 torch.manual_seed(0)
@@ -240,6 +241,12 @@ q = torch.randn(6, heads * d)
 got = torch.ops.mmcap.cross_attend(q, kt, vv, 21, 3, 0.125)
 w = torch.softmax(q.view(2, 3, heads, d).transpose(1, 2) @ kt[..., :21] * 0.125, -1)
 torch.testing.assert_close(got, (w @ vv[:, :, :21]).transpose(1, 2).reshape(6, -1), rtol=1e-5, atol=1e-5)
+assert not torch.ops.mmcap.amx_int8()  # no AMX in these targets: the int8 kernel says so, and refuses
+try:
+    torch.ops.mmcap.int8_linear(q, torch.ops.mmcap.int8_pack(torch.ones(16, 192, dtype=torch.int8)), torch.ones(16), None, 16)
+    raise SystemExit("int8_linear ran without AMX")
+except RuntimeError as e:
+    assert "AMX is not available" in str(e)
 print("ok")
 """
 

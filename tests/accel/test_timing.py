@@ -10,6 +10,7 @@ from mmcap.accel import timing
 @pytest.fixture
 def cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MMCAP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(timing.OtherLoad, "others_competed", lambda self: False)  # a quiet machine
     timing.forget()
     yield tmp_path / timing.CACHE_FILE
     timing.forget()
@@ -75,3 +76,29 @@ def test_another_machine_or_version_never_reuses_a_choice(cache, monkeypatch):
     monkeypatch.setattr(timing.torch, "get_num_threads", lambda: 64)  # other thread count: another key
     calls = []
     assert timing.fastest("op", ["x", "y"], race_returning({"x": 2.0, "y": 1.0}, calls)) == "y" and calls
+
+
+def test_a_choice_timed_under_other_processes_load_is_not_kept(cache, monkeypatch):
+    """Timed while other processes took the cores: used by this process, not written for the next."""
+    monkeypatch.setattr(timing.OtherLoad, "others_competed", lambda self: True)
+    assert timing.fastest("op", ["x", "y"], lambda: {"x": 2.0, "y": 1.0}) == "y"
+    assert timing.fastest("op", ["x", "y"], lambda: pytest.fail("raced again in one process")) == "y"
+    assert not cache.exists()
+    timing.forget()  # the next process
+    monkeypatch.setattr(timing.OtherLoad, "others_competed", lambda self: False)
+    calls = []
+    assert timing.fastest("op", ["x", "y"], race_returning({"x": 1.0, "y": 2.0}, calls)) == "x" and calls
+    assert json.loads(cache.read_text())[timing.machine_key()]["op"]["use"] == "x"
+
+
+def test_other_load_counts_other_processes_cpu_not_this_ones(monkeypatch):
+    """/proc/stat's busy time less this process's own, over the wall clock, against the spare cores."""
+    reads = iter([(100.0, 10.0, 0.0), (103.0, 11.0, 2.0)])  # 3 s busy in all, 1 s of it ours, in 2 s
+    monkeypatch.setattr(timing.OtherLoad, "_read", staticmethod(lambda: next(reads)))
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(timing.torch, "get_num_threads", lambda: 2)
+    load = timing.OtherLoad()
+    load._read = lambda: (103.0, 11.0, 2.0)
+    assert load.cores() == 1.0 and load.others_competed()  # 1 core of others against 0 spare + 0.5
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 8)
+    assert not load.others_competed()  # six spare cores absorb it

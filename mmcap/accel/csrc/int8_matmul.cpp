@@ -79,6 +79,31 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
+// e^x, x clamped to [-87, 88]: x = n ln2 + r, a degree-6 polynomial for e^r (relative error ~1e-7)
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// GPT-2's tanh GELU: x (1 + tanh(u)) / 2 = x / (1 + e^(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3)
+inline __m512 gelu_tanh16(__m512 x) {
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  const __m512 u2 = _mm512_mul_ps(x, _mm512_fmadd_ps(x2, _mm512_set1_ps(-2.f * 0.7978845608028654f * 0.044715f),
+                                                     _mm512_set1_ps(-2.f * 0.7978845608028654f)));
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(u2)));
+}
+
 // tiles 0-2: int32 sums of up to three 16-row blocks; 3: weights; 4-6: activations
 template <int Blocks>
 inline void tile_sums(const int8_t* a, int64_t lda, const int8_t* b, int64_t depth_tiles, int32_t* sums) {
@@ -126,9 +151,11 @@ at::Tensor int8_pack(at::Tensor w) {
 }
 
 // x [M, K] float -> y [M, N] float: x quantized per row (symmetric, round half to even), int8
-// products summed in int32 on AMX, then y = sum * x_scale[m] * w_scale[n] + bias[n]
+// products summed in int32 on AMX, then y = sum * x_scale[m] * w_scale[n] + bias[n], then GPT-2's
+// GELU of y where `gelu`, then y + residual[m, n] where given: a decoding step's layer and what
+// follows it in one pass over the outputs
 at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10::optional<at::Tensor> bias,
-                       int64_t n) {
+                       int64_t n, c10::optional<at::Tensor> residual, bool gelu) {
   TORCH_CHECK(amx_ready(), "int8_linear: AMX is not available on this CPU");
   TORCH_CHECK(x.dim() == 2, "int8_linear: want x [rows, in]");
   x = x.to(at::kFloat).contiguous();
@@ -139,6 +166,10 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(), "int8_linear: want fp32 scales");
   TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->scalar_type() == at::kFloat && bias->numel() == n &&
               bias->is_contiguous()), "int8_linear: want an fp32 bias of ", n);
+  const bool has_residual = residual.has_value() && residual->defined();
+  TORCH_CHECK(!has_residual || (residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
+              residual->dim() == 2 && residual->size(0) == m && residual->size(1) == n),
+              "int8_linear: want a contiguous fp32 residual [", m, ", ", n, "]");
   auto out = at::empty({m, n}, x.options());
   if (m == 0) return out;
   const int64_t mp = (m + kRows - 1) / kRows * kRows;
@@ -160,6 +191,7 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   const int8_t* wp = packed.data_ptr<int8_t>();
   float* op = out.data_ptr<float>();
+  const float* rp = has_residual ? residual->data_ptr<float>() : nullptr;
 #ifdef MMCAP_AMX
   at::parallel_for(0, nb, 8, [&](int64_t b0, int64_t b1) {
     TileConfig cfg;
@@ -179,12 +211,15 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
         else if (blocks == 2) tile_sums<2>(a, kp, wb, kb, sums);
         else tile_sums<1>(a, kp, wb, kb, sums);
         const int64_t rows = std::min<int64_t>(blocks * kRows, m - r0);
+        const __mmask16 mask = cols == kCols ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+        const __m512 wsv = _mm512_maskz_loadu_ps(mask, ws + c0);
+        const __m512 bv = bp ? _mm512_maskz_loadu_ps(mask, bp + c0) : _mm512_setzero_ps();
         for (int64_t i = 0; i < rows; ++i) {
-          const float s = sp[r0 + i];
-          float* o = op + (r0 + i) * n + c0;
-          const int32_t* acc = sums + i * kCols;
-          for (int64_t j = 0; j < cols; ++j)
-            o[j] = static_cast<float>(acc[j]) * s * ws[c0 + j] + (bp ? bp[c0 + j] : 0.f);
+          const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(sums + i * kCols));
+          __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(acc, _mm512_set1_ps(sp[r0 + i])), wsv, bv);
+          if (gelu) y = gelu_tanh16(y);
+          if (rp) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, rp + (r0 + i) * n + c0));
+          _mm512_mask_storeu_ps(op + (r0 + i) * n + c0, mask, y);
         }
       }
     }
@@ -197,5 +232,6 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
 TORCH_LIBRARY_FRAGMENT(mmcap, m) {
   m.def("amx_int8() -> bool", &amx_int8);
   m.def("int8_pack(Tensor w) -> Tensor", &int8_pack);
-  m.def("int8_linear(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int n) -> Tensor", &int8_linear);
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int n, Tensor? residual=None, "
+        "bool gelu=False) -> Tensor", &int8_linear);
 }

@@ -1,0 +1,115 @@
+"""mmcap's int8 linear kernel on AMX (`csrc/int8_matmul.cpp`): exact int32 sums, the rounding it
+documents, and Int8Linear on it against the float layer. Skipped where the CPU has no AMX."""
+import pytest
+import torch
+
+from mmcap.accel import kernels as compiled
+from mmcap.accel import quantize, timing
+from mmcap.accel.quantize import Int8Linear
+
+ops = compiled.kernels()
+needs_amx = pytest.mark.skipif(not quantize.amx_available(), reason="no AMX (or no C++ compiler) here")
+pytestmark = [needs_amx, pytest.mark.usefixtures("one_thread")]
+
+
+def packed(w: torch.Tensor) -> torch.Tensor:
+    return ops.int8_pack(w)
+
+
+@pytest.mark.parametrize("rows,inputs,outputs", [(48, 768, 96), (5, 100, 37), (33, 192, 16), (100, 64, 50), (1, 70, 3)],
+                         ids=["decoding-step", "ragged", "three-tiles-of-rows", "past-48-rows", "one-row"])
+def test_sums_are_exact_for_every_row_and_column(rows, inputs, outputs):
+    """Integer inputs whose row maximum is 127 quantize to themselves with scale 1: the output is the
+    exact integer product, padding rows and columns included in the shapes but not the sums."""
+    torch.manual_seed(0)
+    w = torch.randint(-127, 128, (outputs, inputs), dtype=torch.int8)
+    x = torch.randint(-127, 128, (rows, inputs)).float()
+    x[:, 0] = 127
+    got = ops.int8_linear(x, packed(w), torch.ones(outputs), None, outputs)
+    assert got.shape == (rows, outputs) and got.dtype == torch.float32
+    assert torch.equal(got.double(), x.double() @ w.double().t())
+
+
+def test_rows_are_quantized_each_with_its_own_scale():
+    """q = round(x * 127 / max|x|) per row (half to even), y = (q W^T) * max|x| / 127 * w_scale + bias."""
+    torch.manual_seed(1)
+    x = torch.randn(20, 192) * torch.logspace(-3, 3, 20)[:, None]  # rows six orders of magnitude apart
+    x[3] = 0  # an all-zero row stays zero
+    w = torch.randint(-127, 128, (40, 192), dtype=torch.int8)
+    w_scale, bias = torch.rand(40) / 100, torch.randn(40)
+    amax = x.abs().amax(1, keepdim=True)
+    q = torch.where(amax > 0, (x * (127 / amax)).round(), torch.zeros_like(x))
+    want = (q.double() @ w.double().t()) * (amax / 127).double() * w_scale.double() + bias.double()
+    got = ops.int8_linear(x, packed(w), w_scale, bias, 40)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[3], bias)
+
+
+def test_mismatched_shapes_are_refused_with_the_shapes():
+    w = packed(torch.ones(32, 128, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match=r"x \[2, 64\] does not match the packed weight of 32 outputs"):
+        ops.int8_linear(torch.ones(2, 64), w, torch.ones(32), None, 32)
+    with pytest.raises(RuntimeError, match="fp32 bias of 32"):
+        ops.int8_linear(torch.ones(2, 128), w, torch.ones(32), torch.ones(31), 32)
+    assert ops.int8_linear(torch.ones(0, 128), w, torch.ones(32), None, 32).shape == (0, 32)
+
+
+def test_int8_linear_on_amx_matches_the_float_layer(monkeypatch, tmp_path):
+    """The twin that races AMX against torch's engines, made to pick AMX: the float layer's output
+    within int8's precision, for a decoding step's rows and for 3-D inputs."""
+    monkeypatch.setenv("MMCAP_CACHE_DIR", str(tmp_path))
+    timing.forget()
+    monkeypatch.setattr(quantize.timing, "time_calls",
+                        lambda calls, repeats=5: {e: 1.0 if e == quantize.AMX else 2.0 for e in calls})
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(768, 2304)
+    twin = Int8Linear(layer.weight, layer.bias)
+    assert twin.engine == quantize.AMX and quantize.AMX in quantize._candidate_engines()
+    for x in (torch.randn(48, 768), torch.randn(2, 7, 768)):
+        out, want = twin(x), layer(x).detach()
+        assert out.shape == want.shape
+        assert float((out - want).abs().max() / want.abs().max()) < 0.02
+    timing.forget()
+
+
+def test_gelu_and_residual_are_applied_as_the_outputs_are_written():
+    """The fused epilogue equals the unfused layer followed by GPT-2's GELU (transformers' own
+    function) and the residual add, to fp32 rounding, for full and partial column blocks."""
+    from transformers.activations import NewGELUActivation
+
+    torch.manual_seed(2)
+    w = torch.randint(-127, 128, (40, 128), dtype=torch.int8)  # 2 blocks of 16 columns and one of 8
+    x, w_scale, bias = torch.randn(7, 128), torch.rand(40) / 50, torch.randn(40)
+    residual = torch.randn(7, 40)
+    p = packed(w)
+    plain = ops.int8_linear(x, p, w_scale, bias, 40)
+    assert plain.abs().max() > 3  # the GELU's curved part and both tails are exercised
+    torch.testing.assert_close(ops.int8_linear(x, p, w_scale, bias, 40, None, True), NewGELUActivation()(plain),
+                               rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(ops.int8_linear(x, p, w_scale, bias, 40, residual, False), plain + residual,
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"residual \[7, 40\]"):
+        ops.int8_linear(x, p, w_scale, bias, 40, residual[:, :39].contiguous(), False)
+
+
+def test_the_twins_offer_the_fusions_only_on_amx(monkeypatch, tmp_path):
+    """GPT-2's decoding pass asks a layer for `fused_add` / `fused_gelu`: the AMX twin has them and
+    they equal the unfused arithmetic; a twin on torch's engines offers none."""
+    from mmcap.generation.gpt2_pass import gelu_tanh
+
+    for engine in (quantize.AMX, quantize._candidate_engines()[0]):
+        monkeypatch.setenv("MMCAP_CACHE_DIR", str(tmp_path / engine))
+        timing.forget()
+        monkeypatch.setattr(quantize.timing, "time_calls",
+                            lambda calls, repeats=5: {e: 1.0 if e == engine else 2.0 for e in calls})
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(64, 48)
+        twin = Int8Linear(layer.weight, layer.bias)
+        assert twin.engine == engine
+        if engine != quantize.AMX:
+            assert twin.fused_add is None and twin.fused_gelu is None
+            continue
+        x, residual = torch.randn(5, 64), torch.randn(5, 48)
+        torch.testing.assert_close(twin.fused_add(x, residual), residual + twin(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(twin.fused_gelu(x), gelu_tanh(twin(x)), rtol=2e-6, atol=2e-6)
+    timing.forget()
