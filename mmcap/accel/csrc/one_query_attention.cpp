@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -138,7 +139,9 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
 
 // Cross-attention: q [N, >= W] fp32 or bf16, `group` consecutive rows (beams) per image; keys transposed
 // KT [B, H, D, MP] and values V [B, H, MP, D] with the image's M positions padded to MP (a
-// multiple of 16). One task per (image, head): its keys are read once for all its beams.
+// multiple of 16). One task per (image, head): its keys and values are read once for all its beams.
+constexpr int64_t kMaxGroup = 4;  // beams whose outputs are summed together (registers: 4 x D / L vectors)
+
 template <int D, typename T, typename Q>
 void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tensor& V, int64_t M,
                        int64_t group, float scale, at::Tensor& out) {
@@ -163,23 +166,33 @@ void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tens
         }
       }
       const T* v = vv + bh * MP * D;
-      for (int64_t g = 0; g < group; ++g) {
-        vf* sg = s.data() + g * C;
-        for (int64_t m = M; m < MP; ++m) sg[m / L][m % L] = -INFINITY;
-        vf mv = sg[0];
-        for (int64_t c = 1; c < C; ++c) mv = sg[c] > mv ? sg[c] : mv;
-        const float mx = hmax(mv);
-        vf sv = (vf){};
-        for (int64_t c = 0; c < C; ++c) { sg[c] = vexp((sg[c] - mx) * scale); sv += sg[c]; }
-        const float inv = 1.f / hsum(sv);
-        vf o[DC] = {};
-        for (int64_t m = 0; m < M; ++m) {
-          const float w = sg[m / L][m % L] * inv;
-          const T* vm = v + m * D;
-          for (int c = 0; c < DC; ++c) o[c] += w * load(vm + L * c);
+      float inv[kMaxGroup];
+      for (int64_t g0 = 0; g0 < group; g0 += kMaxGroup) {  // up to kMaxGroup beams read each value row once
+        const int64_t gn = std::min<int64_t>(kMaxGroup, group - g0);
+        for (int64_t gi = 0; gi < gn; ++gi) {
+          vf* sg = s.data() + (g0 + gi) * C;
+          for (int64_t m = M; m < MP; ++m) sg[m / L][m % L] = -INFINITY;
+          vf mv = sg[0];
+          for (int64_t c = 1; c < C; ++c) mv = sg[c] > mv ? sg[c] : mv;
+          const float mx = hmax(mv);
+          vf sv = (vf){};
+          for (int64_t c = 0; c < C; ++c) { sg[c] = vexp((sg[c] - mx) * scale); sv += sg[c]; }
+          inv[gi] = 1.f / hsum(sv);
         }
-        float* y = op + (b * group + g) * W + h * D;
-        for (int c = 0; c < DC; ++c) store(y + L * c, o[c]);
+        vf o[kMaxGroup][DC] = {};
+        for (int64_t m = 0; m < M; ++m) {
+          const T* vm = v + m * D;
+          vf row[DC];
+          for (int c = 0; c < DC; ++c) row[c] = load(vm + L * c);
+          for (int64_t gi = 0; gi < gn; ++gi) {
+            const float w = s[(g0 + gi) * C + m / L][m % L] * inv[gi];
+            for (int c = 0; c < DC; ++c) o[gi][c] += w * row[c];
+          }
+        }
+        for (int64_t gi = 0; gi < gn; ++gi) {
+          float* y = op + (b * group + g0 + gi) * W + h * D;
+          for (int c = 0; c < DC; ++c) store(y + L * c, o[gi][c]);
+        }
       }
     }
   });
