@@ -93,20 +93,23 @@ class Int8Linear(nn.Module):
         self.engine, self._packed = _prepack(qweight, scales, self.bias)
         # the plain int8 weight only where the engine's packed copy is missing: one copy in memory
         self.qweight, self.scales = (None, None) if self._packed is not None else (qweight, scales)
-        if self.engine != AMX:  # what follows the layer fused into its outputs: mmcap's kernel only
-            self.fused_add = self.fused_gelu = None
+        if self.engine != AMX:  # the LayerNorm before the layer, what follows it: mmcap's kernel only
+            self.fused = None
 
-    def fused_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + self(x), added as the outputs are written (no pass of its own)."""
-        return self._fused(x, residual.reshape(-1, self.out_features).float().contiguous(), False)
-
-    def fused_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """GPT-2's tanh GELU of self(x), applied as the outputs are written."""
-        return self._fused(x, None, True)
-
-    def _fused(self, x: torch.Tensor, residual: Optional[torch.Tensor], gelu: bool) -> torch.Tensor:
-        shape = x.shape
-        y = self._packed(x.reshape(-1, shape[-1]).float(), residual, gelu)
+    def fused(self, h: torch.Tensor, norm: Optional[nn.Module] = None, gelu: bool = False,
+              residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """residual + gelu(self(norm(h))), each part where given, in one call: the rows LayerNorm-ed
+        as they are quantized, GPT-2's tanh GELU and the residual added as the outputs are written."""
+        shape = h.shape
+        h = h.reshape(-1, shape[-1]).float()
+        if norm is not None and not isinstance(norm, nn.LayerNorm):  # another norm: torch's, then the kernel
+            h, norm = norm(h).float(), None
+        if residual is not None:
+            residual = residual.reshape(-1, self.out_features).float().contiguous()
+        if norm is None:
+            y = self._packed(h, residual, gelu)
+        else:
+            y = self._packed(h, residual, gelu, norm.weight.detach(), norm.bias.detach(), norm.eps)
         return y.reshape(*shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +163,7 @@ def _kernel(engine: str, qweight: torch.Tensor, scales: torch.Tensor,
     if engine == AMX:  # mmcap's own (`csrc/int8_matmul.cpp`): the same rounding of the weight, x per row
         ops, n = kernels.kernels(), qweight.shape[0]
         packed, scales = ops.int8_pack(qweight), scales.float().contiguous()
-        return lambda x, residual=None, gelu=False: ops.int8_linear(x, packed, scales, bias, n, residual, gelu)
+        return lambda x, residual=None, gelu=False, *norm: ops.int8_linear(x, packed, scales, bias, n, residual, gelu, *norm)
     packed = _pack(engine, qweight, scales, bias)
     return lambda x: _linear_dynamic(x, packed, True)
 

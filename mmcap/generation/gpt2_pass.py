@@ -1,12 +1,13 @@
 """GPT-2's lean decoding pass: the same modules and weights as its transformers forward, fewer
 kernels per token, and attention kept by an attention state (`mmcap.generation.attention`): the
 image's keys and values once per image (the beams of an image attend to them together, never
-copied). A linear layer that offers `fused_add(h, residual)` or `fused_gelu(h)` (the inference
-plan's twins may) does the residual add or the GELU that follows it in the same pass. In fp32 with torch's attention it computes exactly the transformers forward's numbers."""
+copied). A linear layer that offers `fused(h, norm, gelu, residual)` (the inference plan's twins
+may) does the LayerNorm before it, and the GELU and residual add after it, in the same call. In fp32 with torch's attention it computes exactly the transformers forward's numbers."""
 from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 from transformers import GPT2LMHeadModel
@@ -49,7 +50,7 @@ class GPT2Decoding:
             raise ValueError(f"cannot decode past the {self.max_len} positions this pass was made for")
         while self.t < seqs.shape[1]:  # the first call feeds BOS and the prompt, one position at a time
             x = self._step(seqs[:, self.t])
-        return self.model.lm_head(self.body.ln_f(x)).float(), None
+        return linear(self.model.lm_head, x, norm=self.body.ln_f).float(), None
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         """The last hidden state [N, width] of `tokens` [N] at position `self.t`, cached."""
@@ -58,11 +59,12 @@ class GPT2Decoding:
         att.begin(self.t, tokens.shape[0])
         for i, block in enumerate(body.h):
             attn, cross, mlp = block.attn, block.crossattention, block.mlp
-            x = plus(attn.c_proj, att.self_attention(i, attn.c_attn(block.ln_1(x)), attn.scaling), x)
-            x = plus(cross.c_proj, att.cross_attention(i, cross.q_attn(block.ln_cross_attn(x)), cross.scaling), x)
+            qkv = linear(attn.c_attn, x, norm=block.ln_1)
+            x = linear(attn.c_proj, att.self_attention(i, qkv, attn.scaling), residual=x)
+            q = linear(cross.q_attn, x, norm=block.ln_cross_attn)
+            x = linear(cross.c_proj, att.cross_attention(i, q, cross.scaling), residual=x)
             if self.fused_gelu:
-                fc = getattr(mlp.c_fc, "fused_gelu", None)
-                x = plus(mlp.c_proj, fc(block.ln_2(x)) if fc is not None else gelu_tanh(mlp.c_fc(block.ln_2(x))), x)
+                x = linear(mlp.c_proj, linear(mlp.c_fc, x, norm=block.ln_2, gelu=True), residual=x)
             else:
                 x = x + mlp(block.ln_2(x))
         self.t += 1
@@ -80,11 +82,17 @@ class GPT2Decoding:
         self.attention.keep(images)
 
 
-def plus(layer, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + layer(h): in one pass where the layer adds as it writes its outputs (a linear
-    layer of an inference plan that offers `fused_add`), else as transformers computes it."""
-    fused = getattr(layer, "fused_add", None)
-    return fused(h, residual) if fused is not None else residual + layer(h)
+def linear(layer, h: torch.Tensor, norm=None, gelu: bool = False, residual: Optional[torch.Tensor] = None):
+    """residual + gelu(layer(norm(h))), each part where given: in one call where the layer does the
+    parts itself (a linear layer of an inference plan that offers `fused`), else one after another
+    as transformers computes them."""
+    fused = getattr(layer, "fused", None)
+    if fused is not None:
+        return fused(h, norm=norm, gelu=gelu, residual=residual)
+    y = layer(norm(h) if norm is not None else h)
+    if gelu:
+        y = gelu_tanh(y)
+    return y if residual is None else residual + y
 
 
 _GELU_C1 = 2 * math.sqrt(2 / math.pi)  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)

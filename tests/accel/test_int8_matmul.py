@@ -92,24 +92,46 @@ def test_gelu_and_residual_are_applied_as_the_outputs_are_written():
         ops.int8_linear(x, p, w_scale, bias, 40, residual[:, :39].contiguous(), False)
 
 
-def test_the_twins_offer_the_fusions_only_on_amx(monkeypatch, tmp_path):
-    """GPT-2's decoding pass asks a layer for `fused_add` / `fused_gelu`: the AMX twin has them and
-    they equal the unfused arithmetic; a twin on torch's engines offers none."""
-    from mmcap.generation.gpt2_pass import gelu_tanh
+def test_rows_are_layer_normed_as_they_are_quantized():
+    """With a LayerNorm's weight and bias the kernel normalises each row first: the same as
+    torch's LayerNorm followed by the kernel, within fp32 rounding of the normalised row."""
+    torch.manual_seed(3)
+    ln = torch.nn.LayerNorm(200, eps=1e-5)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.2, 0.2)
+    w = torch.randint(-127, 128, (24, 200), dtype=torch.int8)
+    x, w_scale = torch.randn(6, 200) * 4 + 3, torch.rand(24) / 50
+    p = packed(w)
+    got = ops.int8_linear(x, p, w_scale, None, 24, None, False, ln.weight.detach(), ln.bias.detach(), 1e-5)
+    want = ops.int8_linear(ln(x).detach(), p, w_scale, None, 24)
+    # a normalised value that lands near a rounding boundary may quantize one step apart
+    assert float((got - want).abs().max()) <= 2 * float((w.abs().amax() * w_scale).max()) * 3 / 127
+    assert float((got - want).abs().mean()) < 1e-3 * float(want.abs().mean())
+    with pytest.raises(RuntimeError, match="LayerNorm weight and bias of 200"):
+        ops.int8_linear(x, p, w_scale, None, 24, None, False, torch.ones(199), torch.zeros(199), 1e-5)
 
+
+def test_gpt2_decoding_asks_the_twins_to_fuse_only_on_amx(monkeypatch, tmp_path):
+    """GPT-2's decoding pass hands a layer its LayerNorm, GELU and residual (`linear`): the AMX twin
+    does them in its call and matches doing them one after another; a twin on torch's engines
+    offers no `fused`, and `linear` then does them one after another."""
+    from mmcap.generation.gpt2_pass import gelu_tanh, linear
+
+    torch.manual_seed(0)
+    layer, ln = torch.nn.Linear(64, 48), torch.nn.LayerNorm(64)
+    h, residual = torch.randn(5, 64) * 3, torch.randn(5, 48)
     for engine in (quantize.AMX, quantize._candidate_engines()[0]):
         monkeypatch.setenv("MMCAP_CACHE_DIR", str(tmp_path / engine))
         timing.forget()
         monkeypatch.setattr(quantize.timing, "time_calls",
                             lambda calls, repeats=5: {e: 1.0 if e == engine else 2.0 for e in calls})
-        torch.manual_seed(0)
-        layer = torch.nn.Linear(64, 48)
         twin = Int8Linear(layer.weight, layer.bias)
-        assert twin.engine == engine
-        if engine != quantize.AMX:
-            assert twin.fused_add is None and twin.fused_gelu is None
-            continue
-        x, residual = torch.randn(5, 64), torch.randn(5, 48)
-        torch.testing.assert_close(twin.fused_add(x, residual), residual + twin(x), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(twin.fused_gelu(x), gelu_tanh(twin(x)), rtol=2e-6, atol=2e-6)
+        assert twin.engine == engine and (twin.fused is None) == (engine != quantize.AMX)
+        with torch.no_grad():
+            steps = residual + gelu_tanh(twin(ln(h)))
+            got = linear(twin, h, norm=ln, gelu=True, residual=residual)
+            assert got.shape == (5, 48)
+            torch.testing.assert_close(got, steps, rtol=0.02, atol=0.02 * float(steps.abs().max()))
+            torch.testing.assert_close(linear(twin, h, residual=residual), residual + twin(h), rtol=1e-6, atol=1e-6)
     timing.forget()

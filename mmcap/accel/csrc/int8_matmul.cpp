@@ -45,6 +45,40 @@ bool amx_ready() {
 }
 
 
+// y = (x - mean) / sqrt(var + eps) * g + b over the row (LayerNorm, biased variance, two passes)
+inline void normalize_row(const float* x, int64_t k, const float* g, const float* b, float eps, float* y) {
+  float sum = 0.f, sq = 0.f;
+  int64_t j = 0;
+#ifdef MMCAP_AMX
+  __m512 vs = _mm512_setzero_ps();
+  for (; j + 16 <= k; j += 16) vs = _mm512_add_ps(vs, _mm512_loadu_ps(x + j));
+  sum = _mm512_reduce_add_ps(vs);
+#endif
+  for (; j < k; ++j) sum += x[j];
+  const float mean = sum / static_cast<float>(k);
+  j = 0;
+#ifdef MMCAP_AMX
+  const __m512 vm = _mm512_set1_ps(mean);
+  __m512 vq = _mm512_setzero_ps();
+  for (; j + 16 <= k; j += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + j), vm);
+    vq = _mm512_fmadd_ps(d, d, vq);
+  }
+  sq = _mm512_reduce_add_ps(vq);
+#endif
+  for (; j < k; ++j) sq += (x[j] - mean) * (x[j] - mean);
+  const float r = 1.f / std::sqrt(sq / static_cast<float>(k) + eps);
+  j = 0;
+#ifdef MMCAP_AMX
+  const __m512 vr = _mm512_set1_ps(r);
+  for (; j + 16 <= k; j += 16) {
+    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm), vr);
+    _mm512_storeu_ps(y + j, _mm512_fmadd_ps(d, _mm512_loadu_ps(g + j), _mm512_loadu_ps(b + j)));
+  }
+#endif
+  for (; j < k; ++j) y[j] = (x[j] - mean) * r * g[j] + b[j];
+}
+
 // q = round(x * 127 / max|x|) (half to even) into `q`; returns the row's scale max|x| / 127
 inline float quantize_row(const float* x, int64_t k, int8_t* q) {
   float amax = 0.f;
@@ -55,7 +89,10 @@ inline float quantize_row(const float* x, int64_t k, int8_t* q) {
   amax = _mm512_reduce_max_ps(vmax);
 #endif
   for (; j < k; ++j) amax = std::max(amax, std::fabs(x[j]));
-  if (!(amax > 0.f)) return 1.f;  // an all-zero row: its zeros stay zeros
+  if (!(amax > 0.f)) {  // an all-zero row: its zeros stay zeros
+    std::memset(q, 0, k);
+    return 1.f;
+  }
   const float inv = 127.f / amax;
   j = 0;
 #ifdef MMCAP_AMX
@@ -150,12 +187,14 @@ at::Tensor int8_pack(at::Tensor w) {
   return out;
 }
 
-// x [M, K] float -> y [M, N] float: x quantized per row (symmetric, round half to even), int8
+// x [M, K] float -> y [M, N] float: x LayerNorm-ed per row where `norm_weight` is given, then
+// quantized per row (symmetric, round half to even), int8
 // products summed in int32 on AMX, then y = sum * x_scale[m] * w_scale[n] + bias[n], then GPT-2's
 // GELU of y where `gelu`, then y + residual[m, n] where given: a decoding step's layer and what
 // follows it in one pass over the outputs
 at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10::optional<at::Tensor> bias,
-                       int64_t n, c10::optional<at::Tensor> residual, bool gelu) {
+                       int64_t n, c10::optional<at::Tensor> residual, bool gelu, c10::optional<at::Tensor> norm_weight,
+                       c10::optional<at::Tensor> norm_bias, double eps) {
   TORCH_CHECK(amx_ready(), "int8_linear: AMX is not available on this CPU");
   TORCH_CHECK(x.dim() == 2, "int8_linear: want x [rows, in]");
   x = x.to(at::kFloat).contiguous();
@@ -170,6 +209,11 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
   TORCH_CHECK(!has_residual || (residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
               residual->dim() == 2 && residual->size(0) == m && residual->size(1) == n),
               "int8_linear: want a contiguous fp32 residual [", m, ", ", n, "]");
+  const bool norm = norm_weight.has_value() && norm_weight->defined();
+  TORCH_CHECK(!norm || (norm_bias.has_value() && norm_bias->defined() && norm_weight->scalar_type() == at::kFloat &&
+              norm_bias->scalar_type() == at::kFloat && norm_weight->is_contiguous() && norm_bias->is_contiguous() &&
+              norm_weight->numel() == k && norm_bias->numel() == k),
+              "int8_linear: want an fp32 LayerNorm weight and bias of ", k);
   auto out = at::empty({m, n}, x.options());
   if (m == 0) return out;
   const int64_t mp = (m + kRows - 1) / kRows * kRows;
@@ -181,9 +225,17 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
   sbuf.resize(m);
   int8_t* qp = qbuf.data();
   float* sp = sbuf.data();
+  thread_local std::vector<float> nbuf;
+  nbuf.resize(norm ? k : 0);
   const float* xp = x.data_ptr<float>();
   for (int64_t r = 0; r < m; ++r) {
-    sp[r] = quantize_row(xp + r * k, k, qp + r * kp);
+    const float* row = xp + r * k;
+    if (norm) {
+      normalize_row(row, k, norm_weight->data_ptr<float>(), norm_bias->data_ptr<float>(), static_cast<float>(eps),
+                    nbuf.data());
+      row = nbuf.data();
+    }
+    sp[r] = quantize_row(row, k, qp + r * kp);
     std::memset(qp + r * kp + k, 0, kp - k);
   }
   std::memset(qp + m * kp, 0, (mp - m) * kp);
@@ -233,5 +285,5 @@ TORCH_LIBRARY_FRAGMENT(mmcap, m) {
   m.def("amx_int8() -> bool", &amx_int8);
   m.def("int8_pack(Tensor w) -> Tensor", &int8_pack);
   m.def("int8_linear(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int n, Tensor? residual=None, "
-        "bool gelu=False) -> Tensor", &int8_linear);
+        "bool gelu=False, Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=1e-5) -> Tensor", &int8_linear);
 }
