@@ -29,6 +29,7 @@ constexpr int64_t kRows = 16;   // rows of a tile (activations, outputs); K / 4 
 constexpr int64_t kCols = 16;   // output columns of a tile
 constexpr int64_t kDepth = 64;  // int8 products summed per tile row
 constexpr int64_t kTile = kRows * kDepth;  // bytes in a tile
+constexpr int64_t kPanel = 8;  // column blocks whose weights stay in cache while all row groups pass
 
 bool amx_ready() {
 #ifdef MMCAP_AMX
@@ -253,10 +254,15 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
     }
     _tile_loadconfig(&cfg);
     alignas(64) int32_t sums[3 * kRows * kCols];
-    for (int64_t b = b0; b < b1; ++b) {
+    // a decoding step (up to 48 rows) streams each weight block once; more rows (an image's keys
+    // and values, say) go through panels of kPanel column blocks, whose weights stay in cache while
+    // every group of 48 rows passes, instead of every row passing from L2 per column block
+    for (int64_t p0 = b0; p0 < b1; p0 += kPanel)
+    for (int64_t r0 = 0; r0 < mp; r0 += 3 * kRows)
+    for (int64_t b = p0; b < std::min(b1, p0 + kPanel); ++b) {
       const int8_t* wb = wp + b * kb * kTile;
       const int64_t c0 = b * kCols, cols = std::min(kCols, n - c0);
-      for (int64_t r0 = 0; r0 < mp; r0 += 3 * kRows) {
+      {
         const int blocks = static_cast<int>(std::min<int64_t>(3, (mp - r0) / kRows));
         const int8_t* a = qp + r0 * kp;
         if (blocks == 3) tile_sums<3>(a, kp, wb, kb, sums);
