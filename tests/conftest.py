@@ -69,6 +69,21 @@ def peaky_gpt2():
 
 
 @pytest.fixture
+def wordy(tiny_gpt2, image_files):
+    """tiny_gpt2 after a few steps on the four images, so that it says words (untrained, it repeats BOS)."""
+    torch.manual_seed(0)
+    pixels, _ = tiny_gpt2.preprocess([str(p) for p in image_files])
+    tokens = tiny_gpt2.tokenizer(CAPTIONS, 16)
+    optimizer = torch.optim.AdamW(tiny_gpt2.parameters(), lr=3e-3)
+    tiny_gpt2.train()
+    for _ in range(10):
+        tiny_gpt2(pixels, tokens["input_ids"], tokens["attention_mask"]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return tiny_gpt2.eval()
+
+
+@pytest.fixture
 def tiny_bert():
     from mmcap import Captioner
 

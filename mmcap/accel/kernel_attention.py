@@ -16,7 +16,7 @@ import torch
 
 from mmcap.accel import kernels as compiled
 from mmcap.accel import timing
-from mmcap.generation.attention import AttentionState, ImageKV, TorchAttention
+from mmcap.generation.attention import AttentionBackend, AttentionState, ImageKV, TorchAttention
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class KernelAttention(AttentionState):
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.anc: Optional[torch.Tensor] = None  # [rows, max_len] cache rows
+        self.lens: Optional[torch.Tensor] = None  # [rows] positions per row, where rows differ (`begin_rows`)
         for k, v in image_kv:  # keys [B, heads, head_dim, MP] (transposed), values [B, heads, MP, head_dim]
             b, m, w = k.shape
             self.positions, padded = m, -(-m // 16) * 16  # whole vectors of positions, whatever their width
@@ -50,22 +51,44 @@ class KernelAttention(AttentionState):
             self.cross.append((keys, values))
 
     def begin(self, t: int, n: int) -> None:
+        self._caches(n)
+        self.t, self.lens = t, None
+        self.anc[:, t] = self.own[:n]  # each row writes its new key and value at its own cache row
+
+    def begin_rows(self, positions: torch.Tensor) -> None:
+        """A step where row r writes position `positions[r]` (rows of a refilled slot start again at 0)."""
+        n = len(positions)
+        self._caches(n)
+        self.anc[self.own[:n], positions] = self.own[:n]
+        self.lens = positions + 1
+
+    def admit(self, slot: int, image_kv: ImageKV) -> None:
+        """Image `slot`'s keys and values from now on (`image_kv`: per layer, [1, M, width] each)."""
+        for (keys, values), (k, v) in zip(self.cross, image_kv):
+            m = k.shape[1]
+            keys[slot, ..., :m] = k[0].view(m, self.heads, -1).permute(1, 2, 0)
+            values[slot, :, :m] = v[0].view(m, self.heads, -1).transpose(0, 1)
+
+    def _caches(self, n: int) -> None:
         if self.anc is None:  # the first step: caches for its rows
             shape = (n, self.heads, self.max_len, self.cross[0][1].shape[-1])
             self.k = [torch.empty(shape, dtype=self.dtype) for _ in self.cross]
             self.v = [torch.empty(shape, dtype=self.dtype) for _ in self.cross]
             self.anc = torch.empty(n, self.max_len, dtype=torch.long)
             self.own = torch.arange(n)
-        self.t = t
-        self.anc[:, t] = self.own[:n]  # each row writes its new key and value at its own cache row
 
     def self_attention(self, i: int, qkv: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.lens is not None:
+            return self.kernels.self_attend_rows(qkv, self.k[i], self.v[i], self.anc, self.lens, scale)
         return self.kernels.self_attend(qkv, self.k[i], self.v[i], self.anc, self.t + 1, scale)
 
     def cross_attention(self, i: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         return self.kernels.cross_attend(q, *self.cross[i], self.positions, self.group, scale)
 
     def expand(self, k: int) -> None:
+        if self.anc is None:  # before the first step (slot refill): the caches are made for k rows per image
+            self.group *= k
+            return
         # room for every beam's row; the positions filled so far stay in their rows, which the k
         # beams of a row all read through `anc` (nothing is copied per beam)
         n, filled = len(self.anc), self.t + 1
@@ -103,6 +126,14 @@ class RacedAttention:
 
     def __repr__(self) -> str:
         return f"RacedAttention({self.dtype})"
+
+
+def refill_attention(heads: int, head_dim: int, dtype: torch.dtype) -> Optional[AttentionBackend]:
+    """The attention backend of slot refill (`mmcap.generation.refill`), whose rows sit at different
+    positions: the kernels, caches in `dtype`; None where they do not build here or for this head size."""
+    if head_dim not in compiled.HEAD_DIMS or compiled.kernels() is None:
+        return None
+    return lambda image_kv, heads, max_len, autocast=False: KernelAttention(heads, image_kv, dtype, max_len)
 
 
 @functools.lru_cache(maxsize=None)

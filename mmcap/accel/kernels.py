@@ -94,7 +94,8 @@ def kernels():
         if fresh:
             log.info("mmcap: attention kernels built in %.1f s", time.perf_counter() - start)
         ops = torch.ops.mmcap  # the overloads themselves: no lookup per call
-        _LOADED["ops"] = SimpleNamespace(self_attend=ops.self_attend.default, cross_attend=ops.cross_attend.default,
+        _LOADED["ops"] = SimpleNamespace(self_attend=ops.self_attend.default, self_attend_rows=ops.self_attend_rows.default,
+                                         cross_attend=ops.cross_attend.default,
                                          amx_int8=ops.amx_int8.default, int8_pack=ops.int8_pack.default,
                                          int8_linear=ops.int8_linear.default)
         return _LOADED["ops"]

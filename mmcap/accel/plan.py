@@ -16,7 +16,7 @@ import contextlib
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -24,9 +24,10 @@ from torch import nn
 from mmcap.accel.allocator import keep_freed_memory
 from mmcap.accel.encoder_race import fastest_encoder
 from mmcap.accel.folding import folded_encoder
-from mmcap.accel.kernel_attention import RacedAttention
+from mmcap.accel.kernel_attention import RacedAttention, refill_attention
 from mmcap.accel.precision import PRECISIONS, bf16_is_fast, check_precision
 from mmcap.accel.quantize import int8_available, int8_linears
+from mmcap.generation.attention import AttentionBackend
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,13 @@ class InferencePlan:
     def attention(self) -> RacedAttention:
         """The attention backend for GPT-2's lean pass: int8 keeps its caches in the compute dtype."""
         return RacedAttention(self.dtype if self.int8_decoder else None)
+
+    def refill_attention(self, heads: int, head_dim: int) -> Optional[AttentionBackend]:
+        """The attention backend for slot refill (rows at their own positions: mmcap's kernels, the
+        caches in the dtype `attention` would use, fp32 in fp32), or None where the kernels cannot run."""
+        if self.device.type != "cpu":
+            return None
+        return refill_attention(heads, head_dim, self.dtype if (self.int8_decoder or not self.exact) else torch.float32)
 
     def prepare(self) -> None:
         """Process-wide settings the plan asks for (once per process)."""

@@ -7,10 +7,17 @@ result is a dict: `image` (the path, or a shard sample's key), `caption` and `lo
 `shard` for shard samples; an unusable image gives `error` (a reason such as `unreadable_image`)
 and `detail` instead of a caption. Files come out in the order given; shard samples in shard
 order, shards of different workers interleaved by batch.
+
+Beam search over a stream refills slots (`mmcap.generation.refill`): as an image's caption
+finishes, its beams' rows take the next image instead of idling until the batch's longest
+caption ends. Results still come out batch by batch, in order. It applies where the decoder is
+GPT-2 with its own cross-attention, mmcap's C++ kernels run on this CPU (`InferencePlan.
+refill_attention`) and the options allow it (`refill.supports`: beams, no sampling, no banned
+n-grams, no prompt); elsewhere, or with `refill=False`, batches decode one at a time.
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -36,14 +43,18 @@ class CaptionStream:
     `done` lists results to skip (`result_id`s of an earlier run; `(shard, None)` skips a shard).
     `keep_members` adds each shard sample's raw members (`members`: {extension: bytes}) to its result.
     `prompt`: text every caption continues, as in `Captioner.caption`.
+    `refill`: refill the slots of finished images (module docstring) where it applies; `refilling`
+    says whether this stream does.
     """
 
     def __init__(self, model, inputs: Union[str, Sequence[str], Inputs], *, batch_size: int = 16,
                  num_workers: int = 2, precision: Union[str, InferencePlan] = "fp32", done: Iterable[ResultId] = (),
-                 keep_members: bool = False, prompt: Optional[str] = None, **generation_kwargs):
-        self.model, self.num_workers, self.prompt = model, num_workers, prompt
+                 keep_members: bool = False, prompt: Optional[str] = None, refill: bool = True,
+                 **generation_kwargs):
+        self.model, self.num_workers, self.prompt, self.batch_size = model, num_workers, prompt, batch_size
         self.options = model.generation_options(**generation_kwargs).to_dict()
         self.plan = as_plan(precision, model.device)  # resolved once for the whole stream
+        self.refill_attention = self._refill_attention() if refill else None
         planned = inputs if isinstance(inputs, Inputs) else plan_inputs(inputs)
         done = set(done)
         self.stream = ImageStream(planned.files, planned.shards, image_size=model.config.image_size,
@@ -66,7 +77,28 @@ class CaptionStream:
         finally:
             model.train(was_training)
 
+    @property
+    def refilling(self) -> bool:
+        return self.refill_attention is not None
+
+    def _refill_attention(self):
+        """The attention backend slot refill decodes with, or None where it does not apply."""
+        from mmcap.generation import refill
+        from mmcap.generation.gpt2_pass import GPT2Decoding
+
+        model, decoder = self.model, self.model.decoder
+        fusion = getattr(model, "fusion", None)
+        cfg = model.generation_options(**self.options)
+        if not (refill.supports(cfg, self.prompt) and GPT2Decoding.supports(decoder, False)
+                and (fusion is None or fusion.own_cross_attention)):
+            return None
+        heads = decoder.config.num_attention_heads
+        return self.plan.refill_attention(heads, decoder.config.hidden_size // heads)
+
     def _result_batches(self) -> Iterator[ResultBatch]:
+        if self.refilling:
+            yield from self._refilled_batches()
+            return
         for batch in image_loader(self.stream, self.num_workers):
             self.shard_errors.update(batch["skipped"])
             records = self._caption(batch) + batch["errors"]
@@ -81,6 +113,54 @@ class CaptionStream:
         out = self.model.generate(batch["pixels"].to(self.model.device), precision=self.plan, prompt=self.prompt,
                                   **self.options)
         return caption_records(self.model.tokenizer, out, batch["keys"], batch["shards"])
+
+
+    @torch.no_grad()
+    def _refilled_batches(self) -> Iterator[ResultBatch]:
+        """The loader's batches, decoded with slot refill; each batch's results once all its images are done."""
+        from mmcap.generation.gpt2_pass import GPT2Decoding
+        from mmcap.generation.refill import refill_beam_search
+
+        model, plan, tok = self.model, self.plan, self.model.tokenizer
+        cfg = model.generation_options(**self.options)
+        pending: deque = deque()  # [batch, its records so far, images left], in loader order
+
+        def images():
+            for batch in image_loader(self.stream, self.num_workers):
+                self.shard_errors.update(batch["skipped"])
+                entry = [batch, [None] * len(batch["keys"]), len(batch["keys"])]
+                pending.append(entry)
+                if not batch["keys"]:
+                    continue
+                with plan.computing():  # the encoder as `generate` runs it (the decoder's context turns autocast off)
+                    memory = model.project(plan.encode(model.encoder, batch.pop("pixels").to(model.device)))
+                memory = memory.float() if plan.int8_decoder else memory
+                for i in range(len(batch["keys"])):
+                    yield (entry, i), memory[i]
+
+        def make_pass(memory):
+            return GPT2Decoding(model.decoder, memory, max_len=1 + cfg.max_new_tokens, attention=self.refill_attention)
+
+        with plan.computing(), plan.decoding(model.decoder, torch.empty(0)):
+            for (entry, i), tokens, log_prob in refill_beam_search(make_pass, images(), self.batch_size, tok.bos_id,
+                                                                   tok.eos_id, tok.pad_id, cfg):
+                batch = entry[0]
+                record = {"image": batch["keys"][i], "caption": tok.decode(tokens), "log_prob": log_prob}
+                if batch["shards"][i] is not None:
+                    record["shard"] = batch["shards"][i]
+                entry[1][i], entry[2] = record, entry[2] - 1
+                yield from _completed(pending)
+        yield from _completed(pending)
+
+
+def _completed(pending: deque) -> Iterator[ResultBatch]:
+    """The batches at the head of `pending` whose every image is done, in order."""
+    while pending and pending[0][2] == 0:
+        batch, records, _ = pending.popleft()
+        out = records + batch["errors"]
+        for record, members in zip(out, batch.get("members", ())):
+            record["members"] = members
+        yield ResultBatch(out, batch["finished_shards"])
 
 
 def caption_records(tokenizer, out, keys: Sequence[str], shards: Sequence[Optional[str]]) -> list[dict]:

@@ -156,7 +156,7 @@ class Finished(_Rows):
                    torch.ones(b, 1, dtype=torch.bool, device=dev),
                    torch.zeros_like(running.att) if running.att is not None else None)
 
-    def add(self, cand: Candidates, step: int, cfg: GenerationConfig) -> None:
+    def add(self, cand: Candidates, step, cfg: GenerationConfig) -> None:
         """Merge the candidates ranked in the first k that just finished, at new-token count step + 1."""
         k = self.scores.shape[1]
         just = cand.hits & (torch.arange(cand.hits.shape[1], device=cand.hits.device) < k)[None, :]
@@ -167,13 +167,13 @@ class Finished(_Rows):
         self.seqs = gather(torch.cat([self.seqs, cand.seqs], 1), best)
         self.scores = gather(torch.cat([self.scores, ranked], 1), best)
         self.logp = gather(torch.cat([self.logp, cand.logp], 1), best)
-        new_lengths = torch.full_like(cand.beam, step + 1)
+        new_lengths = torch.zeros_like(cand.beam) + (step + 1)  # `step`: an int, or [b, 1] per image (refill)
         self.lengths = gather(torch.cat([self.lengths, new_lengths], 1), best)
         self.is_fin = gather(torch.cat([self.is_fin, just], 1), best)
         if self.att is not None:
             self.att = gather(torch.cat([self.att, cand.att], 1), best)
 
-    def update_improvable(self, running: Running, new_tokens: int, cfg: GenerationConfig) -> None:
+    def update_improvable(self, running: Running, new_tokens, cfg: GenerationConfig) -> None:
         """Whether a running beam can still beat the worst finished hypothesis (transformers' heuristic)."""
         if cfg.early_stopping == "never" and cfg.length_penalty > 0:
             best_len = cfg.max_new_tokens

@@ -54,9 +54,27 @@ class GPT2Decoding:
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         """The last hidden state [N, width] of `tokens` [N] at position `self.t`, cached."""
+        x = self.body.wte(tokens) + self.body.wpe.weight[self.t]
+        self.attention.begin(self.t, tokens.shape[0])
+        x = self._layers(x)
+        self.t += 1
+        return x
+
+    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [N, V] (fp32) of the token after `tokens` [N], row r's at position `positions[r]`
+        (slot refill: rows of different images at different positions). Needs an attention state
+        with `begin_rows` (mmcap's kernels)."""
+        x = self.body.wte(tokens) + self.body.wpe(positions)
+        self.attention.begin_rows(positions)
+        return linear(self.model.lm_head, self._layers(x), norm=self.body.ln_f).float()
+
+    def admit(self, slot: int, memory: torch.Tensor) -> None:
+        """Image tokens `memory` [1, M, D] decode in image slot `slot` from now on (slot refill)."""
+        width = self.model.config.hidden_size
+        self.attention.admit(slot, [block.crossattention.c_attn(memory).split(width, dim=2) for block in self.body.h])
+
+    def _layers(self, x: torch.Tensor) -> torch.Tensor:
         body, att = self.body, self.attention
-        x = body.wte(tokens) + body.wpe.weight[self.t]
-        att.begin(self.t, tokens.shape[0])
         for i, block in enumerate(body.h):
             attn, cross, mlp = block.attn, block.crossattention, block.mlp
             qkv = linear(attn.c_attn, x, norm=block.ln_1)
@@ -67,7 +85,6 @@ class GPT2Decoding:
                 x = linear(mlp.c_proj, linear(mlp.c_fc, x, norm=block.ln_2, gelu=True), residual=x)
             else:
                 x = x + mlp(block.ln_2(x))
-        self.t += 1
         return x
 
     def expand(self, k: int) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import CAPTIONS, tiny_image_bytes
 
+from mmcap.accel.kernels import kernels
 from mmcap.inference.writers import coco_image_id, output_shard_name
 from mmcap.cli import main as mmcap_main
 from mmcap.data.shards import Sample, update_index, write_shards
@@ -55,21 +56,6 @@ def shards(tmp_path) -> str:
 
 
 @pytest.fixture
-def wordy(tiny_gpt2, image_files):
-    """tiny_gpt2 after a few steps on the four images, so that it says words (untrained, it repeats BOS)."""
-    torch.manual_seed(0)
-    pixels, _ = tiny_gpt2.preprocess([str(p) for p in image_files])
-    tokens = tiny_gpt2.tokenizer(CAPTIONS, 16)
-    optimizer = torch.optim.AdamW(tiny_gpt2.parameters(), lr=3e-3)
-    tiny_gpt2.train()
-    for _ in range(10):
-        tiny_gpt2(pixels, tokens["input_ids"], tokens["attention_mask"]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return tiny_gpt2.eval()
-
-
-@pytest.fixture
 def saved(wordy, tmp_path) -> Path:
     wordy.save_pretrained(tmp_path / "model")
     return tmp_path / "model"
@@ -79,15 +65,23 @@ def good_files(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*.*") if p.suffix in (".jpg", ".png") and p.name != "broken.png")
 
 
-@pytest.mark.parametrize("workers,precision", [(0, "fp32"), (2, "fp32"), (2, "bf16")])
-def test_stream_equals_caption_on_the_same_images(wordy, image_files, workers, precision):
+@pytest.mark.parametrize("workers,precision,refill", [(0, "fp32", False), (0, "fp32", True), (2, "fp32", True),
+                                                    (2, "bf16", True)])
+def test_stream_equals_caption_on_the_same_images(wordy, image_files, workers, precision, refill):
+    """Batch by batch, the very numbers of `caption`; with slot refill (rows at their own positions,
+    in mmcap's kernels) the same captions, log-probs to float rounding."""
     paths = [str(p) for p in image_files]
     kw = dict(batch_size=2, precision=precision, num_beams=2, **KW)
-    results = list(wordy.caption_stream(paths, num_workers=workers, **kw))
+    stream = wordy.caption_stream(paths, num_workers=workers, refill=refill, **kw)
+    assert stream.refilling == (refill and kernels() is not None)
+    results = list(stream)
     assert [r["image"] for r in results] == paths  # files come out in the order given
     captions, scores = wordy.caption(paths, return_scores=True, **kw)
     assert [r["caption"] for r in results] == captions and all(captions)
-    assert [r["log_prob"] for r in results] == scores.tolist()
+    if stream.refilling:
+        torch.testing.assert_close(torch.tensor([r["log_prob"] for r in results]), scores, rtol=1e-5, atol=1e-5)
+    else:
+        assert [r["log_prob"] for r in results] == scores.tolist()
 
 
 def test_stream_reads_folders_and_shards_and_reports_bad_images(wordy, folder, shards):

@@ -90,7 +90,7 @@ inline vf vexp(vf x) {
 // at row n, position len-1 (the caller sets anc[n, len-1] = n).
 template <int D, typename T, typename Q>
 void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const at::Tensor& anc,
-                      int64_t len, float scale, at::Tensor& out) {
+                      int64_t len_all, const int64_t* lens, float scale, at::Tensor& out) {
   constexpr int DC = D / L;
   const int64_t N = qkv.size(0), H = K.size(1), P = K.size(2), W = H * D;
   const Q* base = qkv.data_ptr<Q>();
@@ -100,9 +100,10 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
   float* op = out.data_ptr<float>();
   const int64_t qs = qkv.stride(0), as = anc.stride(0);
   at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(len);
+    std::vector<float> s(P);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
+      const int64_t len = lens ? lens[n] : len_all;
       const Q* q = base + n * qs + h * D;
       T* kd = kp + ((n * H + h) * P + (len - 1)) * D;
       T* vd = vp + ((n * H + h) * P + (len - 1)) * D;
@@ -226,21 +227,41 @@ void dispatch(int64_t D, at::ScalarType caches, at::ScalarType queries, F&& f) {
 
 }  // namespace
 
-at::Tensor self_attend(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tensor anc, int64_t len,
-                          double scale) {
+// `len` positions for every row, or with `lens` [N] int64 each row its own (rows at different
+// positions: a slot refilled with a new image starts again at position 0)
+at::Tensor self_attend_impl_checked(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tensor anc, int64_t len,
+                                    const c10::optional<at::Tensor>& lens, double scale) {
   check_rows(qkv, "qkv");
   TORCH_CHECK(K.is_contiguous() && V.is_contiguous() && K.sizes() == V.sizes() && K.dim() == 4, "K, V: [R, H, P, D]");
   TORCH_CHECK(K.scalar_type() == V.scalar_type(), "K, V: one dtype");
-  TORCH_CHECK(anc.dim() == 2 && anc.stride(1) == 1 && anc.scalar_type() == at::kLong && anc.size(0) == qkv.size(0)
-              && anc.size(1) >= len, "anc: [N, >= len] int64");
-  TORCH_CHECK(len >= 1 && len <= K.size(2) && qkv.size(0) <= K.size(0), "positions or rows beyond the caches");
+  TORCH_CHECK(anc.dim() == 2 && anc.stride(1) == 1 && anc.scalar_type() == at::kLong && anc.size(0) == qkv.size(0),
+              "anc: [N, positions] int64");
+  TORCH_CHECK(qkv.size(0) <= K.size(0), "more rows than the caches");
+  const int64_t* lp = nullptr;
+  if (lens.has_value() && lens->defined()) {
+    TORCH_CHECK(lens->dim() == 1 && lens->is_contiguous() && lens->scalar_type() == at::kLong &&
+                lens->size(0) == qkv.size(0), "lens: [N] int64");
+    lp = lens->data_ptr<int64_t>();
+    const int64_t lo = qkv.size(0) ? lens->min().item<int64_t>() : 1, hi = qkv.size(0) ? lens->max().item<int64_t>() : 1;
+    TORCH_CHECK(lo >= 1 && hi <= K.size(2) && hi <= anc.size(1), "lens: positions beyond the caches");
+  } else {
+    TORCH_CHECK(len >= 1 && len <= K.size(2) && anc.size(1) >= len, "positions beyond the caches");
+  }
   const int64_t D = K.size(3), W = K.size(1) * D;
   TORCH_CHECK(qkv.size(1) >= 3 * W, "qkv: fewer than 3 x heads x head_dim columns");
   auto out = at::empty({qkv.size(0), W}, qkv.options().dtype(at::kFloat));
   dispatch(D, K.scalar_type(), qkv.scalar_type(), [&](auto d, auto t, auto q) {
-    self_attend_impl<decltype(d)::value, decltype(t), decltype(q)>(qkv, K, V, anc, len, static_cast<float>(scale), out);
+    self_attend_impl<decltype(d)::value, decltype(t), decltype(q)>(qkv, K, V, anc, len, lp, static_cast<float>(scale), out);
   });
   return out;
+}
+
+at::Tensor self_attend(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tensor anc, int64_t len, double scale) {
+  return self_attend_impl_checked(qkv, K, V, anc, len, c10::nullopt, scale);
+}
+
+at::Tensor self_attend_rows(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tensor anc, at::Tensor lens, double scale) {
+  return self_attend_impl_checked(qkv, K, V, anc, 0, lens, scale);
 }
 
 at::Tensor cross_attend(at::Tensor q, at::Tensor KT, at::Tensor V, int64_t M, int64_t group,
@@ -264,5 +285,7 @@ at::Tensor cross_attend(at::Tensor q, at::Tensor KT, at::Tensor V, int64_t M, in
 TORCH_LIBRARY(mmcap, m) {
   m.def("self_attend(Tensor qkv, Tensor(a!) K, Tensor(b!) V, Tensor anc, int len, float scale) -> Tensor",
         &self_attend);
+  m.def("self_attend_rows(Tensor qkv, Tensor(a!) K, Tensor(b!) V, Tensor anc, Tensor lens, float scale) -> Tensor",
+        &self_attend_rows);
   m.def("cross_attend(Tensor q, Tensor KT, Tensor V, int M, int group, float scale) -> Tensor", &cross_attend);
 }
