@@ -64,7 +64,7 @@ def refill_beam_search(make_pass: Callable[[torch.Tensor], object], images: Iter
         finished.add(cand, steps[:, None], cfg)
         finished.update_improvable(running, (steps + 1)[:, None], cfg)
         dec.reorder((parent + slot_rows).view(-1))
-        steps += 1
+        steps += active  # an emptied slot stays at BOS (its rows compute, unread, until the last image ends)
         done = active & (~finished.improvable[:, 0] | cand.hits.all(-1) | (steps >= cfg.max_new_tokens)
                          | (finished.is_fin.all(-1) & (cfg.early_stopping is True)))
         for slot in done.nonzero()[:, 0].tolist():
@@ -73,6 +73,8 @@ def refill_beam_search(make_pass: Callable[[torch.Tensor], object], images: Iter
             nxt = next(images, None)
             if nxt is None:
                 active[slot], tags[slot] = False, None
+                _restart(slot, running, finished, bos, pad)
+                steps[slot] = 0
                 continue
             tags[slot] = nxt[0]
             dec.admit(slot, nxt[1][None])

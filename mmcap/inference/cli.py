@@ -47,6 +47,9 @@ def caption_main(argv: list[str]) -> int:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument("--prompt", default=None,
                    help="text every caption continues (e.g. 'a photo of'); the captions written leave it out")
+    p.add_argument("--no-refill", dest="refill", action="store_false",
+                   help="decode batch by batch instead of refilling a finished image's beam rows with the next "
+                        "image (refill: beam search, GPT-2 decoders, where mmcap's kernels run; same captions)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: stream on this machine (default); ray: Ray Data, on a cluster or a local Ray, "
                         "one output file per input in the --output directory (pip install \"mmcap[ray]\")")
@@ -102,7 +105,7 @@ def caption_main(argv: list[str]) -> int:
     done = writer.done if writer else ()
     stream = model.caption_stream(inputs, batch_size=args.batch_size, num_workers=args.num_workers,
                                   precision=args.precision, done=done, keep_members=fmt == "shards",
-                                  prompt=args.prompt, **generation_overrides(args))
+                                  prompt=args.prompt, refill=args.refill, **generation_overrides(args))
     tally = run_stream(stream, writer, fmt)
     return report(tally, stream.shard_errors, writer.earlier if writer else Counter())
 
