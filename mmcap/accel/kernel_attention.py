@@ -44,9 +44,12 @@ class KernelAttention(AttentionState):
         for k, v in image_kv:  # keys [B, heads, head_dim, MP] (transposed), values [B, heads, MP, head_dim]
             b, m, w = k.shape
             self.positions, padded = m, -(-m // 16) * 16  # whole vectors of positions, whatever their width
-            keys = k.new_zeros((b, heads, w // heads, padded), dtype=dtype)
+            k, v = k.to(dtype), v.to(dtype)  # cast first: the transposing copies move half the bytes in bf16
+            keys = k.new_empty((b, heads, w // heads, padded))
+            keys[..., m:] = 0
             keys[..., :m] = k.view(b, m, heads, -1).permute(0, 2, 3, 1)
-            values = v.new_zeros((b, heads, padded, w // heads), dtype=dtype)
+            values = v.new_empty((b, heads, padded, w // heads))
+            values[:, :, m:] = 0
             values[:, :, :m] = v.view(b, m, heads, -1).transpose(1, 2)
             self.cross.append((keys, values))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
@@ -248,8 +249,15 @@ class Captioner(nn.Module):
         transform = eval_transform(size)
         names = [str(x) if isinstance(x, (str, os.PathLike)) else f"image {i}"
                  for i, x in enumerate(items, first_index)]
-        opened = (open_image(x, name, min_size=size) if draft else open_image(x, name) for x, name in zip(items, names))
-        return torch.stack([transform(im) for im in opened]), names
+        def load(x, name):
+            return transform(open_image(x, name, min_size=size) if draft else open_image(x, name))
+
+        if len(items) < 2 or torch.get_num_threads() < 2:
+            return torch.stack([load(x, name) for x, name in zip(items, names)]), names
+        # JPEG decoding and resizing release the GIL: one image per core at a time (in order;
+        # the first bad image raises, as one by one)
+        with ThreadPoolExecutor(min(len(items), torch.get_num_threads())) as pool:
+            return torch.stack(list(pool.map(load, items, names))), names
 
     @torch.no_grad()
     def caption(self, images: Images, batch_size: int = 16, return_scores: bool = False,

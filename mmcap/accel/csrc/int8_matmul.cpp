@@ -16,6 +16,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -218,35 +222,38 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
   auto out = at::empty({m, n}, x.options());
   if (m == 0) return out;
   const int64_t mp = (m + kRows - 1) / kRows * kRows;
-  // the rows quantized once, here (microseconds), into buffers kept between calls: padding rows
-  // and columns are zeros
+  // the rows quantized into buffers kept between calls (padding rows and columns zero), then the
+  // column blocks: both split between the threads of one parallel region
   thread_local std::vector<int8_t> qbuf;
   thread_local std::vector<float> sbuf;
   qbuf.resize(mp * kp);
   sbuf.resize(m);
   int8_t* qp = qbuf.data();
   float* sp = sbuf.data();
-  thread_local std::vector<float> nbuf;
-  nbuf.resize(norm ? k : 0);
   const float* xp = x.data_ptr<float>();
-  for (int64_t r = 0; r < m; ++r) {
-    const float* row = xp + r * k;
-    if (norm) {
-      normalize_row(row, k, norm_weight->data_ptr<float>(), norm_bias->data_ptr<float>(), static_cast<float>(eps),
-                    nbuf.data());
-      row = nbuf.data();
-    }
-    sp[r] = quantize_row(row, k, qp + r * kp);
-    std::memset(qp + r * kp + k, 0, kp - k);
-  }
   std::memset(qp + m * kp, 0, (mp - m) * kp);
+  auto quantize_rows = [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<float> normed;
+    normed.resize(norm ? k : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = xp + r * k;
+      if (norm) {
+        normalize_row(row, k, norm_weight->data_ptr<float>(), norm_bias->data_ptr<float>(), static_cast<float>(eps),
+                      normed.data());
+        row = normed.data();
+      }
+      sp[r] = quantize_row(row, k, qp + r * kp);
+      std::memset(qp + r * kp + k, 0, kp - k);
+    }
+  };
   const float* ws = w_scale.data_ptr<float>();
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   const int8_t* wp = packed.data_ptr<int8_t>();
   float* op = out.data_ptr<float>();
   const float* rp = has_residual ? residual->data_ptr<float>() : nullptr;
 #ifdef MMCAP_AMX
-  at::parallel_for(0, nb, 8, [&](int64_t b0, int64_t b1) {
+  auto column_blocks = [&](int64_t b0, int64_t b1) {
+    if (b0 >= b1) return;
     TileConfig cfg;
     for (int t = 0; t < 7; ++t) {
       cfg.rows[t] = kRows;
@@ -261,6 +268,10 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
     for (int64_t r0 = 0; r0 < mp; r0 += 3 * kRows)
     for (int64_t b = p0; b < std::min(b1, p0 + kPanel); ++b) {
       const int8_t* wb = wp + b * kb * kTile;
+      if (r0 == 0 && b + 1 < b1) {  // the next column block's weights on their way to L2 meanwhile (~8 % a step)
+        const char* next = reinterpret_cast<const char*>(wb + kb * kTile);
+        for (int64_t line = 0; line < kb * kTile; line += 64) _mm_prefetch(next + line, _MM_HINT_T1);
+      }
       const int64_t c0 = b * kCols, cols = std::min(kCols, n - c0);
       {
         const int blocks = static_cast<int>(std::min<int64_t>(3, (mp - r0) / kRows));
@@ -282,7 +293,22 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
       }
     }
     _tile_release();
-  });
+  };
+#if defined(_OPENMP)
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nb)));
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    quantize_rows(m * t / nt, m * (t + 1) / nt);
+#pragma omp barrier
+    column_blocks(nb * t / nt, nb * (t + 1) / nt);
+  }
+#else
+  quantize_rows(0, m);
+  at::parallel_for(0, nb, 8, column_blocks);
+#endif
+#else
+  quantize_rows(0, m);
 #endif
   return out;
 }
