@@ -10,7 +10,8 @@ earlier versions) and once with slot refill (the default), alternating, `--round
 the best pass of each counts. A trained model is the point: its captions end at different steps,
 which is what leaves batch-at-a-time rows idle (a random model's captions all run to the limit).
 
-Per precision it prints captions/s of both, their ratio, and the share of captions identical
+Per precision it prints captions/s of both, their ratio, the decoding steps each ran (refill: fewer
+steps, each with every row busy; batch at a time: a batch's rows empty as its images finish), and the share of captions identical
 between the two (fp32: all of them, up to float ties; int8 quantizes activations per row, so the
 rows a batch holds do not change an image's numbers, and the share is also expected near 1) and
 equal to `Captioner.caption`'s for the first 300 files.
@@ -18,6 +19,7 @@ equal to `Captioner.caption`'s for the first 300 files.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +47,22 @@ def write_files(data: str, n: int, out: Path) -> list[str]:
     return paths
 
 
+STEPS = {"steps": 0}  # decoding steps of the pass running (GPT-2's lean pass, either way)
+
+
+def count_steps() -> None:
+    """Count GPT-2's decoding steps: batch at a time (`_step`) and refilled (`step_rows`)."""
+    from mmcap.generation.gpt2_pass import GPT2Decoding
+
+    for name in ("_step", "step_rows"):
+        def counted(self, *a, _f=getattr(GPT2Decoding, name)):
+            STEPS["steps"] += 1
+            return _f(self, *a)
+        setattr(GPT2Decoding, name, counted)
+
+
 def one_pass(model: Captioner, paths: list[str], refill: bool, args, precision: str) -> tuple[float, dict[str, str], bool]:
+    STEPS["steps"] = 0
     start = time.perf_counter()
     stream = model.caption_stream(paths, batch_size=args.batch_size, num_workers=args.num_workers,
                                   precision=precision, refill=refill)
@@ -62,10 +79,13 @@ def main(argv=None) -> int:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
+    p.add_argument("--check", type=int, default=300, help="files whose refilled captions are compared with caption()'s")
     args = p.parse_args(argv)
 
+    out_dir = Path(tempfile.mkdtemp(prefix="mmcap-refill-"))
+    count_steps()
     model = Captioner.from_pretrained(args.model)
-    paths = write_files(args.data, args.n, Path(tempfile.mkdtemp(prefix="mmcap-refill-")))
+    paths = write_files(args.data, args.n, out_dir)
     result = {"model": args.model, "n": args.n, "batch_size": args.batch_size, "num_workers": args.num_workers,
               "generation": {k: v for k, v in model.generation_options().to_dict().items()
                              if k in ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "early_stopping")}}
@@ -73,21 +93,24 @@ def main(argv=None) -> int:
         one_pass(model, paths[:64], True, args, precision)  # warm-up: kernels, timed choices
         one_pass(model, paths[:64], False, args, precision)
         best = {"batch": 0.0, "refill": 0.0}
-        out = {}
+        out, steps = {}, {}
         for r in range(args.rounds):
             for name, refill in (("batch", False), ("refill", True)):
                 rate, captions, refilling = one_pass(model, paths, refill, args, precision)
                 assert refilling == refill, "refill did not apply to this model here"
-                best[name], out[name] = max(best[name], rate), captions
+                best[name], out[name], steps[name] = max(best[name], rate), captions, STEPS["steps"]
                 log(f"{precision} round {r}: {name} {rate:.2f} captions/s")
         same = sum(out["batch"][k] == out["refill"][k] for k in paths) / len(paths)
-        head = paths[:300]
+        head = paths[: args.check]
         api = model.caption(head, batch_size=args.batch_size, precision=precision)
         same_api = sum(a == out["refill"][k] for a, k in zip(api, head)) / len(head)
-        result[precision] = {"batch_captions_per_s": round(best["batch"], 2),
+        words = [len((c or "").split()) for c in out["batch"].values()]
+        result[precision] = {"caption_words_mean": round(statistics.mean(words), 2), "caption_words_max": max(words),
+                             "caption_words_min": min(words), "batch_captions_per_s": round(best["batch"], 2),
                              "refill_captions_per_s": round(best["refill"], 2),
                              "refill_over_batch": round(best["refill"] / best["batch"], 3),
-                             "same_as_batch": round(same, 4), "same_as_caption_api_first_300": round(same_api, 4)}
+                             "decoder_steps_batch": steps["batch"], "decoder_steps_refill": steps["refill"],
+                             "same_as_batch": round(same, 4), f"same_as_caption_api_first_{len(head)}": round(same_api, 4)}
     emit(result)
     return 0
 

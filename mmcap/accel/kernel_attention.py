@@ -65,12 +65,12 @@ class KernelAttention(AttentionState):
         self.anc[self.own[:n], positions] = self.own[:n]
         self.lens = positions + 1
 
-    def admit(self, slot: int, image_kv: ImageKV) -> None:
-        """Image `slot`'s keys and values from now on (`image_kv`: per layer, [1, M, width] each)."""
+    def admit(self, slots: torch.Tensor, image_kv: ImageKV) -> None:
+        """The keys and values of the images in `slots` [n] from now on (`image_kv`: per layer, [n, M, width] each)."""
         for (keys, values), (k, v) in zip(self.cross, image_kv):
-            m = k.shape[1]
-            keys[slot, ..., :m] = k[0].view(m, self.heads, -1).permute(1, 2, 0)
-            values[slot, :, :m] = v[0].view(m, self.heads, -1).transpose(0, 1)
+            n, m, _ = k.shape
+            keys[slots, ..., :m] = k.to(keys.dtype).view(n, m, self.heads, -1).permute(0, 2, 3, 1)
+            values[slots, :, :m] = v.to(values.dtype).view(n, m, self.heads, -1).transpose(1, 2)
 
     def _caches(self, n: int) -> None:
         if self.anc is None:  # the first step: caches for its rows

@@ -68,10 +68,10 @@ class GPT2Decoding:
         self.attention.begin_rows(positions)
         return linear(self.model.lm_head, self._layers(x), norm=self.body.ln_f).float()
 
-    def admit(self, slot: int, memory: torch.Tensor) -> None:
-        """Image tokens `memory` [1, M, D] decode in image slot `slot` from now on (slot refill)."""
+    def admit(self, slots: torch.Tensor, memory: torch.Tensor) -> None:
+        """Image tokens `memory` [n, M, D] decode in image slots `slots` [n] from now on (slot refill)."""
         width = self.model.config.hidden_size
-        self.attention.admit(slot, [block.crossattention.c_attn(memory).split(width, dim=2) for block in self.body.h])
+        self.attention.admit(slots, [block.crossattention.c_attn(memory).split(width, dim=2) for block in self.body.h])
 
     def _layers(self, x: torch.Tensor) -> torch.Tensor:
         body, att = self.body, self.attention

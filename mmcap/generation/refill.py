@@ -67,30 +67,35 @@ def refill_beam_search(make_pass: Callable[[torch.Tensor], object], images: Iter
         steps += active  # an emptied slot stays at BOS (its rows compute, unread, until the last image ends)
         done = active & (~finished.improvable[:, 0] | cand.hits.all(-1) | (steps >= cfg.max_new_tokens)
                          | (finished.is_fin.all(-1) & (cfg.early_stopping is True)))
-        for slot in done.nonzero()[:, 0].tolist():
-            length = int(finished.lengths[slot, 0])
-            yield tags[slot], finished.seqs[slot, 0, 1 : 1 + length].clone(), float(finished.logp[slot, 0])
+        if not bool(done.any()):
+            continue
+        slots = done.nonzero()[:, 0]
+        lengths, best = finished.lengths[slots, 0].tolist(), finished.seqs[slots, 0]
+        admitted, memories = [], []
+        for j, slot in enumerate(slots.tolist()):
+            yield tags[slot], best[j, 1 : 1 + lengths[j]], float(finished.logp[slot, 0])
             nxt = next(images, None)
-            if nxt is None:
+            if nxt is None:  # the stream ran dry: the slot stays at BOS
                 active[slot], tags[slot] = False, None
-                _restart(slot, running, finished, bos, pad)
-                steps[slot] = 0
-                continue
-            tags[slot] = nxt[0]
-            dec.admit(slot, nxt[1][None])
-            _restart(slot, running, finished, bos, pad)
-            steps[slot] = 0
+            else:
+                tags[slot] = nxt[0]
+                admitted.append(slot)
+                memories.append(nxt[1])
+        if admitted:  # the new images' keys and values in one call per layer
+            dec.admit(torch.tensor(admitted), torch.stack(memories))
+        _restart(slots, running, finished, bos, pad)
+        steps[slots] = 0
 
 
-def _restart(slot: int, running: Running, finished: Finished, bos: int, pad: int) -> None:
-    """Slot `slot` back to a new image's start: BOS in every beam, only the first beam live, nothing finished."""
-    running.seqs[slot] = pad
-    running.seqs[slot, :, 0] = bos
-    running.scores[slot] = NEG
-    running.scores[slot, 0] = 0
-    running.logp[slot] = 0
-    finished.scores[slot], finished.logp[slot], finished.lengths[slot] = NEG, 0, 0
-    finished.is_fin[slot], finished.improvable[slot] = False, True
+def _restart(slots: torch.Tensor, running: Running, finished: Finished, bos: int, pad: int) -> None:
+    """`slots` back to a new image's start: BOS in every beam, only the first beam live, nothing finished."""
+    running.seqs[slots] = pad
+    running.seqs[slots, :, 0] = bos
+    running.scores[slots] = NEG
+    running.scores[slots, 0] = 0
+    running.logp[slots] = 0
+    finished.scores[slots], finished.logp[slots], finished.lengths[slots] = NEG, 0, 0
+    finished.is_fin[slots], finished.improvable[slots] = False, True
 
 
 def _candidates(logp: torch.Tensor, running: Running, steps: torch.Tensor, cfg: GenerationConfig,
