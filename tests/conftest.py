@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import CAPTIONS, tiny_config, tiny_image_bytes
+from helpers import CAPTIONS, tiny_config, tiny_image_bytes, train_on_captions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -71,16 +71,7 @@ def peaky_gpt2():
 @pytest.fixture
 def wordy(tiny_gpt2, image_files):
     """tiny_gpt2 after a few steps on the four images, so that it says words (untrained, it repeats BOS)."""
-    torch.manual_seed(0)
-    pixels, _ = tiny_gpt2.preprocess([str(p) for p in image_files])
-    tokens = tiny_gpt2.tokenizer(CAPTIONS, 16)
-    optimizer = torch.optim.AdamW(tiny_gpt2.parameters(), lr=3e-3)
-    tiny_gpt2.train()
-    for _ in range(10):
-        tiny_gpt2(pixels, tokens["input_ids"], tokens["attention_mask"]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return tiny_gpt2.eval()
+    return train_on_captions(tiny_gpt2, image_files, steps=10)
 
 
 @pytest.fixture

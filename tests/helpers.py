@@ -85,3 +85,19 @@ def trained_like_encoder(arch: str = "resnet18", **encoder_config):
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.2, 0.2)
     return enc.eval()
+
+
+def train_on_captions(model, image_files, steps: int):
+    """`model` after `steps` AdamW steps on the four images and their CAPTIONS (eval mode)."""
+    import torch
+
+    torch.manual_seed(0)
+    pixels, _ = model.preprocess([str(p) for p in image_files])
+    tokens = model.tokenizer(CAPTIONS, 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        model(pixels, tokens["input_ids"], tokens["attention_mask"]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()

@@ -36,18 +36,9 @@ def test_rows_at_their_own_positions_attend_as_if_each_were_alone():
 @pytest.fixture
 def talkative(tiny_gpt2, image_files):
     """tiny_gpt2 trained until it says each image's caption, whose lengths differ (3 to 7 words)."""
-    from helpers import CAPTIONS
+    from helpers import train_on_captions
 
-    torch.manual_seed(0)
-    pixels, _ = tiny_gpt2.preprocess([str(p) for p in image_files])
-    tokens = tiny_gpt2.tokenizer(CAPTIONS, 16)
-    optimizer = torch.optim.AdamW(tiny_gpt2.parameters(), lr=3e-3)
-    tiny_gpt2.train()
-    for _ in range(60):
-        tiny_gpt2(pixels, tokens["input_ids"], tokens["attention_mask"]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return tiny_gpt2.eval()
+    return train_on_captions(tiny_gpt2, image_files, steps=60)
 
 
 @pytest.mark.parametrize("slots", [2, 3])
