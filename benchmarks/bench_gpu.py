@@ -25,6 +25,10 @@ coming from a DataLoader of pinned CPU tensors. FLOPs per sample are counted wit
 torch.utils.flop_counter over one forward + backward; ``mfu`` divides the achieved FLOP/s by
 the GPU's dense bf16 peak (``--peak-tflops``, default the H200's 989); ``bf16_matmul_tflops`` is
 the rate measured here on 8192x8192 matrices. Lightning runs at the first training batch size.
+``mfu_means`` in the output says which MFU each key is. Per training batch size,
+``host_ms_per_step`` (the step queued, no sync), ``gpu_ms_per_step`` (kernel time, torch.profiler)
+and ``kernel_launches_per_step`` say whether a step is bound by the host or by the GPU
+(`step_anatomy`; on a CPU, aten operators per step instead of launches).
 """
 from __future__ import annotations
 
@@ -223,6 +227,49 @@ def profile_step(model, batch: dict, device: torch.device, path: str) -> None:
                           prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+def step_anatomy(model, batch: dict, device: torch.device, steps: int = 5) -> dict:
+    """Where a step of the plain loop goes: host ms (the wall time until the step is queued, no
+    sync: the Python and dispatch side), GPU ms (the kernels' own time, torch.profiler) and kernel
+    launches per step. A step is host-bound where host ms exceed GPU ms: the GPU waits for work.
+    On a CPU: host ms and the aten operators dispatched per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step() -> None:
+        pixels = batch["pixels"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(pixels, batch["input_ids"].to(device, non_blocking=True),
+                         batch["attention_mask"].to(device, non_blocking=True))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    sync(device)
+    host = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - t0)
+        sync(device)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    stats = prof.key_averages()
+    out = {"host_ms_per_step": round(1e3 * min(host), 2)}
+    if cuda:
+        out["gpu_ms_per_step"] = round(sum(e.self_device_time_total for e in stats) / 1e3 / steps, 2)
+        out["kernel_launches_per_step"] = round(sum(e.count for e in stats if "LaunchKernel" in e.key) / steps, 1)
+    else:
+        out["aten_ops_per_step"] = round(sum(e.count for e in stats if e.key.startswith("aten::")) / steps, 1)
+    return out
+
+
 def training(device: torch.device, batch: int, steps: int, warmup: int, peak_tflops: float,
              lightning: bool = True, profile_to: str = "") -> dict:
     model = build_mmcap().to(device).train()
@@ -236,12 +283,15 @@ def training(device: torch.device, batch: int, steps: int, warmup: int, peak_tfl
     log(f"plain loop, batch {batch}: {plain:.1f} samples/s, {flops / 1e9:.1f} GFLOP per sample")
     if profile_to and device.type == "cuda":
         profile_step(model, batches[0], device, profile_to)
+    anatomy = step_anatomy(model, batches[0], device)
+    log(f"plain loop, batch {batch}: a step's anatomy {anatomy}")
     del model
     out = {
         f"train_b{batch}_plain_samples_per_s": round(plain, 1),
         f"train_b{batch}_peak_memory_gib": round(peak_mem, 2),
         f"train_b{batch}_mfu": round(flops * plain / (peak_tflops * 1e12), 4),
         "train_gflops_per_sample": round(flops / 1e9, 2),
+        **{f"train_b{batch}_{k}": v for k, v in anatomy.items()},
     }
     if lightning:
         rate = lightning_training(batches, device, warmup)
@@ -271,6 +321,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "mfu_means": ("train_bN_mfu: the plain loop's, train_bN_lightning_mfu: CaptionModule under "
+                                  "L.Trainer (first batch size only); FLOPs per sample (forward + backward, "
+                                  "flop_counter) x samples/s / peak_tflops"),
                     "torch": torch.__version__, "cudnn_benchmark": args.cudnn_benchmark, "peak_tflops": args.peak_tflops}
     if not args.skip_captioning:
         paths = [str(x) for x in make_photos(Path(tempfile.mkdtemp(prefix="mmcap-bench-gpu-")), args.n)]

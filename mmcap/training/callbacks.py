@@ -16,28 +16,49 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteGuard(L.Callback):
-    """Skips (drops all gradients of) an optimizer step whose loss or gradients are not finite,
-    the same decision on every rank, and raises `NonFiniteLossError` after `max_bad_steps` in a row.
+    """Skips an optimizer step whose loss or gradients are not finite, the same decision on every
+    rank, and raises `NonFiniteLossError` after `max_bad_steps` in a row.
 
-    Logs `train/grad_norm` each step and `train/bad_steps` when a step is skipped. Under a
-    GradScaler (16-mixed) overflowing gradients are routine and the scaler skips those itself.
+    Two ways, one decision. With a fused AdamW (the default on GPUs: `OptimConfig.fused`) the
+    decision stays on the device: the optimizer's `found_inf` makes its kernel skip the update, as
+    GradScaler does, and the bad-step counts are device tensors the host reads every
+    `max_bad_steps` steps, so a step costs no device-to-host sync. Otherwise (CPUs) the host
+    decides each step and drops the gradients of a bad step. Either way AdamW's state is untouched
+    by a skipped step.
+
+    Logs `train/grad_norm` each step and `train/bad_steps` (on the device path every step, else
+    when a step is skipped). Under a GradScaler (16-mixed) overflowing gradients are routine and
+    the scaler skips those itself.
     """
 
     def __init__(self, max_bad_steps: int = 20):
         self.max_bad_steps = max_bad_steps
-        self.bad_steps = 0  # skipped steps in this run
+        self._bad_steps = 0  # skipped steps in this run (host path)
         self._consecutive = 0
         self._nonfinite_loss = False
+        self._loss_finite: Optional[torch.Tensor] = None  # device path: this step's loss was finite
+        self._device_counts: Optional[torch.Tensor] = None  # device path: [skipped, consecutive]
+
+    @property
+    def bad_steps(self) -> int:
+        device = 0 if self._device_counts is None else int(self._device_counts[0].item())
+        return self._bad_steps + device
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        self._nonfinite_loss |= not bool(torch.isfinite(loss.detach()))
+        finite = torch.isfinite(loss.detach())
+        if _on_device(trainer):
+            self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        else:
+            self._nonfinite_loss |= not bool(finite)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if _on_device(trainer):
+            self._skip_on_device(trainer, pl_module, getattr(optimizer, "optimizer", optimizer))
+            return
         bad = self._nonfinite_loss
         self._nonfinite_loss = False
         if getattr(trainer.precision_plugin, "scaler", None) is None:
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            grad_norm = _grad_norm(pl_module)
             bad = bad or not bool(torch.isfinite(grad_norm))
             pl_module.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
         bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
@@ -45,15 +66,56 @@ class NonFiniteGuard(L.Callback):
             self._consecutive = 0
             return
         optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without .grad untouched
-        self.bad_steps += 1
+        self._bad_steps += 1
         self._consecutive += 1
-        pl_module.log("train/bad_steps", float(self.bad_steps), on_step=True, on_epoch=False)
+        pl_module.log("train/bad_steps", float(self._bad_steps), on_step=True, on_epoch=False)
         if self._consecutive >= self.max_bad_steps:
-            raise NonFiniteLossError(
-                f"{self._consecutive} consecutive training steps had a non-finite loss or gradient (step "
-                f"{trainer.global_step}); the run is diverging or the data is broken. Try a lower model.optim.lr, "
-                "gradient clipping (trainer.gradient_clip_val), bf16-mixed instead of 16-mixed, or check the data."
-            )
+            self._raise(self._consecutive, trainer)
+
+    def _skip_on_device(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        grad_norm = _grad_norm(pl_module)
+        pl_module.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+        finite = torch.isfinite(grad_norm)
+        if self._loss_finite is not None:
+            finite = finite & self._loss_finite.to(finite.device)
+        self._loss_finite = None
+        # a bad step on any rank is bad on all (a sum over ranks: a collective, not a host sync)
+        found = (trainer.strategy.reduce((~finite).float(), reduce_op="sum") > 0).float()
+        optimizer.found_inf = found  # fused AdamW skips its update (and its step count) where this is 1
+        counts = self._device_counts
+        if counts is None:
+            counts = torch.zeros(2, device=found.device)
+        self._device_counts = torch.stack([counts[0] + found, (counts[1] + found) * found])
+        pl_module.log("train/bad_steps", self._device_counts[0], on_step=True, on_epoch=False)
+        if (trainer.global_step + 1) % self.max_bad_steps == 0:  # the host looks now and then
+            consecutive = int(self._device_counts[1].item())
+            if consecutive >= self.max_bad_steps:
+                self._raise(consecutive, trainer)
+
+    @staticmethod
+    def _raise(consecutive: int, trainer: L.Trainer) -> None:
+        raise NonFiniteLossError(
+            f"{consecutive} consecutive training steps had a non-finite loss or gradient (step "
+            f"{trainer.global_step}); the run is diverging or the data is broken. Try a lower model.optim.lr, "
+            "gradient clipping (trainer.gradient_clip_val), bf16-mixed instead of 16-mixed, or check the data."
+        )
+
+
+def _grad_norm(pl_module: L.LightningModule) -> torch.Tensor:
+    grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=pl_module.device)
+
+
+def _on_device(trainer: L.Trainer) -> bool:
+    """Whether the guard decides on the device: a fused Adam(W), whose kernel takes `found_inf`, and
+    no GradScaler (which owns `found_inf` then)."""
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        return False
+    optimizers = trainer.optimizers
+    if len(optimizers) != 1:
+        return False
+    optimizer = getattr(optimizers[0], "optimizer", optimizers[0])
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
 
 
 class ThroughputLogger(L.Callback):
