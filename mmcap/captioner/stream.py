@@ -114,10 +114,10 @@ class CaptionStream:
                                   **self.options)
         return caption_records(self.model.tokenizer, out, batch["keys"], batch["shards"])
 
-
-    @torch.no_grad()
     def _refilled_batches(self) -> Iterator[ResultBatch]:
-        """The loader's batches, decoded with slot refill; each batch's results once all its images are done."""
+        """The loader's batches, decoded with slot refill; each batch's results once all its images
+        are done. The decoding runs inside the plan's contexts, the caller's code between batches
+        outside them (as batch by batch)."""
         from mmcap.generation.gpt2_pass import GPT2Decoding
         from mmcap.generation.refill import refill_beam_search
 
@@ -141,16 +141,24 @@ class CaptionStream:
         def make_pass(memory):
             return GPT2Decoding(model.decoder, memory, max_len=1 + cfg.max_new_tokens, attention=self.refill_attention)
 
-        with plan.computing(), plan.decoding(model.decoder, torch.empty(0)):
-            for (entry, i), tokens, log_prob in refill_beam_search(make_pass, images(), self.batch_size, tok.bos_id,
-                                                                   tok.eos_id, tok.pad_id, cfg):
+        def until_a_batch_is_done(results) -> tuple[list[ResultBatch], bool]:
+            for (entry, i), tokens, log_prob in results:
                 batch = entry[0]
                 record = {"image": batch["keys"][i], "caption": tok.decode(tokens), "log_prob": log_prob}
                 if batch["shards"][i] is not None:
                     record["shard"] = batch["shards"][i]
                 entry[1][i], entry[2] = record, entry[2] - 1
-                yield from _completed(pending)
-        yield from _completed(pending)
+                ready = list(_completed(pending))
+                if ready:
+                    return ready, True
+            return list(_completed(pending)), False
+
+        results = refill_beam_search(make_pass, images(), self.batch_size, tok.bos_id, tok.eos_id, tok.pad_id, cfg)
+        more = True
+        while more:
+            with torch.no_grad(), plan.computing(), plan.decoding(model.decoder, torch.empty(0)):
+                ready, more = until_a_batch_is_done(results)
+            yield from ready
 
 
 def _completed(pending: deque) -> Iterator[ResultBatch]:
