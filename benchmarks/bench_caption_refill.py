@@ -11,10 +11,11 @@ the best pass of each counts. A trained model is the point: its captions end at 
 which is what leaves batch-at-a-time rows idle (a random model's captions all run to the limit).
 
 Per precision it prints captions/s of both, their ratio, the decoding steps each ran (refill: fewer
-steps, each with every row busy; batch at a time: a batch's rows empty as its images finish), and the share of captions identical
-between the two (fp32: all of them, up to float ties; int8 quantizes activations per row, so the
-rows a batch holds do not change an image's numbers, and the share is also expected near 1) and
-equal to `Captioner.caption`'s for the first 300 files.
+steps, each with every row busy; batch at a time: a batch's rows empty as its images finish), and
+the share of captions identical between the two and equal to `Captioner.caption`'s for the first
+`--check` files. fp32: all of them, up to float ties. int8 on mmcap's AMX kernel quantizes
+activations per row, so the rows a step holds do not change an image's numbers either (torch's
+engines quantize per tensor: there the share may fall below 1).
 """
 from __future__ import annotations
 

@@ -102,7 +102,8 @@ class Int8Linear(nn.Module):
         as they are quantized, GPT-2's tanh GELU and the residual added as the outputs are written."""
         shape = h.shape
         h = h.reshape(-1, shape[-1]).float()
-        if norm is not None and not isinstance(norm, nn.LayerNorm):  # another norm: torch's, then the kernel
+        if norm is not None and not (isinstance(norm, nn.LayerNorm) and norm.weight is not None
+                                     and norm.bias is not None):  # another norm: torch's, then the kernel
             h, norm = norm(h).float(), None
         if residual is not None:
             residual = residual.reshape(-1, self.out_features).float().contiguous()
@@ -163,7 +164,10 @@ def _kernel(engine: str, qweight: torch.Tensor, scales: torch.Tensor,
     if engine == AMX:  # mmcap's own (`csrc/int8_matmul.cpp`): the same rounding of the weight, x per row
         ops, n = kernels.kernels(), qweight.shape[0]
         packed, scales = ops.int8_pack(qweight), scales.float().contiguous()
-        return lambda x, residual=None, gelu=False, *norm: ops.int8_linear(x, packed, scales, bias, n, residual, gelu, *norm)
+        def run(x, residual=None, gelu=False, *norm):
+            return ops.int8_linear(x, packed, scales, bias, n, residual, gelu, *norm)
+
+        return run
     packed = _pack(engine, qweight, scales, bias)
     return lambda x: _linear_dynamic(x, packed, True)
 

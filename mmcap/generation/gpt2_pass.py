@@ -2,7 +2,8 @@
 kernels per token, and attention kept by an attention state (`mmcap.generation.attention`): the
 image's keys and values once per image (the beams of an image attend to them together, never
 copied). A linear layer that offers `fused(h, norm, gelu, residual)` (the inference plan's twins
-may) does the LayerNorm before it, and the GELU and residual add after it, in the same call. In fp32 with torch's attention it computes exactly the transformers forward's numbers."""
+may) does the LayerNorm before it, and the GELU and residual add after it, in the same call. In
+fp32 with torch's attention it computes exactly the transformers forward's numbers."""
 from __future__ import annotations
 
 import functools

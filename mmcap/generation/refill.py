@@ -33,8 +33,8 @@ def supports(cfg: GenerationConfig, prompt: Optional[object] = None) -> bool:
 
 
 @torch.no_grad()
-def refill_beam_search(make_pass: Callable[[torch.Tensor], object], images: Iterable[Image], slots: int,
-                       bos: int, eos: int, pad: int, cfg: GenerationConfig) -> Iterator[tuple[Any, torch.Tensor, float]]:
+def refill_beam_search(make_pass: Callable[[torch.Tensor], object], images: Iterable[Image], slots: int, bos: int,
+                       eos: int, pad: int, cfg: GenerationConfig) -> Iterator[tuple[Any, torch.Tensor, float]]:
     """(tag, new tokens, log-prob) of each image of `images` as it finishes (not in input order).
 
     `make_pass(memory)` makes the decoding pass over the first images' tokens [S, M, D]; `slots`
