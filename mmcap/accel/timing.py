@@ -10,7 +10,8 @@ Choices outlive the process: they are kept in `choices.json` under `cache_root()
 (`MMCAP_CACHE_DIR`, default `~/.cache/mmcap`), keyed by the machine (processor, thread count, torch
 and mmcap versions) and by what was timed, shape included, so that a choice made for a ResNet-18
 is never reused for a ResNet-50. A new process reuses them and runs no race. An entry that cannot be
-read, or that names a candidate not offered now, is timed again, never trusted blindly. A race
+read, that names a candidate not offered now, or that did not time a candidate offered now, is
+timed again, never trusted blindly. A race
 run while other processes competed for the cores mmcap's threads use (`others_competed`, from
 /proc/stat) decides for this process only and is not written: a choice timed under someone else's
 load would otherwise outlive the load (it once kept a kernel 2x slower on every later run).
@@ -79,7 +80,9 @@ def fastest(what: str, names: Sequence[str], race: Callable[[], Mapping[str, flo
     if len(names) == 1:
         return names[0]
     entry = choice(what)
-    if entry is not None and entry.get("use") in names:
+    # reused where it names a candidate and timed every candidate offered now (a candidate added
+    # since, such as a new kernel, is raced)
+    if entry is not None and entry.get("use") in names and set(names) <= set(entry["seconds"]):
         return entry["use"]
     load = OtherLoad()
     seconds = dict(race())

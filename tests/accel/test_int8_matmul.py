@@ -134,4 +134,7 @@ def test_gpt2_decoding_asks_the_twins_to_fuse_only_on_amx(monkeypatch, tmp_path)
             assert got.shape == (5, 48)
             torch.testing.assert_close(got, steps, rtol=0.02, atol=0.02 * float(steps.abs().max()))
             torch.testing.assert_close(linear(twin, h, residual=residual), residual + twin(h), rtol=1e-6, atol=1e-6)
+            if twin.fused is not None:  # a norm the kernel does not do (no bias): torch's, then the kernel
+                plain = torch.nn.LayerNorm(64, bias=False)
+                assert torch.equal(linear(twin, h, norm=plain), twin(plain(h)))
     timing.forget()

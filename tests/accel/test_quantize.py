@@ -98,8 +98,11 @@ def test_each_weight_shape_runs_on_the_engine_that_measured_faster(faster, margi
     torch.manual_seed(0)
     layer, same_shape = torch.nn.Linear(64, 96), torch.nn.Linear(64, 96)
     twin = Int8Linear(layer.weight, layer.bias)
-    # a few percent either way is noise: the first candidate (fbgemm) stays unless clearly beaten
-    expected = faster if margin >= quantize.ENGINE_MIN_SPEEDUP else engines[0]
+    # a few percent either way is noise: the preferred candidate (AMX where it runs, else fbgemm)
+    # stays unless clearly beaten
+    prefer = quantize.preferred_engine(engines)
+    needed = quantize.AMX_MIN_SPEEDUP if prefer == quantize.AMX else quantize.ENGINE_MIN_SPEEDUP
+    expected = faster if margin >= needed else prefer
     assert twin.engine == expected
     assert timing.choices() == {f"int8 linear 96 x 64, {quantize.TIMING_ROWS} rows": expected}
     assert sorted(timed) == sorted((e, (quantize.TIMING_ROWS, 64)) for e in engines)

@@ -102,3 +102,14 @@ def test_other_load_counts_other_processes_cpu_not_this_ones(monkeypatch):
     assert load.cores() == 1.0 and load.others_competed()  # 1 core of others against 0 spare + 0.5
     monkeypatch.setattr(timing.os, "cpu_count", lambda: 8)
     assert not load.others_competed()  # six spare cores absorb it
+
+
+def test_a_choice_that_did_not_time_a_new_candidate_is_raced_again(cache):
+    """A cached choice from before a candidate existed (a new kernel) is timed again with it."""
+    timing.fastest("op", ["x", "y"], lambda: {"x": 1.0, "y": 2.0})
+    timing.forget()
+    calls = []
+    assert timing.fastest("op", ["x", "y", "z"], race_returning({"x": 1.0, "y": 2.0, "z": 0.5}, calls)) == "z"
+    assert calls
+    timing.forget()
+    assert timing.fastest("op", ["x", "y", "z"], lambda: pytest.fail("raced again")) == "z"
