@@ -138,6 +138,18 @@ def train_flops_per_sample(model, batch: dict, device: torch.device) -> float:
     return counter.get_total_flops() / len(pixels)
 
 
+def train_step(model, batch: dict, device: torch.device, optimizer) -> None:
+    """One step of the plain loop: bf16 autocast, backward, clipping at 1.0, AdamW."""
+    pixels = batch["pixels"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = model(pixels, batch["input_ids"].to(device, non_blocking=True),
+                     batch["attention_mask"].to(device, non_blocking=True))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def plain_training(model, batches: list[dict], device: torch.device, warmup: int) -> float:
     """Samples/s of a hand-written bf16-autocast loop over `batches` (the first `warmup` untimed)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -146,16 +158,9 @@ def plain_training(model, batches: list[dict], device: torch.device, warmup: int
         if step == warmup:
             sync(device)
             t0 = time.perf_counter()
-        pixels = batch["pixels"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(pixels, batch["input_ids"].to(device, non_blocking=True),
-                         batch["attention_mask"].to(device, non_blocking=True))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, batch, device, optimizer)
         if t0 is not None:
-            samples += len(pixels)
+            samples += len(batch["pixels"])
     sync(device)
     return samples / (time.perf_counter() - t0)
 
@@ -237,14 +242,7 @@ def step_anatomy(model, batch: dict, device: torch.device, steps: int = 5) -> di
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step() -> None:
-        pixels = batch["pixels"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(pixels, batch["input_ids"].to(device, non_blocking=True),
-                         batch["attention_mask"].to(device, non_blocking=True))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, batch, device, optimizer)
 
     for _ in range(2):
         step()

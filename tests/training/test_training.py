@@ -235,48 +235,19 @@ def test_freeze_encoder_then_unfreeze(tmp_path):
     assert all(p.requires_grad for p in module.captioner.encoder.parameters())
 
 
-def test_nan_loss_steps_are_skipped_then_raise(tmp_path, monkeypatch):
-    module = tiny_module(max_bad_steps=3)
-    batches = make_batches(module.captioner.tokenizer)
-    real_forward = type(module.captioner).forward
-    bad_steps = {2, 3}
-    snapshots = {}
-
-    def forward(self, *args, **kwargs):
-        loss = real_forward(self, *args, **kwargs)
-        return loss * float("nan") if module.global_step in bad_steps else loss
-
-    class Snapshot(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            snapshots[trainer.global_step] = pl_module.captioner.decoder.transformer.wte.weight.detach().clone()
-
-    monkeypatch.setattr(type(module.captioner), "forward", forward)
-    t = trainer(tmp_path, 6, callbacks=[Snapshot()])
-    t.fit(module, loader(batches))
-    assert module.bad_steps == 2
-    assert t.global_step == 6
-    assert torch.equal(snapshots[2], snapshots[3]) and torch.equal(snapshots[3], snapshots[4])  # skipped
-    assert not torch.equal(snapshots[4], snapshots[5])  # training goes on
-    assert torch.isfinite(module.captioner.decoder.transformer.wte.weight).all()
-
-    bad_steps.update(range(100))
-    with pytest.raises(NonFiniteLossError, match="3 consecutive"):
-        trainer(tmp_path, 10).fit(module, loader(batches))
-
-
-def test_with_a_fused_optimizer_bad_steps_are_skipped_on_the_device(tmp_path, monkeypatch):
-    """Fused AdamW (the default on GPUs): the guard hands the decision to the optimizer's kernel
-    (`found_inf`) instead of reading it on the host each step. The same steps are skipped, AdamW's
-    state untouched by them, and the run still stops after `max_bad_steps` in a row (read when the
-    host looks, every `max_bad_steps` steps)."""
+@pytest.mark.parametrize("fused", [False, True], ids=["host-decides", "fused-adamw-on-device"])
+def test_nan_loss_steps_are_skipped_then_raise(tmp_path, monkeypatch, fused):
+    """The same steps are skipped, AdamW's state untouched by them, and the run stops after
+    `max_bad_steps` in a row. With foreach AdamW (CPUs) the host decides each step; with fused
+    AdamW (the default on GPUs) the guard hands the decision to the optimizer's kernel
+    (`found_inf`) and the host only looks every `max_bad_steps` steps."""
     from mmcap.training import callbacks
 
-    syncs = []
-    module = tiny_module(max_bad_steps=3, fused=True)
+    module = tiny_module(max_bad_steps=3, fused=fused)
     batches = make_batches(module.captioner.tokenizer)
     real_forward = type(module.captioner).forward
     bad_steps = {2, 3}
-    snapshots, adam_steps = {}, {}
+    snapshots, adam_steps, host_decisions = {}, {}, []
 
     def forward(self, *args, **kwargs):
         loss = real_forward(self, *args, **kwargs)
@@ -288,24 +259,23 @@ def test_with_a_fused_optimizer_bad_steps_are_skipped_on_the_device(tmp_path, mo
             state = trainer.optimizers[0].state
             adam_steps[trainer.global_step] = max((float(s["step"]) for s in state.values()), default=0.0)
 
-    def no_host_decision(*args, **kwargs):
-        syncs.append(1)
-        return False
-
     monkeypatch.setattr(type(module.captioner), "forward", forward)
     t = trainer(tmp_path, 6, callbacks=[Snapshot()])
-    monkeypatch.setattr(t.strategy, "reduce_boolean_decision", no_host_decision)
+    decide = t.strategy.reduce_boolean_decision
+    monkeypatch.setattr(t.strategy, "reduce_boolean_decision",
+                        lambda *a, **k: host_decisions.append(1) or decide(*a, **k))
     t.fit(module, loader(batches))
-    assert callbacks._on_device(t) and not syncs  # the host decided nothing
-    assert t.optimizers[0].defaults["fused"]
-    assert module.bad_steps == 2 and t.global_step == 6
+    assert bool(t.optimizers[0].defaults.get("fused")) == fused == callbacks._on_device(t)
+    assert bool(host_decisions) != fused  # on the device path the host decided nothing
+    assert module.bad_steps == 2
+    assert t.global_step == 6
     assert torch.equal(snapshots[2], snapshots[3]) and torch.equal(snapshots[3], snapshots[4])  # skipped
     assert not torch.equal(snapshots[4], snapshots[5])  # training goes on
     assert adam_steps[4] == adam_steps[2] and adam_steps[5] == adam_steps[4] + 1  # skipped steps not counted
     assert torch.isfinite(module.captioner.decoder.transformer.wte.weight).all()
 
     bad_steps.update(range(100))
-    with pytest.raises(NonFiniteLossError, match="consecutive"):
+    with pytest.raises(NonFiniteLossError, match="3 consecutive" if not fused else "consecutive"):
         trainer(tmp_path, 12).fit(module, loader(batches))
 
 
