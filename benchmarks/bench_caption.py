@@ -64,33 +64,21 @@ from roofline import bytes_per_caption, matmul_rates, roofline, triad_bandwidth 
 
 from mmcap import Captioner  # noqa: E402
 from mmcap.accel.precision import compute_dtype, cpu_bf16_speedup  # noqa: E402
-from mmcap.accel.timing import choices  # noqa: E402
+from mmcap.accel.timing import OtherLoad, choices  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- measuring
 class CpuShare:
-    """Cores used by *other* processes between `start()` and `stop()` (from /proc/stat)."""
+    """Cores used by *other* processes between each `start()` and `stop()` (`timing.OtherLoad`)."""
 
     def __init__(self):
         self.samples: list[float] = []
 
-    @staticmethod
-    def _read() -> tuple[float, float, float]:
-        try:
-            fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except OSError:
-            return 0.0, 0.0, time.perf_counter()
-        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait, in clock ticks
-        mine = sum(os.times()[:4])
-        return busy / os.sysconf("SC_CLK_TCK"), mine, time.perf_counter()
-
     def start(self) -> None:
-        self._t0 = self._read()
+        self._load = OtherLoad()
 
     def stop(self) -> None:
-        busy, mine, now = self._read()
-        b0, m0, t0 = self._t0
-        self.samples.append(max(0.0, (busy - b0) - (mine - m0)) / max(now - t0, 1e-9))
+        self.samples.append(self._load.cores())
 
     def mean(self) -> float:
         return float(np.mean(self.samples)) if self.samples else 0.0

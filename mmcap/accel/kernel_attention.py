@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -41,17 +41,14 @@ class KernelAttention(AttentionState):
         self.v: list[torch.Tensor] = []
         self.anc: Optional[torch.Tensor] = None  # [rows, max_len] cache rows
         self.lens: Optional[torch.Tensor] = None  # [rows] positions per row, where rows differ (`begin_rows`)
-        for k, v in image_kv:  # keys [B, heads, head_dim, MP] (transposed), values [B, heads, MP, head_dim]
+        for k, _ in image_kv:  # keys [B, heads, head_dim, MP] (transposed), values [B, heads, MP, head_dim]
             b, m, w = k.shape
             self.positions, padded = m, -(-m // 16) * 16  # whole vectors of positions, whatever their width
-            k, v = k.to(dtype), v.to(dtype)  # cast first: the transposing copies move half the bytes in bf16
-            keys = k.new_empty((b, heads, w // heads, padded))
-            keys[..., m:] = 0
-            keys[..., :m] = k.view(b, m, heads, -1).permute(0, 2, 3, 1)
-            values = v.new_empty((b, heads, padded, w // heads))
-            values[:, :, m:] = 0
-            values[:, :, :m] = v.view(b, m, heads, -1).transpose(1, 2)
+            keys = torch.empty((b, heads, w // heads, padded), dtype=dtype, device=k.device)
+            values = torch.empty((b, heads, padded, w // heads), dtype=dtype, device=k.device)
+            keys[..., m:], values[:, :, m:] = 0, 0
             self.cross.append((keys, values))
+        self.admit(slice(None), image_kv)
 
     def begin(self, t: int, n: int) -> None:
         self._caches(n)
@@ -65,8 +62,9 @@ class KernelAttention(AttentionState):
         self.anc[self.own[:n], positions] = self.own[:n]
         self.lens = positions + 1
 
-    def admit(self, slots: torch.Tensor, image_kv: ImageKV) -> None:
-        """The keys and values of the images in `slots` [n] from now on (`image_kv`: per layer, [n, M, width] each)."""
+    def admit(self, slots: Union[torch.Tensor, slice], image_kv: ImageKV) -> None:
+        """The keys and values of the images in `slots` [n] from now on (`image_kv`: per layer,
+        [n, M, width] each), cast before the transposing copies (half the bytes in bf16)."""
         for (keys, values), (k, v) in zip(self.cross, image_kv):
             n, m, _ = k.shape
             keys[slots, ..., :m] = k.to(keys.dtype).view(n, m, self.heads, -1).permute(0, 2, 3, 1)
@@ -131,7 +129,7 @@ class RacedAttention:
         return f"RacedAttention({self.dtype})"
 
 
-def refill_attention(heads: int, head_dim: int, dtype: torch.dtype) -> Optional[AttentionBackend]:
+def refill_attention(head_dim: int, dtype: torch.dtype) -> Optional[AttentionBackend]:
     """The attention backend of slot refill (`mmcap.generation.refill`), whose rows sit at different
     positions: the kernels, caches in `dtype`; None where they do not build here or for this head size."""
     if head_dim not in compiled.HEAD_DIMS or compiled.kernels() is None:

@@ -60,8 +60,8 @@ def _cpu_flags() -> str:
 def build_key() -> str:
     """What the compiled module depends on: a binary built with -march=native for one CPU may not
     run on another that shares the cache directory."""
-    parts = [SOURCE.read_bytes(), INT8_SOURCE.read_bytes(), cpu_model().encode(), _cpu_flags().encode(), torch.__version__.encode(),
-             sys.version.encode(), " ".join(FLAGS).encode()]
+    parts = [SOURCE.read_bytes(), INT8_SOURCE.read_bytes(), cpu_model().encode(), _cpu_flags().encode(),
+             torch.__version__.encode(), sys.version.encode(), " ".join(FLAGS).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -88,16 +88,14 @@ def kernels():
             # a warning: the first call pauses for it, and nothing else would say why
             log.warning("mmcap: compiling the attention kernels for this CPU, once (about 10 s) into %s", build)
         start = time.perf_counter()
-        cpp_extension.load(name=f"mmcap_attention_{key}", sources=[str(SOURCE), str(INT8_SOURCE)], extra_cflags=FLAGS,
-                           extra_ldflags=["-fopenmp"] if OPENMP else [], build_directory=str(build),
+        cpp_extension.load(name=f"mmcap_attention_{key}", sources=[str(SOURCE), str(INT8_SOURCE)],
+                           extra_cflags=FLAGS, extra_ldflags=["-fopenmp"] if OPENMP else [], build_directory=str(build),
                            is_python_module=False, verbose=False)
         if fresh:
             log.info("mmcap: attention kernels built in %.1f s", time.perf_counter() - start)
         ops = torch.ops.mmcap  # the overloads themselves: no lookup per call
-        _LOADED["ops"] = SimpleNamespace(self_attend=ops.self_attend.default, self_attend_rows=ops.self_attend_rows.default,
-                                         cross_attend=ops.cross_attend.default,
-                                         amx_int8=ops.amx_int8.default, int8_pack=ops.int8_pack.default,
-                                         int8_linear=ops.int8_linear.default)
+        _LOADED["ops"] = SimpleNamespace(**{name: getattr(ops, name).default for name in (
+            "self_attend", "self_attend_rows", "cross_attend", "amx_int8", "int8_pack", "int8_linear")})
         return _LOADED["ops"]
     except Exception as e:  # no compiler, no headers, a read-only cache: torch's ops do the work
         what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

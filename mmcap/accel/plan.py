@@ -70,12 +70,12 @@ class InferencePlan:
         """The attention backend for GPT-2's lean pass: int8 keeps its caches in the compute dtype."""
         return RacedAttention(self.dtype if self.int8_decoder else None)
 
-    def refill_attention(self, heads: int, head_dim: int) -> Optional[AttentionBackend]:
-        """The attention backend for slot refill (rows at their own positions: mmcap's kernels, the
-        caches in the dtype `attention` would use, fp32 in fp32), or None where the kernels cannot run."""
+    def refill_attention(self, head_dim: int) -> Optional[AttentionBackend]:
+        """The attention backend for slot refill (rows at their own positions: mmcap's kernels,
+        caches in the compute dtype), or None where the kernels cannot run."""
         if self.device.type != "cpu":
             return None
-        return refill_attention(heads, head_dim, self.dtype if (self.int8_decoder or not self.exact) else torch.float32)
+        return refill_attention(head_dim, self.dtype)
 
     def prepare(self) -> None:
         """Process-wide settings the plan asks for (once per process)."""

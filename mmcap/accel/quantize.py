@@ -43,11 +43,10 @@ except (AttributeError, RuntimeError):  # pragma: no cover - torch builds withou
 _CANDIDATES = ("fbgemm", "onednn")  # the first is kept unless another is clearly faster
 AMX = "amx"  # mmcap's kernel (`mmcap.accel.kernels`), a candidate where the CPU has AMX
 ENGINE_MIN_SPEEDUP = 1.1  # timings a few percent apart flip between runs: keep the first there
-# Against the AMX kernel another engine must be clearly faster: the race times one weight over and
-# over (in cache), while decoding streams every weight from memory, where the kernel measured
-# faster (GPT-2's LM head on AMX against oneDNN, in a whole decode: 0.56-0.63 s against 0.64-0.68 s
-# per batch of 16, though the race had put oneDNN 10 % ahead), and it also does the LayerNorm, GELU
-# and residual add around a layer, which the race does not time.
+# Against the AMX kernel another engine must be clearly faster: the race times one weight in cache
+# and none of the LayerNorm, GELU and residual add the kernel does around a layer. In a whole decode
+# (benchmarks/bench_decode_rows.py) every layer on AMX took 530 ms a batch against oneDNN's 677,
+# while single-shape races came within 10 % and flipped between processes.
 AMX_MIN_SPEEDUP = 1.25
 TIMING_ROWS = 48  # rows per call while timing: 16 images x 3 beams, a decoding step of `caption`'s default batch
 
@@ -73,8 +72,7 @@ def _candidate_engines() -> tuple[str, ...]:
 
 def preferred_engine(engines: tuple[str, ...]) -> str:
     """The engine kept unless another times clearly faster: mmcap's AMX kernel where it runs (by
-    `AMX_MIN_SPEEDUP`: races within 10 % flipped GPT-2's MLP to oneDNN in one process of four and
-    cost it 12 %), else the first of torch's engines (by `ENGINE_MIN_SPEEDUP`)."""
+    `AMX_MIN_SPEEDUP`), else the first of torch's engines (by `ENGINE_MIN_SPEEDUP`)."""
     return AMX if AMX in engines else engines[0]
 
 

@@ -11,10 +11,10 @@ Choices outlive the process: they are kept in `choices.json` under `cache_root()
 and mmcap versions) and by what was timed, shape included, so that a choice made for a ResNet-18
 is never reused for a ResNet-50. A new process reuses them and runs no race. An entry that cannot be
 read, that names a candidate not offered now, or that did not time a candidate offered now, is
-timed again, never trusted blindly. A race
-run while other processes competed for the cores mmcap's threads use (`others_competed`, from
-/proc/stat) decides for this process only and is not written: a choice timed under someone else's
-load would otherwise outlive the load (it once kept a kernel 2x slower on every later run).
+timed again, never trusted blindly. A race run while other processes competed for the cores
+mmcap's threads use (`OtherLoad`, from /proc/stat) decides for this process only and is not
+written: a choice timed under someone else's load would otherwise outlive the load (it once kept a
+kernel 2x slower on every later run).
 """
 from __future__ import annotations
 

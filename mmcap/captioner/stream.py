@@ -92,8 +92,7 @@ class CaptionStream:
         if not (refill.supports(cfg, self.prompt) and GPT2Decoding.supports(decoder, False)
                 and (fusion is None or fusion.own_cross_attention)):
             return None
-        heads = decoder.config.num_attention_heads
-        return self.plan.refill_attention(heads, decoder.config.hidden_size // heads)
+        return self.plan.refill_attention(decoder.config.hidden_size // decoder.config.num_attention_heads)
 
     def _result_batches(self) -> Iterator[ResultBatch]:
         if self.refilling:

@@ -37,8 +37,7 @@ class GPT2Decoding:
         fast = autocast or not isinstance(self.body.h[0].mlp.c_fc, Conv1D)
         self.fused_gelu = fast and cfg.activation_function == "gelu_new"
         # the image's keys and values, once per image; the backend keeps them and the caches
-        image_kv = [block.crossattention.c_attn(memory).split(cfg.hidden_size, dim=2) for block in self.body.h]
-        self.attention = attention(image_kv, cfg.num_attention_heads, max_len, autocast)
+        self.attention = attention(self._image_kv(memory), cfg.num_attention_heads, max_len, autocast)
 
     @staticmethod
     def supports(model, attentions: bool) -> bool:
@@ -71,8 +70,12 @@ class GPT2Decoding:
 
     def admit(self, slots: torch.Tensor, memory: torch.Tensor) -> None:
         """Image tokens `memory` [n, M, D] decode in image slots `slots` [n] from now on (slot refill)."""
+        self.attention.admit(slots, self._image_kv(memory))
+
+    def _image_kv(self, memory: torch.Tensor) -> list:
+        """Each layer's cross-attention keys and values of image tokens `memory` [n, M, D]."""
         width = self.model.config.hidden_size
-        self.attention.admit(slots, [block.crossattention.c_attn(memory).split(width, dim=2) for block in self.body.h])
+        return [block.crossattention.c_attn(memory).split(width, dim=2) for block in self.body.h]
 
     def _layers(self, x: torch.Tensor) -> torch.Tensor:
         body, att = self.body, self.attention

@@ -2,8 +2,8 @@
 the next image, so the decoder's rows stay full until the stream runs dry.
 
 Batch-at-a-time decoding runs a batch until its longest caption ends, its rows emptying as images
-finish; on a CPU a step costs about the same with 10 rows as with 48 (every weight is read once
-per step either way), so the emptied rows are time lost. Here the batch is a fixed set of image
+finish, and every step pays a part that does not depend on its rows (the weights read once,
+Python, kernel calls): fewer steps with every row busy save that part. Here the batch is a fixed set of image
 slots of k rows each; a slot's rows sit at their own positions (the pass's `step_rows`: a refilled
 slot starts again at BOS while the others go on), and each image's search is the one
 `beam_search` runs for it alone: the same candidates, finished hypotheses and stopping rule, so the

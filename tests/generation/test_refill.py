@@ -54,8 +54,8 @@ def test_each_image_gets_the_caption_and_log_prob_of_beam_search_alone(talkative
         pixels, _ = model.preprocess(paths)
         memory = model.project(model.encoder(pixels))
         want = model.generate(pixels, num_beams=3, max_new_tokens=12, min_new_tokens=1)
-    heads = model.decoder.config.num_attention_heads
-    backend = refill_attention(heads, model.decoder.config.hidden_size // heads, torch.float32)
+    cfg_dec = model.decoder.config
+    backend = refill_attention(cfg_dec.hidden_size // cfg_dec.num_attention_heads, torch.float32)
     made = []
 
     def make_pass(first):
