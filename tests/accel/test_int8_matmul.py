@@ -16,8 +16,10 @@ def packed(w: torch.Tensor) -> torch.Tensor:
     return ops.int8_pack(w)
 
 
-@pytest.mark.parametrize("rows,inputs,outputs", [(48, 768, 96), (5, 100, 37), (33, 192, 16), (100, 64, 50), (1, 70, 3)],
-                         ids=["decoding-step", "ragged", "three-tiles-of-rows", "past-48-rows", "one-row"])
+@pytest.mark.parametrize("rows,inputs,outputs", [(48, 768, 96), (5, 100, 37), (33, 192, 16), (100, 64, 50), (1, 70, 3),
+                                                (47, 130, 16 * 19 + 5)],
+                         ids=["decoding-step", "ragged", "three-tiles-of-rows", "past-48-rows", "one-row",
+                              "panels-and-an-odd-column-block"])
 def test_sums_are_exact_for_every_row_and_column(rows, inputs, outputs):
     """Integer inputs whose row maximum is 127 quantize to themselves with scale 1: the output is the
     exact integer product, padding rows and columns included in the shapes but not the sums."""

@@ -33,7 +33,7 @@ constexpr int64_t kRows = 16;   // rows of a tile (activations, outputs); K / 4 
 constexpr int64_t kCols = 16;   // output columns of a tile
 constexpr int64_t kDepth = 64;  // int8 products summed per tile row
 constexpr int64_t kTile = kRows * kDepth;  // bytes in a tile
-constexpr int64_t kPanel = 8;  // column blocks whose weights stay in cache while all row groups pass
+constexpr int64_t kPanel = 8;  // column blocks whose weights stay in cache while all row pairs pass
 
 bool amx_ready() {
 #ifdef MMCAP_AMX
@@ -145,28 +145,38 @@ inline __m512 gelu_tanh16(__m512 x) {
   return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(u2)));
 }
 
-// tiles 0-2: int32 sums of up to three 16-row blocks; 3: weights; 4-6: activations
-template <int Blocks>
-inline void tile_sums(const int8_t* a, int64_t lda, const int8_t* b, int64_t depth_tiles, int32_t* sums) {
+// int32 sums of Rows 16-row blocks of activations by Cols 16-column blocks of weights, into `sums`
+// [Rows x 16, Cols x 16]. Tiles 0-3 hold the sums (r x 2 + c), 4-5 the activations, 6-7 the
+// weights: each loaded tile feeds Cols or Rows products. AMX does not rename tiles, so a tile is
+// loaded again only once the products reading it are done; at 2 x 2 a decoding step's int8 layers
+// ran 1.2-1.5x faster than at 3 row blocks x 1 column block, which loads every activation tile
+// once per product (`bench_decode_rows.py`)
+template <int Rows, int Cols>
+inline void tile_sums(const int8_t* a, int64_t lda, const int8_t* b, int64_t b_stride, int64_t depth_tiles,
+                      int32_t* sums) {
   _tile_zero(0);
-  if (Blocks > 1) _tile_zero(1);
-  if (Blocks > 2) _tile_zero(2);
+  if (Cols > 1) _tile_zero(1);
+  if (Rows > 1) _tile_zero(2);
+  if (Rows > 1 && Cols > 1) _tile_zero(3);
   for (int64_t kb = 0; kb < depth_tiles; ++kb) {
-    _tile_loadd(3, b + kb * kTile, kDepth);
     _tile_loadd(4, a + kb * kDepth, lda);
-    _tile_dpbssd(0, 4, 3);
-    if (Blocks > 1) {
-      _tile_loadd(5, a + kRows * lda + kb * kDepth, lda);
-      _tile_dpbssd(1, 5, 3);
+    _tile_loadd(6, b + kb * kTile, kDepth);
+    _tile_dpbssd(0, 4, 6);
+    if (Cols > 1) {
+      _tile_loadd(7, b + b_stride + kb * kTile, kDepth);
+      _tile_dpbssd(1, 4, 7);
     }
-    if (Blocks > 2) {
-      _tile_loadd(6, a + 2 * kRows * lda + kb * kDepth, lda);
-      _tile_dpbssd(2, 6, 3);
+    if (Rows > 1) {
+      _tile_loadd(5, a + kRows * lda + kb * kDepth, lda);
+      _tile_dpbssd(2, 5, 6);
+      if (Cols > 1) _tile_dpbssd(3, 5, 7);
     }
   }
-  _tile_stored(0, sums, kCols * 4);
-  if (Blocks > 1) _tile_stored(1, sums + kRows * kCols, kCols * 4);
-  if (Blocks > 2) _tile_stored(2, sums + 2 * kRows * kCols, kCols * 4);
+  constexpr int64_t ld = Cols * kCols;
+  _tile_stored(0, sums, ld * 4);
+  if (Cols > 1) _tile_stored(1, sums + kCols, ld * 4);
+  if (Rows > 1) _tile_stored(2, sums + kRows * ld, ld * 4);
+  if (Rows > 1 && Cols > 1) _tile_stored(3, sums + kRows * ld + kCols, ld * 4);
 }
 #endif
 
@@ -254,39 +264,48 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
   auto column_blocks = [&](int64_t b0, int64_t b1) {
     if (b0 >= b1) return;
     TileConfig cfg;
-    for (int t = 0; t < 7; ++t) {
+    for (int t = 0; t < 8; ++t) {
       cfg.rows[t] = kRows;
       cfg.colsb[t] = kDepth;
     }
     _tile_loadconfig(&cfg);
-    alignas(64) int32_t sums[3 * kRows * kCols];
-    // a decoding step (up to 48 rows) streams each weight block once; more rows (an image's keys
-    // and values, say) go through panels of kPanel column blocks, whose weights stay in cache while
-    // every group of 48 rows passes, instead of every row passing from L2 per column block
-    for (int64_t p0 = b0; p0 < b1; p0 += kPanel)
-    for (int64_t r0 = 0; r0 < mp; r0 += 3 * kRows)
-    for (int64_t b = p0; b < std::min(b1, p0 + kPanel); ++b) {
-      const int8_t* wb = wp + b * kb * kTile;
-      if (r0 == 0 && b + 1 < b1) {  // the next column block's weights on their way to L2 meanwhile (~8 % a step)
-        const char* next = reinterpret_cast<const char*>(wb + kb * kTile);
-        for (int64_t line = 0; line < kb * kTile; line += 64) _mm_prefetch(next + line, _MM_HINT_T1);
-      }
-      const int64_t c0 = b * kCols, cols = std::min(kCols, n - c0);
-      const int blocks = static_cast<int>(std::min<int64_t>(3, (mp - r0) / kRows));
-      const int8_t* a = qp + r0 * kp;
-      if (blocks == 3) tile_sums<3>(a, kp, wb, kb, sums);
-      else if (blocks == 2) tile_sums<2>(a, kp, wb, kb, sums);
-      else tile_sums<1>(a, kp, wb, kb, sums);
-      const int64_t rows = std::min<int64_t>(blocks * kRows, m - r0);
+    alignas(64) int32_t sums[2 * kRows * 2 * kCols];
+    // y for `rows` rows from r0 and the column block from c0, from its int32 sums (row stride ld)
+    auto finish = [&](int64_t r0, int64_t rows, int64_t c0, const int32_t* s, int64_t ld) {
+      const int64_t cols = std::min(kCols, n - c0);
       const __mmask16 mask = cols == kCols ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
       const __m512 wsv = _mm512_maskz_loadu_ps(mask, ws + c0);
       const __m512 bv = bp ? _mm512_maskz_loadu_ps(mask, bp + c0) : _mm512_setzero_ps();
       for (int64_t i = 0; i < rows; ++i) {
-        const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(sums + i * kCols));
+        const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(s + i * ld));
         __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(acc, _mm512_set1_ps(sp[r0 + i])), wsv, bv);
         if (gelu) y = gelu_tanh16(y);
         if (rp) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, rp + (r0 + i) * n + c0));
         _mm512_mask_storeu_ps(op + (r0 + i) * n + c0, mask, y);
+      }
+    };
+    // panels of kPanel column blocks: the first pair of row blocks reads a panel's weights from
+    // memory, the next pairs (a step's rows 32-47; an image's keys and values) from cache
+    for (int64_t p0 = b0; p0 < b1; p0 += kPanel) {
+      const int64_t p1 = std::min(b1, p0 + kPanel);
+      for (int64_t r0 = 0; r0 < mp; r0 += 2 * kRows) {
+        const bool two_rows = mp - r0 >= 2 * kRows;
+        const int64_t rows = std::min<int64_t>((two_rows ? 2 : 1) * kRows, m - r0);
+        const int64_t top = std::min(rows, kRows);
+        const int8_t* a = qp + r0 * kp;
+        for (int64_t b = p0; b < p1; b += 2) {
+          const int8_t* wb = wp + b * kb * kTile;
+          const bool two_cols = b + 1 < p1;
+          const int64_t ld = (two_cols ? 2 : 1) * kCols;
+          if (two_rows && two_cols) tile_sums<2, 2>(a, kp, wb, kb * kTile, kb, sums);
+          else if (two_rows) tile_sums<2, 1>(a, kp, wb, kb * kTile, kb, sums);
+          else if (two_cols) tile_sums<1, 2>(a, kp, wb, kb * kTile, kb, sums);
+          else tile_sums<1, 1>(a, kp, wb, kb * kTile, kb, sums);
+          for (int64_t c = 0; c < (two_cols ? 2 : 1); ++c) {
+            finish(r0, top, (b + c) * kCols, sums + c * kCols, ld);
+            if (rows > kRows) finish(r0 + kRows, rows - kRows, (b + c) * kCols, sums + kRows * ld + c * kCols, ld);
+          }
+        }
       }
     }
     _tile_release();
