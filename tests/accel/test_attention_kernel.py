@@ -52,10 +52,11 @@ def test_self_attention_reads_each_position_from_its_ancestor_row_and_writes_the
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("positions", [1, 16, 49])
-def test_cross_attention_matches_torch_for_every_beam_of_every_image(dtype, positions):
+@pytest.mark.parametrize("positions", [1, 16, 49, 100])
+@pytest.mark.parametrize("beams, head_dim", [(3, 32), (6, 64)])
+def test_cross_attention_matches_torch_for_every_beam_of_every_image(dtype, positions, beams, head_dim):
     torch.manual_seed(1)
-    images, beams, heads, head_dim = 4, 3, 2, 32
+    images, heads = 4, 2
     w = heads * head_dim
     k, v = torch.randn(images, positions, w) * 3, torch.randn(images, positions, w)
     att = kernel_attention.KernelAttention(heads, [(k, v)], dtype, max_len=4, kernels=kernels)

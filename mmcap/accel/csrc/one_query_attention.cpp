@@ -114,6 +114,17 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
         qv[c] = load(q + L * c) * scale;
       }
       const int64_t* a = ap + n * as;
+      if (nh + 1 < end) {  // the next task's keys and values on their way meanwhile
+        const int64_t n1 = (nh + 1) / H, h1 = (nh + 1) % H, len1 = lens ? lens[n1] : len_all;
+        const int64_t* a1 = ap + n1 * as;
+        for (int64_t p = 0; p + 1 < len1; ++p) {
+          const int64_t at = ((a1[p] * H + h1) * P + p) * D;
+          for (int64_t i = 0; i < static_cast<int64_t>(D * sizeof(T)); i += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(kp + at) + i, 0, 2);
+            __builtin_prefetch(reinterpret_cast<const char*>(vp + at) + i, 0, 2);
+          }
+        }
+      }
       float mx = -INFINITY;
       for (int64_t p = 0; p < len; ++p) {
         const T* kr = kp + ((a[p] * H + h) * P + p) * D;
@@ -140,13 +151,67 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
 
 // Cross-attention: q [N, >= W] fp32 or bf16, `group` consecutive rows (beams) per image; keys transposed
 // KT [B, H, D, MP] and values V [B, H, MP, D] with the image's M positions padded to MP (a
-// multiple of 16). One task per (image, head): its keys and values are read once for all its beams.
-constexpr int64_t kMaxGroup = 4;  // beams whose outputs are summed together (registers: 4 x D / L vectors)
+// multiple of L). One task per (image, head): its keys and values are read once for all its beams,
+// G beams at a time (`beams_attend`).
+constexpr int64_t kMaxGroup = 4;  // beams attended together: G x 4 score vectors stay in registers
+
+// scores s[g][c0 .. c0 + CC) = q_g . keys over G beams' queries and CC vectors of positions: the
+// G x CC sums stay in registers while the keys stream by (the loop bounds are compile-time)
+template <int D, int G, int CC, typename T, typename Q>
+inline void cross_scores(const Q* const* qg, const T* k, int64_t MP, int64_t c0, int64_t C, vf* s) {
+  vf acc[G][CC] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const T* kd = k + d * MP + c0 * L;
+    vf kv[CC];
+    for (int c = 0; c < CC; ++c) kv[c] = load(kd + L * c);
+    for (int g = 0; g < G; ++g) {
+      const float qd = static_cast<float>(qg[g][d]);
+      for (int c = 0; c < CC; ++c) acc[g][c] += qd * kv[c];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < CC; ++c) s[g * C + c0 + c] = acc[g][c];
+}
+
+// G beams' attention over one image and head: scores, softmax, then each value row read once for
+// the G beams' weighted sums
+template <int D, int G, typename T, typename Q>
+void beams_attend(const Q* const* qg, const T* k, const T* v, int64_t M, int64_t MP, float scale, vf* s,
+                  float* const* y) {
+  constexpr int DC = D / L;
+  const int64_t C = MP / L;
+  int64_t c0 = 0;
+  for (; c0 + 4 <= C; c0 += 4) cross_scores<D, G, 4>(qg, k, MP, c0, C, s);
+  for (; c0 + 2 <= C; c0 += 2) cross_scores<D, G, 2>(qg, k, MP, c0, C, s);
+  for (; c0 < C; ++c0) cross_scores<D, G, 1>(qg, k, MP, c0, C, s);
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    vf* sg = s + g * C;
+    for (int64_t m = M; m < MP; ++m) sg[m / L][m % L] = -INFINITY;
+    vf mv = sg[0];
+    for (int64_t c = 1; c < C; ++c) mv = sg[c] > mv ? sg[c] : mv;
+    const float mx = hmax(mv);
+    vf sv = (vf){};
+    for (int64_t c = 0; c < C; ++c) { sg[c] = vexp((sg[c] - mx) * scale); sv += sg[c]; }
+    inv[g] = 1.f / hsum(sv);
+  }
+  vf o[G][DC] = {};
+  for (int64_t m = 0; m < M; ++m) {
+    const T* vm = v + m * D;
+    vf row[DC];
+    for (int c = 0; c < DC; ++c) row[c] = load(vm + L * c);
+    for (int g = 0; g < G; ++g) {
+      const float w = s[g * C + m / L][m % L];
+      for (int c = 0; c < DC; ++c) o[g][c] += w * row[c];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < DC; ++c) store(y[g] + L * c, o[g][c] * inv[g]);
+}
 
 template <int D, typename T, typename Q>
 void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tensor& V, int64_t M,
                        int64_t group, float scale, at::Tensor& out) {
-  constexpr int DC = D / L;
   const int64_t B = KT.size(0), H = KT.size(1), MP = KT.size(3), C = MP / L, W = H * D;
   const Q* qp = q.data_ptr<Q>();
   const T* kt = KT.data_ptr<T>();
@@ -154,45 +219,30 @@ void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tens
   float* op = out.data_ptr<float>();
   const int64_t qs = q.stride(0);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<vf> s(C * group);
+    std::vector<vf> s(C * kMaxGroup);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const T* k = kt + bh * D * MP;
-      for (int64_t i = 0; i < C * group; ++i) s[i] = (vf){};
-      for (int64_t d = 0; d < D; ++d) {
-        const T* kd = k + d * MP;
-        for (int64_t c = 0; c < C; ++c) {
-          const vf kv = load(kd + L * c);
-          for (int64_t g = 0; g < group; ++g) s[g * C + c] += static_cast<float>(qp[(b * group + g) * qs + h * D + d]) * kv;
-        }
-      }
       const T* v = vv + bh * MP * D;
-      float inv[kMaxGroup];
-      for (int64_t g0 = 0; g0 < group; g0 += kMaxGroup) {  // up to kMaxGroup beams read each value row once
+      if (bh + 1 < end) {  // the next task's keys and values on their way meanwhile
+        const char* nk = reinterpret_cast<const char*>(k + D * MP);
+        const char* nv = reinterpret_cast<const char*>(v + MP * D);
+        for (int64_t i = 0; i < static_cast<int64_t>(D * MP * sizeof(T)); i += 64) __builtin_prefetch(nk + i, 0, 2);
+        for (int64_t i = 0; i < static_cast<int64_t>(M * D * sizeof(T)); i += 64) __builtin_prefetch(nv + i, 0, 2);
+      }
+      for (int64_t g0 = 0; g0 < group; g0 += kMaxGroup) {
+        const Q* qg[kMaxGroup];
+        float* y[kMaxGroup];
         const int64_t gn = std::min<int64_t>(kMaxGroup, group - g0);
-        for (int64_t gi = 0; gi < gn; ++gi) {
-          vf* sg = s.data() + (g0 + gi) * C;
-          for (int64_t m = M; m < MP; ++m) sg[m / L][m % L] = -INFINITY;
-          vf mv = sg[0];
-          for (int64_t c = 1; c < C; ++c) mv = sg[c] > mv ? sg[c] : mv;
-          const float mx = hmax(mv);
-          vf sv = (vf){};
-          for (int64_t c = 0; c < C; ++c) { sg[c] = vexp((sg[c] - mx) * scale); sv += sg[c]; }
-          inv[gi] = 1.f / hsum(sv);
+        for (int64_t g = 0; g < gn; ++g) {
+          qg[g] = qp + (b * group + g0 + g) * qs + h * D;
+          y[g] = op + (b * group + g0 + g) * W + h * D;
         }
-        vf o[kMaxGroup][DC] = {};
-        for (int64_t m = 0; m < M; ++m) {
-          const T* vm = v + m * D;
-          vf row[DC];
-          for (int c = 0; c < DC; ++c) row[c] = load(vm + L * c);
-          for (int64_t gi = 0; gi < gn; ++gi) {
-            const float w = s[(g0 + gi) * C + m / L][m % L] * inv[gi];
-            for (int c = 0; c < DC; ++c) o[gi][c] += w * row[c];
-          }
-        }
-        for (int64_t gi = 0; gi < gn; ++gi) {
-          float* y = op + (b * group + g0 + gi) * W + h * D;
-          for (int c = 0; c < DC; ++c) store(y + L * c, o[gi][c]);
+        switch (gn) {
+          case 4: beams_attend<D, 4>(qg, k, v, M, MP, scale, s.data(), y); break;
+          case 3: beams_attend<D, 3>(qg, k, v, M, MP, scale, s.data(), y); break;
+          case 2: beams_attend<D, 2>(qg, k, v, M, MP, scale, s.data(), y); break;
+          default: beams_attend<D, 1>(qg, k, v, M, MP, scale, s.data(), y);
         }
       }
     }
