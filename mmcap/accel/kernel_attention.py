@@ -37,6 +37,7 @@ class KernelAttention(AttentionState):
         super().__init__(heads, dtype)
         self.max_len = max_len
         self.kernels = kernels or compiled.kernels()
+        self.log_softmax_top = getattr(self.kernels, "log_softmax_top", None)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.anc: Optional[torch.Tensor] = None  # [rows, max_len] cache rows

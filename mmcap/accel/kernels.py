@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "one_query_attention.cpp"
 INT8_SOURCE = SOURCE.with_name("int8_matmul.cpp")  # int8 linear layers on AMX (`mmcap.accel.quantize`)
+ROW_TOP_SOURCE = SOURCE.with_name("row_top.cpp")  # beam search's log-softmax top k (`log_softmax_top`)
+SOURCES = (SOURCE, INT8_SOURCE, ROW_TOP_SOURCE)  # compiled together
+HEADERS = (SOURCE.with_name("vec.h"),)  # what the sources include
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the source instantiates
 DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),  # and its (caches, queries) dtypes
           (torch.bfloat16, torch.bfloat16))
@@ -60,7 +63,8 @@ def _cpu_flags() -> str:
 def build_key() -> str:
     """What the compiled module depends on: a binary built with -march=native for one CPU may not
     run on another that shares the cache directory."""
-    parts = [SOURCE.read_bytes(), INT8_SOURCE.read_bytes(), cpu_model().encode(), _cpu_flags().encode(),
+    parts = [*(source.read_bytes() for source in SOURCES + HEADERS),
+             cpu_model().encode(), _cpu_flags().encode(),
              torch.__version__.encode(), sys.version.encode(), " ".join(FLAGS).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
@@ -88,14 +92,15 @@ def kernels():
             # a warning: the first call pauses for it, and nothing else would say why
             log.warning("mmcap: compiling the attention kernels for this CPU, once (about 10 s) into %s", build)
         start = time.perf_counter()
-        cpp_extension.load(name=f"mmcap_attention_{key}", sources=[str(SOURCE), str(INT8_SOURCE)],
+        cpp_extension.load(name=f"mmcap_attention_{key}", sources=[str(source) for source in SOURCES],
                            extra_cflags=FLAGS, extra_ldflags=["-fopenmp"] if OPENMP else [], build_directory=str(build),
                            is_python_module=False, verbose=False)
         if fresh:
             log.info("mmcap: attention kernels built in %.1f s", time.perf_counter() - start)
         ops = torch.ops.mmcap  # the overloads themselves: no lookup per call
         _LOADED["ops"] = SimpleNamespace(**{name: getattr(ops, name).default for name in (
-            "self_attend", "self_attend_rows", "cross_attend", "amx_int8", "int8_pack", "int8_linear")})
+            "self_attend", "self_attend_rows", "cross_attend", "amx_int8", "int8_pack", "int8_linear",
+            "log_softmax_top")})
         return _LOADED["ops"]
     except Exception as e:  # no compiler, no headers, a read-only cache: torch's ops do the work
         what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -9,7 +9,7 @@ plan hands over (`mmcap.accel.kernel_attention`, C++ kernels where they timed fa
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -27,6 +27,11 @@ class AttentionState:
     `self_attention` and `cross_attention`; beam search calls `expand`, `reorder` and `keep`.
     Every implementation keeps heads, beams per image, the position being written and the image's
     keys and values per layer (`cross`, pairs with the image first)."""
+
+    # logits [N, V], k -> the k best log-probs [N, k] of each row and their tokens, without writing
+    # the log-probs out: where a state's kernels offer it (mmcap's, in the lossy modes: their
+    # log-sum-exp rounds otherwise than torch's log_softmax)
+    log_softmax_top: Optional[Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = None
 
     def __init__(self, heads: int, dtype: Optional[torch.dtype]):
         self.heads, self.dtype, self.group, self.t = heads, dtype, 1, 0

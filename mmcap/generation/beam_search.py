@@ -32,11 +32,14 @@ def beam_search(dec: DecodingPass, start: torch.Tensor, eos: int, pad: int, cfg:
     shrink = drop_finished and not dec.attentions
     images, done = torch.arange(b, device=start.device), None  # the image of each row of the state
 
+    # the pass's kernels may give each row's best log-probs straight from the logits (not where
+    # sampling or banned n-grams need them all)
+    row_top = None if cfg.do_sample or cfg.no_repeat_ngram_size > 0 else getattr(dec, "row_top", None)
     cur = prompt_len  # the position the next token takes
     for step in range(cfg.max_new_tokens):
         if step > 0:
             logits, att = dec(running.seqs.view(-1, running.seqs.shape[2])[:, :cur])
-        cand = top_candidates(_log_softmax(logits), running, cur, step, cfg, eos, att)
+        cand = top_candidates(logits if row_top else _log_softmax(logits), running, cur, step, cfg, eos, att, row_top)
         running, parent = next_beams(cand, k)
         finished.add(cand, step, cfg)
         cur += 1

@@ -8,7 +8,7 @@ score over (new tokens ** length_penalty), as in transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -16,6 +16,8 @@ from mmcap.generation.config import GenerationConfig
 from mmcap.generation.processors import process, topk_rows, warp_for_sampling
 
 NEG = -1.0e9  # the score of a slot that holds nothing (safer than -inf in sums)
+# logits [N, V], n -> each row's n best log-probs [N, n] and their tokens (`AttentionState.log_softmax_top`)
+RowTop = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -81,9 +83,10 @@ class Candidates:
 
 
 def top_candidates(logp: torch.Tensor, running: Running, cur: int, step: int, cfg: GenerationConfig, eos: int,
-                   att: Optional[torch.Tensor]) -> Candidates:
+                   att: Optional[torch.Tensor], row_top: Optional[RowTop] = None) -> Candidates:
     """The best continuations of every image's beams, from the log-probs `logp` [b k, V] of the next
-    token (overwritten) and the image attention `att` [b k, M] of this step."""
+    token (overwritten) and the image attention `att` [b k, M] of this step; `logp` holds the logits
+    where `row_top` gives their rows' best log-probs (beam search without sampling or banned n-grams)."""
     b, k, max_len = running.seqs.shape
     vocab = logp.shape[-1]
     keep = min(2 * k, k * vocab)
@@ -93,13 +96,15 @@ def top_candidates(logp: torch.Tensor, running: Running, cur: int, step: int, cf
         # the processors only ban tokens (-inf), so they can work on the fresh sums in place
         acc = process(acc, seqs, step, cfg, eos).view(b, k * vocab)
         idx = torch.multinomial(warp_for_sampling(acc, cfg).softmax(-1), keep)
-        scores = acc.gather(1, idx)
+        scores, chosen = acc.gather(1, idx), None
     else:
-        scores, idx = _best_sums(logp, running.scores, seqs, step, cfg, eos, keep)
+        scores, idx, chosen = _best_sums(logp, running.scores, seqs, step, cfg, eos, keep, row_top)
+    if chosen is None:
+        chosen = logp.view(b, k * vocab).gather(1, idx)
     beam, tok = idx // vocab, idx % vocab
     top_seqs = gather(running.seqs, beam)
     top_seqs[:, :, cur] = tok
-    top_logp = gather(running.logp, beam) + logp.view(b, k * vocab).gather(1, idx)
+    top_logp = gather(running.logp, beam) + chosen
     top_att = None
     if att is not None:
         top_att = gather(running.att, beam)
@@ -107,20 +112,24 @@ def top_candidates(logp: torch.Tensor, running: Running, cur: int, step: int, cf
     return Candidates(top_seqs, scores, top_logp, top_att, beam, (tok == eos) | (cur + 1 >= max_len))
 
 
-def _best_sums(logp, scores, seqs, step, cfg, eos, keep) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_sums(logp, scores, seqs, step, cfg, eos, keep, row_top=None):
     """The top `keep` of all k * vocab sums of beam score and token log-prob, without writing them
-    out: the best `keep` of every beam's row, then the best of those."""
+    out: the best `keep` of every beam's row, then the best of those. Returns the sums [b, keep],
+    their flat indices over k * vocab, and their tokens' log-probs (None where banned n-grams were
+    processed: the caller reads them from `logp`)."""
     b, k = scores.shape
     vocab = logp.shape[-1]
+    chosen = None
     if cfg.no_repeat_ngram_size > 0:
         row_best, row_tok = topk_rows(process(logp.clone(), seqs, step, cfg, eos), min(keep, vocab))
     else:  # only min_new_tokens can ban a token (EOS): one spare candidate per row covers it
         ban_eos = step < cfg.min_new_tokens
-        row_best, row_tok = topk_rows(logp, min(keep + ban_eos, vocab))
-        if ban_eos:
-            row_best = row_best.masked_fill(row_tok == eos, float("-inf"))
+        chosen, row_tok = (row_top or topk_rows)(logp, min(keep + ban_eos, vocab))
+        row_best = chosen.masked_fill(row_tok == eos, float("-inf")) if ban_eos else chosen
     top, pos = torch.topk((row_best.view(b, k, -1) + scores[..., None]).view(b, -1), keep)
-    return top, pos // row_best.shape[1] * vocab + row_tok.view(b, -1).gather(1, pos)
+    if chosen is not None:
+        chosen = chosen.view(b, -1).gather(1, pos)
+    return top, pos // row_best.shape[1] * vocab + row_tok.view(b, -1).gather(1, pos), chosen
 
 
 def next_beams(cand: Candidates, k: int) -> tuple[Running, torch.Tensor]:

@@ -38,6 +38,7 @@ class GPT2Decoding:
         self.fused_gelu = fast and cfg.activation_function == "gelu_new"
         # the image's keys and values, once per image; the backend keeps them and the caches
         self.attention = attention(self._image_kv(memory), cfg.num_attention_heads, max_len, autocast)
+        self.row_top = self.attention.log_softmax_top  # beam search's top k of the log-probs, where offered
 
     @staticmethod
     def supports(model, attentions: bool) -> bool:

@@ -12,7 +12,7 @@ finished with (`keep`). Three passes implement it:
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -27,6 +27,9 @@ class DecodingPass(Protocol):
 
     memory: torch.Tensor  # the image tokens of the rows decoded [rows or images, M, D]
     attentions: bool  # whether calls return the image attention of the last query
+    # optional: logits, k -> each row's k best log-probs and their tokens, without writing the
+    # log-probs out (`AttentionState.log_softmax_top`); beam search reads it with getattr
+    row_top: Optional[Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]]
 
     def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits [N, V] (fp32) of the token after `seqs` [N, t], and image attention [N, M] or None."""

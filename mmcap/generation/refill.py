@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
-from mmcap.generation.beams import NEG, Candidates, Finished, Running, gather, next_beams
+from mmcap.generation.beams import NEG, Candidates, Finished, Running, RowTop, gather, next_beams
 from mmcap.generation.config import GenerationConfig
 from mmcap.generation.processors import topk_rows
 
@@ -59,7 +59,9 @@ def refill_beam_search(make_pass: Callable[[torch.Tensor], object], images: Iter
         positions = steps.repeat_interleave(k)
         tokens = running.seqs.view(s * k, max_len).gather(1, positions[:, None])[:, 0]
         logits = dec.step_rows(tokens, positions)
-        cand = _candidates(torch.log_softmax(logits, -1, out=logits), running, steps, cfg, eos)
+        row_top = getattr(dec, "row_top", None)
+        cand = _candidates(logits if row_top else torch.log_softmax(logits, -1, out=logits), running, steps, cfg,
+                           eos, row_top)
         running, parent = next_beams(cand, k)
         finished.add(cand, steps[:, None], cfg)
         finished.update_improvable(running, (steps + 1)[:, None], cfg)
@@ -99,22 +101,22 @@ def _restart(slots: torch.Tensor, running: Running, finished: Finished, bos: int
 
 
 def _candidates(logp: torch.Tensor, running: Running, steps: torch.Tensor, cfg: GenerationConfig,
-                eos: int) -> Candidates:
-    """`beams.top_candidates` with a step per slot: the best 2k continuations of each slot's beams."""
+                eos: int, row_top: Optional[RowTop] = None) -> Candidates:
+    """`beams.top_candidates` with a step per slot: the best 2k continuations of each slot's beams
+    (`logp` holds the logits where `row_top` gives their rows' best log-probs)."""
     b, k, max_len = running.seqs.shape
     vocab = logp.shape[-1]
     keep = min(2 * k, k * vocab)
     ban = (steps < cfg.min_new_tokens).repeat_interleave(k)  # rows whose image may not end yet
     spare = bool(ban.any())  # one spare candidate per row covers the banned EOS
-    row_best, row_tok = topk_rows(logp, min(keep + spare, vocab))
-    if spare:
-        row_best = row_best.masked_fill((row_tok == eos) & ban[:, None], float("-inf"))
+    chosen, row_tok = (row_top or topk_rows)(logp, min(keep + spare, vocab))
+    row_best = chosen.masked_fill((row_tok == eos) & ban[:, None], float("-inf")) if spare else chosen
     scores, pos = torch.topk((row_best.view(b, k, -1) + running.scores[..., None]).view(b, -1), keep)
     idx = pos // row_best.shape[1] * vocab + row_tok.view(b, -1).gather(1, pos)
     beam, tok = idx // vocab, idx % vocab
     cur = steps + 1  # the position each slot's new token takes
     top_seqs = gather(running.seqs, beam)
     top_seqs[torch.arange(b)[:, None], torch.arange(keep)[None, :], cur[:, None]] = tok
-    top_logp = gather(running.logp, beam) + logp.view(b, k * vocab).gather(1, idx)
+    top_logp = gather(running.logp, beam) + chosen.view(b, -1).gather(1, pos)
     hits = (tok == eos) | (cur + 1 >= max_len)[:, None]
     return Candidates(top_seqs, scores, top_logp, None, beam, hits)

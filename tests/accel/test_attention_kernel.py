@@ -208,7 +208,7 @@ def test_a_build_belongs_to_one_cpu_and_one_source(monkeypatch):
     key = attention_kernel.build_key()
     monkeypatch.setattr(attention_kernel, "_cpu_flags", lambda: "fpu sse2 avx2")
     other_cpu = attention_kernel.build_key()
-    monkeypatch.setattr(attention_kernel, "SOURCE", attention_kernel.Path(__file__))
+    monkeypatch.setattr(attention_kernel, "SOURCES", (attention_kernel.Path(__file__),))
     assert len({key, other_cpu, attention_kernel.build_key()}) == 3
     monkeypatch.setenv("MMCAP_KERNELS", "0")
     attention_kernel.kernels.cache_clear()
@@ -222,7 +222,7 @@ OTHER_CPU_CHECK = r"""
 import sys, torch
 from torch.utils import cpp_extension
 from mmcap.accel import kernels as attention_kernel
-cpp_extension.load(name="mmcap_attention_other_cpu", sources=[str(attention_kernel.SOURCE), str(attention_kernel.INT8_SOURCE)],
+cpp_extension.load(name="mmcap_attention_other_cpu", sources=[str(s) for s in attention_kernel.SOURCES],
                    build_directory=sys.argv[2],
                    extra_cflags=["-O3", "-march=" + sys.argv[1], "-fopenmp"], extra_ldflags=["-fopenmp"],
                    is_python_module=False)
@@ -242,6 +242,11 @@ q = torch.randn(6, heads * d)
 got = torch.ops.mmcap.cross_attend(q, kt, vv, 21, 3, 0.125)
 w = torch.softmax(q.view(2, 3, heads, d).transpose(1, 2) @ kt[..., :21] * 0.125, -1)
 torch.testing.assert_close(got, (w @ vv[:, :, :21]).transpose(1, 2).reshape(6, -1), rtol=1e-5, atol=1e-5)
+logits = torch.randn(5, 1000) * 3
+values, tokens = torch.ops.mmcap.log_softmax_top(logits, 6)
+want_values, want_tokens = torch.topk(torch.log_softmax(logits, -1), 6)
+assert torch.equal(tokens, want_tokens)
+torch.testing.assert_close(values, want_values, rtol=0, atol=2e-6)
 assert not torch.ops.mmcap.amx_int8()  # no AMX in these targets: the int8 kernel says so, and refuses
 try:
     torch.ops.mmcap.int8_linear(q, torch.ops.mmcap.int8_pack(torch.ones(16, 192, dtype=torch.int8)), torch.ones(16), None, 16)

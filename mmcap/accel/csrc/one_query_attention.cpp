@@ -3,9 +3,8 @@
 // Built at first use by mmcap.attention_kernel (torch.utils.cpp_extension, -O3 -march=native) as
 // the operators torch.ops.mmcap.self_attend and torch.ops.mmcap.cross_attend.
 //
-// Queries and caches are fp32 or bf16 (the caller's mode); arithmetic and results are fp32. Vectors
-// are GCC's generic vector types, as wide as the compiling CPU's registers, so the code builds for
-// whatever CPU compiles it.
+// Queries and caches are fp32 or bf16 (the caller's mode); arithmetic and results are fp32, in
+// vectors as wide as the compiling CPU's registers (`vec.h`).
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -18,71 +17,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-// Vectors as wide as the target's registers: 16 floats with AVX-512, 8 with AVX, else 4 (SSE,
-// NEON). Wider generic vectors than the registers compile to slow code: 16 lanes on an AVX2-only
-// target ran the kernels 4-7x slower, 8 lanes on SSE2 2-3x.
-#if defined(__AVX512F__)
-constexpr int L = 16;
-#elif defined(__AVX__)
-constexpr int L = 8;
-#else
-constexpr int L = 4;
-#endif
-typedef float vf __attribute__((vector_size(4 * L)));
-typedef float vh __attribute__((vector_size(2 * L)));
-typedef uint32_t vu32 __attribute__((vector_size(4 * L)));
-typedef uint16_t vu16 __attribute__((vector_size(2 * L)));
-typedef int32_t vi32 __attribute__((vector_size(4 * L)));
-
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline vf load(const at::BFloat16* p) {  // bf16 is the high half of an fp32
-  vu16 h; std::memcpy(&h, p, sizeof h);
-  const vu32 w = __builtin_convertvector(h, vu32) << 16;
-  vf v; std::memcpy(&v, &w, sizeof v); return v;
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline void store(at::BFloat16* p, vf v) {  // round to nearest even, as torch's .to(bfloat16)
-  vu32 w; std::memcpy(&w, &v, sizeof w);
-  w = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
-  const vu16 h = __builtin_convertvector(w, vu16);
-  std::memcpy(p, &h, sizeof h);
-}
-
-inline float hsum(vf v) {  // halves added until four lanes are left
-  vh a, b; std::memcpy(&a, &v, sizeof a); std::memcpy(&b, reinterpret_cast<char*>(&v) + sizeof a, sizeof b);
-  const vh s = a + b;
-  float t[L / 2]; std::memcpy(t, &s, sizeof s);
-  float r = 0.f;
-  for (int i = 0; i < L / 2; ++i) r += t[i];
-  return r;
-}
-
-inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < L; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
-// e^x for x <= 0 (scores minus their maximum): x = n ln2 + r, a degree-6 polynomial for e^r;
-// relative error about 1e-7
-inline vf vexp(vf x) {
-  x = x < -87.f ? (vf){} - 87.f : x;
-  const vi32 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi32);  // round(x log2 e)
-  const vf n = __builtin_convertvector(ni, vf);
-  const vf r = x - n * 0.693359375f - n * -2.12194440e-4f;
-  vf p = (vf){} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const vi32 e = (ni + 127) << 23;
-  vf scale; std::memcpy(&scale, &e, sizeof scale);
-  return p * scale;
-}
+using namespace mmcap_vec;
 
 // Self-attention at position len-1 of rows [0, N): qkv [N, >= 3W] fp32 or bf16 (this step's query,
 // key and value, heads of D values); caches K, V [R, H, P, D]. Row n's position p lives in cache row
