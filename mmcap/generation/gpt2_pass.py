@@ -36,6 +36,10 @@ class GPT2Decoding:
         autocast = torch.is_autocast_enabled(memory.device.type)
         fast = autocast or not isinstance(self.body.h[0].mlp.c_fc, Conv1D)
         self.fused_gelu = fast and cfg.activation_function == "gelu_new"
+        # each layer's modules, looked up once: nn.Module's attribute lookup costs about a
+        # microsecond, and a step makes 14 per layer
+        self._blocks = [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.attn.scaling, b.ln_cross_attn, b.crossattention.q_attn,
+                         b.crossattention.c_proj, b.crossattention.scaling, b.ln_2, b.mlp) for b in self.body.h]
         # the image's keys and values, once per image; the backend keeps them and the caches
         self.attention = attention(self._image_kv(memory), cfg.num_attention_heads, max_len, autocast)
         self.row_top = self.attention.log_softmax_top  # beam search's top k of the log-probs, where offered
@@ -79,17 +83,17 @@ class GPT2Decoding:
         return [block.crossattention.c_attn(memory).split(width, dim=2) for block in self.body.h]
 
     def _layers(self, x: torch.Tensor) -> torch.Tensor:
-        body, att = self.body, self.attention
-        for i, block in enumerate(body.h):
-            attn, cross, mlp = block.attn, block.crossattention, block.mlp
-            qkv = linear(attn.c_attn, x, norm=block.ln_1)
-            x = linear(attn.c_proj, att.self_attention(i, qkv, attn.scaling), residual=x)
-            q = linear(cross.q_attn, x, norm=block.ln_cross_attn)
-            x = linear(cross.c_proj, att.cross_attention(i, q, cross.scaling), residual=x)
+        att = self.attention
+        for i, (ln_1, c_attn, c_proj, scaling, ln_cross, q_attn, cross_proj, cross_scaling, ln_2, mlp) in enumerate(
+                self._blocks):
+            qkv = linear(c_attn, x, norm=ln_1)
+            x = linear(c_proj, att.self_attention(i, qkv, scaling), residual=x)
+            q = linear(q_attn, x, norm=ln_cross)
+            x = linear(cross_proj, att.cross_attention(i, q, cross_scaling), residual=x)
             if self.fused_gelu:
-                x = linear(mlp.c_proj, linear(mlp.c_fc, x, norm=block.ln_2, gelu=True), residual=x)
+                x = linear(mlp.c_proj, linear(mlp.c_fc, x, norm=ln_2, gelu=True), residual=x)
             else:
-                x = x + mlp(block.ln_2(x))
+                x = x + mlp(ln_2(x))
         return x
 
     def expand(self, k: int) -> None:

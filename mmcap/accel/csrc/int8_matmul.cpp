@@ -220,9 +220,10 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
   TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->scalar_type() == at::kFloat && bias->numel() == n &&
               bias->is_contiguous()), "int8_linear: want an fp32 bias of ", n);
   const bool has_residual = residual.has_value() && residual->defined();
-  TORCH_CHECK(!has_residual || (residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
-              residual->dim() == 2 && residual->size(0) == m && residual->size(1) == n),
-              "int8_linear: want a contiguous fp32 residual [", m, ", ", n, "]");
+  TORCH_CHECK(!has_residual || (residual->scalar_type() == at::kFloat && residual->dim() == 2 &&
+              residual->size(0) == m && residual->size(1) == n),
+              "int8_linear: want an fp32 residual [", m, ", ", n, "]");
+  const at::Tensor res = has_residual ? residual->contiguous() : at::Tensor();
   const bool norm = norm_weight.has_value() && norm_weight->defined();
   TORCH_CHECK(!norm || (norm_bias.has_value() && norm_bias->defined() && norm_weight->scalar_type() == at::kFloat &&
               norm_bias->scalar_type() == at::kFloat && norm_weight->is_contiguous() && norm_bias->is_contiguous() &&
@@ -259,7 +260,7 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   const int8_t* wp = packed.data_ptr<int8_t>();
   float* op = out.data_ptr<float>();
-  const float* rp = has_residual ? residual->data_ptr<float>() : nullptr;
+  const float* rp = has_residual ? res.data_ptr<float>() : nullptr;
 #ifdef MMCAP_AMX
   auto column_blocks = [&](int64_t b0, int64_t b1) {
     if (b0 >= b1) return;
