@@ -33,7 +33,11 @@ class KernelAttention(AttentionState):
     is copied.
     """
 
-    def __init__(self, heads: int, image_kv: ImageKV, dtype: torch.dtype, max_len: int, kernels=None):
+    def __init__(self, heads: int, image_kv: ImageKV, dtype: torch.dtype, max_len: int, kernels=None,
+                 image_dtype: Optional[torch.dtype] = None):
+        """`image_dtype` (default `dtype`): the image's keys and values; torch.int8 quantizes each
+        key channel and each value row of an image on its own (half the bytes of bf16, which every
+        step reads)."""
         super().__init__(heads, dtype)
         self.max_len = max_len
         self.kernels = kernels or compiled.kernels()
@@ -42,14 +46,16 @@ class KernelAttention(AttentionState):
         self.v: list[torch.Tensor] = []
         self.anc: Optional[torch.Tensor] = None  # [rows, max_len] cache rows
         self.lens: Optional[torch.Tensor] = None  # [rows] positions per row, where rows differ (`begin_rows`)
+        image_dtype = image_dtype or dtype
         for k, _ in image_kv:  # keys [B, heads, head_dim, MP] (transposed), values [B, heads, MP, head_dim]
             b, m, w = k.shape
             self.positions, padded = m, -(-m // 16) * 16  # whole vectors of positions, whatever their width
-            keys = torch.empty((b, heads, w // heads, padded), dtype=dtype, device=k.device)
-            values = torch.empty((b, heads, padded, w // heads), dtype=dtype, device=k.device)
-            keys[..., m:], values[:, :, m:] = 0, 0
-            self.cross.append((keys, values))
-        self.admit(slice(None), image_kv)
+            d = w // heads
+            cross = [torch.empty((b, heads, d, padded), dtype=image_dtype), torch.empty((b, heads, padded, d), dtype=image_dtype)]
+            if image_dtype == torch.int8:  # and their scales, per key channel and per value row
+                cross += [torch.empty((b, heads, d)), torch.empty((b, heads, padded))]
+            self.cross.append(tuple(cross))
+        self.admit(torch.arange(len(image_kv[0][0])), image_kv)
 
     def begin(self, t: int, n: int) -> None:
         self._caches(n)
@@ -63,13 +69,11 @@ class KernelAttention(AttentionState):
         self.anc[self.own[:n], positions] = self.own[:n]
         self.lens = positions + 1
 
-    def admit(self, slots: Union[torch.Tensor, slice], image_kv: ImageKV) -> None:
+    def admit(self, slots: torch.Tensor, image_kv: ImageKV) -> None:
         """The keys and values of the images in `slots` [n] from now on (`image_kv`: per layer,
-        [n, M, width] each), cast before the transposing copies (half the bytes in bf16)."""
-        for (keys, values), (k, v) in zip(self.cross, image_kv):
-            n, m, _ = k.shape
-            keys[slots, ..., :m] = k.to(keys.dtype).view(n, m, self.heads, -1).permute(0, 2, 3, 1)
-            values[slots, :, :m] = v.to(values.dtype).view(n, m, self.heads, -1).transpose(1, 2)
+        [n, M, width] each): transposed, cast (or quantized) and padded in one pass per layer."""
+        for cross, (k, v) in zip(self.cross, image_kv):
+            self.kernels.pack_image_kv(k.float(), v.float(), slots, *cross)
 
     def _caches(self, n: int) -> None:
         if self.anc is None:  # the first step: caches for its rows
@@ -85,7 +89,8 @@ class KernelAttention(AttentionState):
         return self.kernels.self_attend(qkv, self.k[i], self.v[i], self.anc, self.t + 1, scale)
 
     def cross_attention(self, i: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        return self.kernels.cross_attend(q, *self.cross[i], self.positions, self.group, scale)
+        keys, values, *scales = self.cross[i]
+        return self.kernels.cross_attend(q, keys, values, self.positions, self.group, scale, *scales)
 
     def expand(self, k: int) -> None:
         if self.anc is None:  # before the first step (slot refill): the caches are made for k rows per image
@@ -115,27 +120,31 @@ class RacedAttention:
     they build for these shapes, and they timed faster than torch's ops here; else torch's ops.
     Caches in `dtype`, else in the dtype of the image's keys."""
 
-    def __init__(self, dtype: Optional[torch.dtype] = None):
-        self.dtype = dtype
+    def __init__(self, dtype: Optional[torch.dtype] = None, image_dtype: Optional[torch.dtype] = None):
+        """`image_dtype`: the kernels' image keys and values (`KernelAttention`), default the caches'."""
+        self.dtype, self.image_dtype = dtype, image_dtype
 
     def __call__(self, image_kv: ImageKV, heads: int, max_len: int, autocast: bool) -> AttentionState:
         k = image_kv[0][0]
         head_dim, cache_dtype = k.shape[-1] // heads, self.dtype or k.dtype
         lossy = self.dtype is not None or autocast
         if lossy and k.device.type == "cpu" and kernels_faster(heads, head_dim, cache_dtype, k.dtype):
-            return KernelAttention(heads, image_kv, cache_dtype, max_len)
+            return KernelAttention(heads, image_kv, cache_dtype, max_len, image_dtype=self.image_dtype)
         return TorchAttention(heads, image_kv, self.dtype)
 
     def __repr__(self) -> str:
-        return f"RacedAttention({self.dtype})"
+        return f"RacedAttention({self.dtype}, image_dtype={self.image_dtype})"
 
 
-def refill_attention(head_dim: int, dtype: torch.dtype) -> Optional[AttentionBackend]:
+def refill_attention(head_dim: int, dtype: torch.dtype, image_dtype: Optional[torch.dtype] = None
+                     ) -> Optional[AttentionBackend]:
     """The attention backend of slot refill (`mmcap.generation.refill`), whose rows sit at different
-    positions: the kernels, caches in `dtype`; None where they do not build here or for this head size."""
+    positions: the kernels, caches in `dtype` (the image's keys and values in `image_dtype`, default
+    `dtype`); None where they do not build here or for this head size."""
     if head_dim not in compiled.HEAD_DIMS or compiled.kernels() is None:
         return None
-    return lambda image_kv, heads, max_len, autocast=False: KernelAttention(heads, image_kv, dtype, max_len)
+    return lambda image_kv, heads, max_len, autocast=False: KernelAttention(heads, image_kv, dtype, max_len,
+                                                                            image_dtype=image_dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -67,15 +67,22 @@ class InferencePlan:
 
     @property
     def attention(self) -> RacedAttention:
-        """The attention backend for GPT-2's lean pass: int8 keeps its caches in the compute dtype."""
-        return RacedAttention(self.dtype if self.int8_decoder else None)
+        """The attention backend for GPT-2's lean pass: int8 keeps its caches in the compute dtype,
+        and the image's keys and values in int8 (`image_dtype`)."""
+        return RacedAttention(self.dtype if self.int8_decoder else None, self.image_dtype)
+
+    @property
+    def image_dtype(self) -> Optional[torch.dtype]:
+        """The dtype of the image's keys and values in mmcap's attention kernels: int8 with an int8
+        decoder (every decoding step reads them all: half bf16's bytes), else the caches'."""
+        return torch.int8 if self.int8_decoder else None
 
     def refill_attention(self, head_dim: int) -> Optional[AttentionBackend]:
         """The attention backend for slot refill (rows at their own positions: mmcap's kernels,
         caches in the compute dtype), or None where the kernels cannot run."""
         if self.device.type != "cpu":
             return None
-        return refill_attention(head_dim, self.dtype)
+        return refill_attention(head_dim, self.dtype, self.image_dtype)
 
     def prepare(self) -> None:
         """Process-wide settings the plan asks for (once per process)."""

@@ -26,7 +26,8 @@ class AttentionState:
     """What GPT-2's lean pass attends through, one step at a time: `begin(t, n)`, then per layer
     `self_attention` and `cross_attention`; beam search calls `expand`, `reorder` and `keep`.
     Every implementation keeps heads, beams per image, the position being written and the image's
-    keys and values per layer (`cross`, pairs with the image first)."""
+    keys and values per layer (`cross`: per layer a tuple of tensors with the image first, the keys
+    and values and whatever else the state keeps per image)."""
 
     # logits [N, V], k -> the k best log-probs [N, k] of each row and their tokens, without writing
     # the log-probs out: where a state's kernels offer it (mmcap's, in the lossy modes: their
@@ -35,7 +36,7 @@ class AttentionState:
 
     def __init__(self, heads: int, dtype: Optional[torch.dtype]):
         self.heads, self.dtype, self.group, self.t = heads, dtype, 1, 0
-        self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cross: list[tuple[torch.Tensor, ...]] = []
 
     def begin(self, t: int, n: int) -> None:
         """A step at position `t` over `n` rows starts."""
@@ -59,7 +60,7 @@ class AttentionState:
     def keep(self, images: torch.Tensor) -> None:
         """From now on only `images` (positions among the images so far), with their beams' rows."""
         self.reorder(image_rows(images, self.group))
-        self.cross = [(keys.index_select(0, images), values.index_select(0, images)) for keys, values in self.cross]
+        self.cross = [tuple(t.index_select(0, images) for t in per_image) for per_image in self.cross]
 
 
 class TorchAttention(AttentionState):

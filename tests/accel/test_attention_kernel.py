@@ -70,6 +70,49 @@ def test_cross_attention_matches_torch_for_every_beam_of_every_image(dtype, posi
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def quantized(x, dim):
+    """x quantized symmetrically to int8 along `dim` (round half to even), and the scales."""
+    amax = x.abs().amax(dim, keepdim=True)
+    q = torch.where(amax > 0, x * (127 / amax), torch.zeros(())).round()
+    return q, amax / 127
+
+
+@needs_kernels
+@pytest.mark.parametrize("positions", [1, 49, 100])
+def test_int8_image_keys_per_channel_and_values_per_row(positions):
+    """int8 image keys (a scale per key channel of an image and head) and values (per position):
+    the stored integers and scales are the symmetric quantization of each, and attention over them
+    equals attention over what they dequantize to."""
+    torch.manual_seed(2)
+    images, heads, head_dim, beams = 3, 2, 64, 3
+    w = heads * head_dim
+    k, v = torch.randn(images, positions, w) * 3, torch.randn(images, positions, w)
+    k[1, :, 5] = 0  # an all-zero key channel stays zero
+    att = kernel_attention.KernelAttention(heads, [(k, v)], torch.bfloat16, max_len=4, kernels=kernels,
+                                           image_dtype=torch.int8)
+    att.group = beams
+    kt, vv, ks, vs = att.cross[0]
+    padded = kt.shape[-1]
+    assert kt.dtype == vv.dtype == torch.int8 and ks.shape == (images, heads, head_dim) and vs.shape == (images, heads, padded)
+    want_k, want_ks = quantized(k.view(images, positions, heads, head_dim).permute(0, 2, 3, 1), 3)
+    want_v, want_vs = quantized(v.view(images, positions, heads, head_dim).transpose(1, 2), 3)
+    assert torch.equal(kt[..., :positions].float(), want_k) and torch.equal(vv[:, :, :positions].float(), want_v)
+    torch.testing.assert_close(ks, want_ks[..., 0], rtol=0, atol=0)
+    torch.testing.assert_close(vs[..., :positions], want_vs[..., 0], rtol=0, atol=0)
+    assert not kt[..., positions:].any() and not vv[:, :, positions:].any() and not vs[..., positions:].any()
+
+    q = torch.randn(images * beams, w)
+    got = att.cross_attention(0, q, 0.2)
+    img = torch.arange(images * beams) // beams
+    keys = (want_k * want_ks).transpose(-1, -2)[img]
+    values = (want_v * want_vs)[img]
+    want = reference(q.reshape(-1, heads, head_dim), keys, values, 0.2).reshape(-1, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    exact = reference(q.reshape(-1, heads, head_dim), k.view(images, positions, heads, head_dim).transpose(1, 2)[img],
+                      v.view(images, positions, heads, head_dim).transpose(1, 2)[img], 0.2).reshape(-1, w)
+    assert (got - exact).abs().max() < 0.1 * exact.abs().max()  # int8's rounding, no more
+
+
 def gpt2(head_dim=64):
     torch.manual_seed(0)
     cfg = GPT2Config(n_embd=2 * head_dim, n_layer=2, n_head=2, vocab_size=40, n_positions=32, add_cross_attention=True,
@@ -109,7 +152,7 @@ def test_gpt2_decoding_through_the_kernels_equals_decoding_through_torch(monkeyp
 def test_fp32_and_fp16_never_use_the_kernels(monkeypatch):
     """The kernels round differently from torch: only the lossy modes (int8's caches in a given
     dtype, bf16 autocast) may take them; fp32 stays exactly the transformers forward."""
-    monkeypatch.setattr(attention_kernel, "kernels", lambda: object())
+    monkeypatch.setattr(attention_kernel, "kernels", lambda: SimpleNamespace(pack_image_kv=lambda *a: None))
     monkeypatch.setattr(kernel_attention.timing, "fastest", lambda *a, **k: "kernels")
     kernel_attention.kernels_faster.cache_clear()
     model, memory = gpt2(), torch.randn(2, 5, 128)
@@ -150,7 +193,7 @@ def test_bf16_autocast_decoding_through_the_kernels_is_closer_to_fp32_than_torch
 @pytest.mark.parametrize("kernel_s, torch_s, chosen", [(0.001, 0.004, True), (0.004, 0.001, False)])
 def test_the_race_decides_by_the_timings(monkeypatch, caplog, kernel_s, torch_s, chosen, tmp_path):
     monkeypatch.setenv("MMCAP_CACHE_DIR", str(tmp_path))  # no choice cached by another test
-    monkeypatch.setattr(attention_kernel, "kernels", lambda: object())
+    monkeypatch.setattr(attention_kernel, "kernels", lambda: SimpleNamespace(pack_image_kv=lambda *a: None))
     monkeypatch.setattr(kernel_attention, "_timings", lambda *a: {"kernels": kernel_s, "torch": torch_s})
     kernel_attention.kernels_faster.cache_clear()
     with caplog.at_level(logging.INFO, logger="mmcap.accel.timing"):
@@ -165,7 +208,8 @@ def test_a_kernel_that_fails_in_the_race_leaves_torchs_ops(monkeypatch, caplog, 
     def broken(*args):
         raise RuntimeError("head_dim 64 not built")
 
-    monkeypatch.setattr(attention_kernel, "kernels", lambda: SimpleNamespace(self_attend=broken, cross_attend=broken))
+    monkeypatch.setattr(attention_kernel, "kernels", lambda: SimpleNamespace(self_attend=broken, cross_attend=broken,
+                                                                                pack_image_kv=broken))
     kernel_attention.kernels_faster.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="mmcap.accel.kernel_attention"):

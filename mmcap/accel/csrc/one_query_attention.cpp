@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "vec.h"
@@ -39,6 +40,7 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
   float* op = out.data_ptr<float>();
   const int64_t qs = qkv.stride(0), as = anc.stride(0);
   at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+    const FlushDenormals ftz;
     std::vector<float> s(P);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
@@ -90,33 +92,32 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
 
 // Cross-attention: q [N, >= W] fp32 or bf16, `group` consecutive rows (beams) per image; keys transposed
 // KT [B, H, D, MP] and values V [B, H, MP, D] with the image's M positions padded to MP (a
-// multiple of L). One task per (image, head): its keys and values are read once for all its beams,
-// G beams at a time (`beams_attend`).
+// multiple of L), fp32, bf16, or int8 with a scale per key channel (ks [B, H, D]) and per value
+// row (vs [B, H, MP]). One task per (image, head): its keys and values are read once for all its
+// beams, G beams at a time (`beams_attend`).
 constexpr int64_t kMaxGroup = 4;  // beams attended together: G x 4 score vectors stay in registers
 
 // scores s[g][c0 .. c0 + CC) = q_g . keys over G beams' queries and CC vectors of positions: the
 // G x CC sums stay in registers while the keys stream by (the loop bounds are compile-time)
-template <int D, int G, int CC, typename T, typename Q>
-inline void cross_scores(const Q* const* qg, const T* k, int64_t MP, int64_t c0, int64_t C, vf* s) {
+template <int D, int G, int CC, typename T>
+inline void cross_scores(const float (*qg)[D], const T* k, int64_t MP, int64_t c0, int64_t C, vf* s) {
   vf acc[G][CC] = {};
   for (int64_t d = 0; d < D; ++d) {
     const T* kd = k + d * MP + c0 * L;
     vf kv[CC];
     for (int c = 0; c < CC; ++c) kv[c] = load(kd + L * c);
-    for (int g = 0; g < G; ++g) {
-      const float qd = static_cast<float>(qg[g][d]);
-      for (int c = 0; c < CC; ++c) acc[g][c] += qd * kv[c];
-    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CC; ++c) acc[g][c] += qg[g][d] * kv[c];
   }
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < CC; ++c) s[g * C + c0 + c] = acc[g][c];
 }
 
-// G beams' attention over one image and head: scores, softmax, then each value row read once for
-// the G beams' weighted sums
-template <int D, int G, typename T, typename Q>
-void beams_attend(const Q* const* qg, const T* k, const T* v, int64_t M, int64_t MP, float scale, vf* s,
-                  float* const* y) {
+// G beams' attention over one image and head (queries `qg`, with the key scales folded in):
+// scores, softmax, then each value row read once for the G beams' weighted sums
+template <int D, int G, typename T>
+void beams_attend(const float (*qg)[D], const T* k, const T* v, const float* vs, int64_t M, int64_t MP,
+                  float scale, vf* s, float* const* y) {
   constexpr int DC = D / L;
   const int64_t C = MP / L;
   int64_t c0 = 0;
@@ -133,6 +134,8 @@ void beams_attend(const Q* const* qg, const T* k, const T* v, int64_t M, int64_t
     vf sv = (vf){};
     for (int64_t c = 0; c < C; ++c) { sg[c] = vexp((sg[c] - mx) * scale); sv += sg[c]; }
     inv[g] = 1.f / hsum(sv);
+    if (vs)  // int8 values: each row's scale goes into its weights
+      for (int64_t c = 0; c < C; ++c) sg[c] *= load(vs + L * c);
   }
   vf o[G][DC] = {};
   for (int64_t m = 0; m < M; ++m) {
@@ -149,8 +152,8 @@ void beams_attend(const Q* const* qg, const T* k, const T* v, int64_t M, int64_t
 }
 
 template <int D, typename T, typename Q>
-void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tensor& V, int64_t M,
-                       int64_t group, float scale, at::Tensor& out) {
+void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tensor& V, const float* ks,
+                       const float* vs, int64_t M, int64_t group, float scale, at::Tensor& out) {
   const int64_t B = KT.size(0), H = KT.size(1), MP = KT.size(3), C = MP / L, W = H * D;
   const Q* qp = q.data_ptr<Q>();
   const T* kt = KT.data_ptr<T>();
@@ -158,6 +161,7 @@ void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tens
   float* op = out.data_ptr<float>();
   const int64_t qs = q.stride(0);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals ftz;
     std::vector<vf> s(C * kMaxGroup);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -170,18 +174,71 @@ void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tens
         for (int64_t i = 0; i < static_cast<int64_t>(M * D * sizeof(T)); i += 64) __builtin_prefetch(nv + i, 0, 2);
       }
       for (int64_t g0 = 0; g0 < group; g0 += kMaxGroup) {
-        const Q* qg[kMaxGroup];
+        alignas(64) float qg[kMaxGroup][D];
         float* y[kMaxGroup];
         const int64_t gn = std::min<int64_t>(kMaxGroup, group - g0);
         for (int64_t g = 0; g < gn; ++g) {
-          qg[g] = qp + (b * group + g0 + g) * qs + h * D;
+          const Q* qr = qp + (b * group + g0 + g) * qs + h * D;
+          for (int64_t d = 0; d < D; ++d) qg[g][d] = static_cast<float>(qr[d]) * (ks ? ks[bh * D + d] : 1.f);
           y[g] = op + (b * group + g0 + g) * W + h * D;
         }
+        const float* vsr = vs ? vs + bh * MP : nullptr;
         switch (gn) {
-          case 4: beams_attend<D, 4>(qg, k, v, M, MP, scale, s.data(), y); break;
-          case 3: beams_attend<D, 3>(qg, k, v, M, MP, scale, s.data(), y); break;
-          case 2: beams_attend<D, 2>(qg, k, v, M, MP, scale, s.data(), y); break;
-          default: beams_attend<D, 1>(qg, k, v, M, MP, scale, s.data(), y);
+          case 4: beams_attend<D, 4>(qg, k, v, vsr, M, MP, scale, s.data(), y); break;
+          case 3: beams_attend<D, 3>(qg, k, v, vsr, M, MP, scale, s.data(), y); break;
+          case 2: beams_attend<D, 2>(qg, k, v, vsr, M, MP, scale, s.data(), y); break;
+          default: beams_attend<D, 1>(qg, k, v, vsr, M, MP, scale, s.data(), y);
+        }
+      }
+    }
+  });
+}
+
+// Image keys and values of images `slots` into the cross-attention layout: k, v [n, M, H x D] fp32
+// (rows contiguous) -> KT[slot] [H, D, MP] (transposed) and V[slot] [H, MP, D], positions past M
+// zero. int8 caches: each key channel and each value row quantized on its own (symmetric, round
+// half to even), their scales into ks [B, H, D] and vs [B, H, MP] (0 past M).
+template <int D, typename T>
+void pack_image_kv_impl(const at::Tensor& k, const at::Tensor& v, const int64_t* slots, at::Tensor& KT,
+                        at::Tensor& V, float* ks, float* vs) {
+  const int64_t n = k.size(0), M = k.size(1), H = KT.size(1), MP = KT.size(3);
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  T* ktp = KT.data_ptr<T>();
+  T* vtp = V.data_ptr<T>();
+  const int64_t k0 = k.stride(0), k1 = k.stride(1), v0 = v.stride(0), v1 = v.stride(1);
+  at::parallel_for(0, n * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tk(D * MP);
+    for (int64_t ih = begin; ih < end; ++ih) {
+      const int64_t i = ih / H, h = ih % H, bh = slots[i] * H + h;
+      std::fill(tk.begin(), tk.end(), 0.f);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t d = 0; d < D; ++d) tk[d * MP + m] = kp[i * k0 + m * k1 + h * D + d];
+      // one row of `len` values (a key channel, a value row; a multiple of L) into `dst`,
+      // quantized where int8
+      auto put = [&](const float* x, int64_t len, T* dst, float* scale) {
+        if constexpr (std::is_same_v<T, int8_t>) {
+          vf mv = (vf){};
+          for (int64_t j = 0; j < len; j += L) {
+            const vf a = load(x + j);
+            mv = (a < 0 ? -a : a) > mv ? (a < 0 ? -a : a) : mv;
+          }
+          const float amax = hmax(mv), inv = amax > 0.f ? 127.f / amax : 0.f;
+          for (int64_t j = 0; j < len; j += L) store(dst + j, load(x + j) * inv);
+          *scale = amax / 127.f;
+        } else {
+          for (int64_t j = 0; j < len; j += L) store(dst + j, load(x + j));
+        }
+      };
+      T* kd = ktp + bh * D * MP;
+      for (int64_t d = 0; d < D; ++d) put(tk.data() + d * MP, MP, kd + d * MP, ks ? ks + bh * D + d : nullptr);
+      T* vd = vtp + bh * MP * D;
+      for (int64_t m = 0; m < MP; ++m) {
+        if (m < M) {
+          put(vp + i * v0 + m * v1 + h * D, D, vd + m * D, vs ? vs + bh * MP + m : nullptr);
+        } else {
+          std::fill(vd + m * D, vd + (m + 1) * D, T(0.f));
+          if (vs) vs[bh * MP + m] = 0.f;
         }
       }
     }
@@ -195,12 +252,21 @@ void check_rows(const at::Tensor& t, const char* name) {
 
 // Calls f(head_dim, cache value, query value) with the compile-time head size and element types
 // the source instantiates for these tensors: fp32 or bf16 caches, fp32 queries or bf16 ones with
-// bf16 caches, heads of 16, 32, 64 or 128.
-template <typename F>
+// bf16 caches, heads of 16, 32, 64 or 128; where Int8 (the image's keys and values), int8 caches
+// with fp32 or bf16 queries too.
+template <bool Int8 = false, typename F>
 void dispatch(int64_t D, at::ScalarType caches, at::ScalarType queries, F&& f) {
-  TORCH_CHECK(caches == at::kFloat || caches == at::kBFloat16, "caches: fp32 or bf16");
-  TORCH_CHECK(caches == at::kBFloat16 || queries == at::kFloat, "bf16 queries need bf16 caches");
+  TORCH_CHECK(caches == at::kFloat || caches == at::kBFloat16 || (Int8 && caches == at::kChar),
+              Int8 ? "caches: fp32, bf16 or int8" : "caches: fp32 or bf16");
+  TORCH_CHECK(caches != at::kFloat || queries == at::kFloat, "bf16 queries need bf16 or int8 caches");
   auto types = [&](auto d) {
+    if constexpr (Int8) {
+      if (caches == at::kChar) {
+        if (queries == at::kFloat) f(d, int8_t{}, float{});
+        else f(d, int8_t{}, at::BFloat16{});
+        return;
+      }
+    }
     if (caches == at::kFloat) f(d, float{}, float{});
     else if (queries == at::kFloat) f(d, at::BFloat16{}, float{});
     else f(d, at::BFloat16{}, at::BFloat16{});
@@ -253,20 +319,61 @@ at::Tensor self_attend_rows(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tens
   return self_attend_impl_checked(qkv, K, V, anc, 0, lens, scale);
 }
 
-at::Tensor cross_attend(at::Tensor q, at::Tensor KT, at::Tensor V, int64_t M, int64_t group,
-                           double scale) {
-  check_rows(q, "q");
+// the scales of int8 image keys ([B, H, D]) and values ([B, H, MP]): given exactly for int8 caches
+static std::pair<const float*, const float*> image_scales(const at::Tensor& KT, const c10::optional<at::Tensor>& k_scale,
+                                                  const c10::optional<at::Tensor>& v_scale) {
+  const bool given = k_scale.has_value() && k_scale->defined();
+  TORCH_CHECK(given == (KT.scalar_type() == at::kChar) && given == (v_scale.has_value() && v_scale->defined()),
+              "image keys and values: scales go with int8 caches, and only with them");
+  if (!given) return {nullptr, nullptr};
+  const int64_t B = KT.size(0), H = KT.size(1), D = KT.size(2), MP = KT.size(3);
+  TORCH_CHECK(k_scale->scalar_type() == at::kFloat && k_scale->is_contiguous() && k_scale->sizes() == at::IntArrayRef({B, H, D}),
+              "k_scale: fp32 [B, H, D]");
+  TORCH_CHECK(v_scale->scalar_type() == at::kFloat && v_scale->is_contiguous() && v_scale->sizes() == at::IntArrayRef({B, H, MP}),
+              "v_scale: fp32 [B, H, MP]");
+  return {k_scale->data_ptr<float>(), v_scale->data_ptr<float>()};
+}
+
+static void check_image_layout(const at::Tensor& KT, const at::Tensor& V) {
   TORCH_CHECK(KT.is_contiguous() && V.is_contiguous() && KT.dim() == 4 && V.dim() == 4, "KT [B, H, D, MP], V [B, H, MP, D]");
   TORCH_CHECK(KT.scalar_type() == V.scalar_type(), "KT, V: one dtype");
+  TORCH_CHECK(V.size(0) == KT.size(0) && V.size(1) == KT.size(1) && V.size(2) == KT.size(3) && V.size(3) == KT.size(2),
+              "V: [B, H, MP, D]");
+  TORCH_CHECK(KT.size(3) % 16 == 0, "positions: MP a multiple of 16");
+}
+
+at::Tensor cross_attend(at::Tensor q, at::Tensor KT, at::Tensor V, int64_t M, int64_t group, double scale,
+                        const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
+  check_rows(q, "q");
+  check_image_layout(KT, V);
   const int64_t B = KT.size(0), H = KT.size(1), D = KT.size(2), MP = KT.size(3);
-  TORCH_CHECK(V.size(0) == B && V.size(1) == H && V.size(2) == MP && V.size(3) == D, "V: [B, H, MP, D]");
-  TORCH_CHECK(MP % 16 == 0 && M >= 1 && M <= MP, "positions: 1 <= M <= MP, MP a multiple of 16");
+  TORCH_CHECK(M >= 1 && M <= MP, "positions: 1 <= M <= MP");
   TORCH_CHECK(group >= 1 && q.size(0) == B * group && q.size(1) >= H * D, "q: [B x group, >= W]");
+  const auto [ks, vs] = image_scales(KT, k_scale, v_scale);
   auto out = at::empty({q.size(0), H * D}, q.options().dtype(at::kFloat));
-  dispatch(D, KT.scalar_type(), q.scalar_type(), [&](auto d, auto t, auto qt) {
-    cross_attend_impl<decltype(d)::value, decltype(t), decltype(qt)>(q, KT, V, M, group, static_cast<float>(scale), out);
+  dispatch<true>(D, KT.scalar_type(), q.scalar_type(), [&](auto d, auto t, auto qt) {
+    cross_attend_impl<decltype(d)::value, decltype(t), decltype(qt)>(q, KT, V, ks, vs, M, group,
+                                                                     static_cast<float>(scale), out);
   });
   return out;
+}
+
+void pack_image_kv(at::Tensor k, at::Tensor v, at::Tensor slots, at::Tensor KT, at::Tensor V,
+                   const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
+  check_image_layout(KT, V);
+  const int64_t B = KT.size(0), H = KT.size(1), D = KT.size(2), MP = KT.size(3);
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+              k.stride(2) == 1 && v.stride(2) == 1 && k.size(2) == H * D && k.size(1) <= MP,
+              "k, v: fp32 [n, M <= ", MP, ", ", H * D, "] with contiguous rows");
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.size(0) == k.size(0),
+              "slots: [n] int64");
+  TORCH_CHECK(slots.numel() == 0 || (slots.min().item<int64_t>() >= 0 && slots.max().item<int64_t>() < B),
+              "slots: outside the ", B, " images");
+  const auto [ks, vs] = image_scales(KT, k_scale, v_scale);
+  dispatch<true>(D, KT.scalar_type(), at::kFloat, [&](auto d, auto t, auto) {
+    pack_image_kv_impl<decltype(d)::value, decltype(t)>(k, v, slots.data_ptr<int64_t>(), KT, V,
+                                                         const_cast<float*>(ks), const_cast<float*>(vs));
+  });
 }
 
 // torch.ops.mmcap.*: registered with the dispatcher (no Python bindings to compile: a third of
@@ -276,5 +383,8 @@ TORCH_LIBRARY(mmcap, m) {
         &self_attend);
   m.def("self_attend_rows(Tensor qkv, Tensor(a!) K, Tensor(b!) V, Tensor anc, Tensor lens, float scale) -> Tensor",
         &self_attend_rows);
-  m.def("cross_attend(Tensor q, Tensor KT, Tensor V, int M, int group, float scale) -> Tensor", &cross_attend);
+  m.def("cross_attend(Tensor q, Tensor KT, Tensor V, int M, int group, float scale, Tensor? k_scale=None, "
+        "Tensor? v_scale=None) -> Tensor", &cross_attend);
+  m.def("pack_image_kv(Tensor k, Tensor v, Tensor slots, Tensor(a!) KT, Tensor(b!) V, Tensor(c!)? k_scale=None, "
+        "Tensor(d!)? v_scale=None) -> ()", &pack_image_kv);
 }

@@ -57,6 +57,7 @@ std::tuple<at::Tensor, at::Tensor> log_softmax_top(at::Tensor logits, int64_t k)
   float* vp = values.data_ptr<float>();
   int64_t* tp = tokens.data_ptr<int64_t>();
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals ftz;
     for (int64_t r = begin; r < end; ++r) {
       const float* x = xp + r * ld;
       Top top;

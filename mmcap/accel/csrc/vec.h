@@ -5,8 +5,12 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 
 namespace mmcap_vec {
 
@@ -26,7 +30,20 @@ typedef uint32_t vu32 __attribute__((vector_size(4 * L)));
 typedef uint16_t vu16 __attribute__((vector_size(2 * L)));
 typedef int32_t vi32 __attribute__((vector_size(4 * L)));
 
+typedef int8_t vi8 __attribute__((vector_size(L)));
+
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline vf load(const int8_t* p) {  // GCC scalarizes the generic int8 -> float conversion: intrinsics where they exist
+#if defined(__AVX512F__)
+  const __m512 r = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  const __m256 r = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  vi8 b; std::memcpy(&b, p, sizeof b);
+  const vf r = __builtin_convertvector(b, vf);
+#endif
+  vf v; std::memcpy(&v, &r, sizeof v); return v;
+}
 inline vf load(const at::BFloat16* p) {  // bf16 is the high half of an fp32
   vu16 h; std::memcpy(&h, p, sizeof h);
   const vu32 w = __builtin_convertvector(h, vu32) << 16;
@@ -39,6 +56,26 @@ inline void store(at::BFloat16* p, vf v) {  // round to nearest even, as torch's
   const vu16 h = __builtin_convertvector(w, vu16);
   std::memcpy(p, &h, sizeof h);
 }
+
+inline void store(int8_t* p, vf v) {  // rounded half to even; |v| <= 127
+#if defined(__AVX512F__)
+  __m512 r; std::memcpy(&r, &v, sizeof r);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+#else
+  for (int i = 0; i < L; ++i) p[i] = static_cast<int8_t>(std::nearbyint(v[i]));
+#endif
+}
+
+// Results below FLT_MIN flushed to zero, and such inputs read as zero, within a kernel's scope (x86;
+// elsewhere nothing): a softmax's far tails are denormal, and every operation on a denormal costs
+// about a hundred cycles (the cross-attention kernel ran 3x slower on a random decoder's scores)
+struct FlushDenormals {
+#if defined(__SSE__)
+  const unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040); }  // FTZ, DAZ
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
 
 inline float hsum(vf v) {  // halves added until four lanes are left
   vh a, b; std::memcpy(&a, &v, sizeof a); std::memcpy(&b, reinterpret_cast<char*>(&v) + sizeof a, sizeof b);
