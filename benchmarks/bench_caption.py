@@ -63,6 +63,8 @@ from reference import NaivePipeline, VitGpt2Pipeline  # noqa: E402
 from roofline import bytes_per_caption, matmul_rates, roofline, triad_bandwidth  # noqa: E402
 
 from mmcap import Captioner  # noqa: E402
+from mmcap.accel.kernel_attention import kernels_faster  # noqa: E402
+from mmcap.accel.plan import as_plan  # noqa: E402
 from mmcap.accel.precision import compute_dtype, cpu_bf16_speedup  # noqa: E402
 from mmcap.accel.timing import OtherLoad, choices  # noqa: E402
 
@@ -98,17 +100,23 @@ def machine_limit(model: Captioner, paths, batch_size: int, precision: str, flop
     """The roofline (benchmarks/roofline.py) of `precision` on this machine, and how close `measured` is."""
     encoder_dtype = "bf16" if compute_dtype(precision) == torch.bfloat16 else "fp32"
     weight_dtype = "int8" if precision == "int8" else encoder_dtype
-    cache_dtype = "fp32" if precision == "int8" else encoder_dtype
+    cache_dtype = encoder_dtype  # every plan keeps its attention caches in its compute dtype
+    cfg = model.decoder.config
+    heads = cfg.num_attention_heads
+    image_dtype = cache_dtype  # int8 where the int8 plan's kernels hold the image's keys and values
+    plan = as_plan(precision)
+    if plan.image_dtype == torch.int8 and kernels_faster(heads, cfg.hidden_size // heads, compute_dtype(precision)):
+        image_dtype = "int8"
     rates = matmul_rates()
     used = {weight_dtype, encoder_dtype}
     peak = max(rate for dtype, rate in rates.items() if dtype in used) * 1e9
     bandwidth = triad_bandwidth()
     pixels, _ = model.preprocess(paths[:1])
-    cfg = model.decoder.config
     traffic = bytes_per_caption(
         encoder=model.encoder, decoder=model.decoder, pixels=pixels, batch_size=batch_size, beams=BEAMS,
         new_tokens=NEW_TOKENS, layers=cfg.num_hidden_layers, width=cfg.hidden_size, vocab=cfg.vocab_size,
-        weight_dtype=weight_dtype, encoder_dtype=encoder_dtype, cache_dtype=cache_dtype)
+        weight_dtype=weight_dtype, encoder_dtype=encoder_dtype, cache_dtype=cache_dtype, image_dtype=image_dtype,
+        heads=heads)
     out = roofline(flops, traffic["bytes_per_caption"], peak, bandwidth["triad_gb_per_s"] * 1e9, measured)
     return {
         **out, "machine_fraction": round(flops * measured / peak, 4),

@@ -13,7 +13,8 @@ What `bytes_per_caption` counts (a lower bound: traffic any implementation must 
 - per decoding step, every decoder weight read once for the whole batch (48 rows at batch 16,
   beam 3): linear layers and the LM head at the mode's weight bytes (int8: 1), the rest as stored;
 - per step and row, the self-attention cache read (2 x layers x length x width) and the new
-  entry written; the image keys and values read once per image (beams share them);
+  entry written; the image keys and values read once per image (beams share them), in their own
+  dtype (int8 with a fp32 scale per key channel and per value row, in the int8 plan's kernels);
 - per step and row, the logits written and read once in fp32.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -122,9 +124,12 @@ def encoder_traffic(encoder: nn.Module, pixels: torch.Tensor) -> tuple[int, int]
 
 def bytes_per_caption(*, encoder: nn.Module, decoder: nn.Module, pixels: torch.Tensor, batch_size: int,
                       beams: int, new_tokens: int, layers: int, width: int, vocab: int,
-                      weight_dtype: str, encoder_dtype: str, cache_dtype: str) -> dict:
-    """The least memory traffic of one caption, split by kind (module docstring)."""
+                      weight_dtype: str, encoder_dtype: str, cache_dtype: str, image_dtype: Optional[str] = None,
+                      heads: int = 1) -> dict:
+    """The least memory traffic of one caption, split by kind (module docstring); the image's keys
+    and values in `image_dtype` (default `cache_dtype`; int8 adds its scales, `heads` per layer)."""
     eb, wb, cb = DTYPE_BYTES[encoder_dtype], DTYPE_BYTES[weight_dtype], DTYPE_BYTES[cache_dtype]
+    ib = DTYPE_BYTES[image_dtype or cache_dtype]
     enc_lin, enc_other = _linear_weight_numel(encoder)
     conv_out, positions = encoder_traffic(encoder, pixels)
     encoder_bytes = (enc_lin + enc_other) * eb / batch_size + 2 * conv_out * eb
@@ -135,7 +140,9 @@ def bytes_per_caption(*, encoder: nn.Module, decoder: nn.Module, pixels: torch.T
     cache = image = logits = 0.0
     for t in range(1, new_tokens + 1):  # per caption, summed over the steps
         cache += beams * layers * 2 * width * cb * (t + 1)  # read t entries, write 1
-        image += layers * 2 * positions * width * cb
+        image += layers * 2 * positions * width * ib
+        if image_dtype == "int8":  # a scale per key channel and per value row (position), each head
+            image += layers * heads * (width // heads + positions) * 4
         logits += beams * vocab * 4 * 2
     weights = step_weights * new_tokens / batch_size
     total = encoder_bytes + weights + cache + image + logits
