@@ -297,7 +297,11 @@ at::Tensor self_attend_impl_checked(at::Tensor qkv, at::Tensor K, at::Tensor V, 
     TORCH_CHECK(lens->dim() == 1 && lens->is_contiguous() && lens->scalar_type() == at::kLong &&
                 lens->size(0) == qkv.size(0), "lens: [N] int64");
     lp = lens->data_ptr<int64_t>();
-    const int64_t lo = qkv.size(0) ? lens->min().item<int64_t>() : 1, hi = qkv.size(0) ? lens->max().item<int64_t>() : 1;
+    int64_t lo = 1, hi = 1;  // a loop over a few dozen rows, not two reductions through the dispatcher
+    if (qkv.size(0)) {
+      lo = hi = lp[0];
+      for (int64_t r = 1; r < qkv.size(0); ++r) lo = std::min(lo, lp[r]), hi = std::max(hi, lp[r]);
+    }
     TORCH_CHECK(lo >= 1 && hi <= K.size(2) && hi <= anc.size(1), "lens: positions beyond the caches");
   } else {
     TORCH_CHECK(len >= 1 && len <= K.size(2) && anc.size(1) >= len, "positions beyond the caches");
@@ -367,11 +371,11 @@ void pack_image_kv(at::Tensor k, at::Tensor v, at::Tensor slots, at::Tensor KT, 
               "k, v: fp32 [n, M <= ", MP, ", ", H * D, "] with contiguous rows");
   TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.size(0) == k.size(0),
               "slots: [n] int64");
-  TORCH_CHECK(slots.numel() == 0 || (slots.min().item<int64_t>() >= 0 && slots.max().item<int64_t>() < B),
-              "slots: outside the ", B, " images");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.size(0); ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < B, "slots: ", sp[i], " outside the ", B, " images");
   const auto [ks, vs] = image_scales(KT, k_scale, v_scale);
   dispatch<true>(D, KT.scalar_type(), at::kFloat, [&](auto d, auto t, auto) {
-    pack_image_kv_impl<decltype(d)::value, decltype(t)>(k, v, slots.data_ptr<int64_t>(), KT, V,
+    pack_image_kv_impl<decltype(d)::value, decltype(t)>(k, v, sp, KT, V,
                                                          const_cast<float*>(ks), const_cast<float*>(vs));
   });
 }
