@@ -327,3 +327,20 @@ def test_the_kernels_built_for_narrower_vectors_give_the_same_attention(march, t
     done = subprocess.run([sys.executable, str(script), march, str(tmp_path)], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_the_build_key_and_the_wheel_cover_every_kernel_file():
+    """Every file in csrc/ is compiled or included (so it is part of the build key), and
+    pyproject's package data ships it (a wheel without a header builds nothing)."""
+    import fnmatch
+    import tomllib
+
+    csrc = attention_kernel.SOURCE.parent
+    assert set(csrc.iterdir()) == set(attention_kernel.SOURCES + attention_kernel.HEADERS)
+    pyproject = csrc.parents[2] / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("an installed copy: no pyproject.toml beside the package")
+    globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["mmcap"]
+    for path in csrc.iterdir():
+        rel = path.relative_to(csrc.parents[1]).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not in pyproject's package data"
