@@ -9,9 +9,11 @@ plan hands over (`mmcap.accel.kernel_attention`, C++ kernels where they timed fa
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
+
+from mmcap.generation.beams import RowTop
 
 ImageKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: the image's keys and values [B, M, width]
 
@@ -32,7 +34,7 @@ class AttentionState:
     # logits [N, V], k -> the k best log-probs [N, k] of each row and their tokens, without writing
     # the log-probs out: where a state's kernels offer it (mmcap's, in the lossy modes: their
     # log-sum-exp rounds otherwise than torch's log_softmax)
-    log_softmax_top: Optional[Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = None
+    log_softmax_top: Optional[RowTop] = None
 
     def __init__(self, heads: int, dtype: Optional[torch.dtype]):
         self.heads, self.dtype, self.group, self.t = heads, dtype, 1, 0

@@ -12,11 +12,12 @@ finished with (`keep`). Three passes implement it:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 
 from mmcap.generation.attention import AttentionBackend, torch_attention
+from mmcap.generation.beams import RowTop
 from mmcap.generation.gpt2_pass import GPT2Decoding
 from mmcap.generation.hf_pass import HFDecoding
 from mmcap.generation.lm_pass import LMDecoding
@@ -29,7 +30,7 @@ class DecodingPass(Protocol):
     attentions: bool  # whether calls return the image attention of the last query
     # optional: logits, k -> each row's k best log-probs and their tokens, without writing the
     # log-probs out (`AttentionState.log_softmax_top`); beam search reads it with getattr
-    row_top: Optional[Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]]
+    row_top: Optional[RowTop]
 
     def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits [N, V] (fp32) of the token after `seqs` [N, t], and image attention [N, M] or None."""

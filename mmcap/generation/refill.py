@@ -55,11 +55,11 @@ def refill_beam_search(make_pass: Callable[[torch.Tensor], object], images: Iter
     steps = torch.zeros(s, dtype=torch.long)  # new tokens of each slot's image so far
     active = torch.ones(s, dtype=torch.bool)
     slot_rows = torch.arange(s)[:, None] * k
+    row_top = getattr(dec, "row_top", None)  # the pass's kernels' top k of the log-probs, where offered
     while bool(active.any()):
         positions = steps.repeat_interleave(k)
         tokens = running.seqs.view(s * k, max_len).gather(1, positions[:, None])[:, 0]
         logits = dec.step_rows(tokens, positions)
-        row_top = getattr(dec, "row_top", None)
         cand = _candidates(logits if row_top else torch.log_softmax(logits, -1, out=logits), running, steps, cfg,
                            eos, row_top)
         running, parent = next_beams(cand, k)

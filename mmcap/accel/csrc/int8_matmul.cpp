@@ -150,7 +150,7 @@ inline __m512 gelu_tanh16(__m512 x) {
 // weights: each loaded tile feeds Cols or Rows products. AMX does not rename tiles, so a tile is
 // loaded again only once the products reading it are done; at 2 x 2 a decoding step's int8 layers
 // ran 1.2-1.5x faster than at 3 row blocks x 1 column block, which loads every activation tile
-// once per product (`bench_decode_rows.py`)
+// once per product (both kernels side by side on GPT-2 small's 73 layers)
 template <int Rows, int Cols>
 inline void tile_sums(const int8_t* a, int64_t lda, const int8_t* b, int64_t b_stride, int64_t depth_tiles,
                       int32_t* sums) {

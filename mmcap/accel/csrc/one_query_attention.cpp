@@ -3,8 +3,9 @@
 // Built at first use by mmcap.attention_kernel (torch.utils.cpp_extension, -O3 -march=native) as
 // the operators torch.ops.mmcap.self_attend and torch.ops.mmcap.cross_attend.
 //
-// Queries and caches are fp32 or bf16 (the caller's mode); arithmetic and results are fp32, in
-// vectors as wide as the compiling CPU's registers (`vec.h`).
+// Queries and caches are fp32 or bf16 (the caller's mode), the image's keys and values also int8
+// (`pack_image_kv` writes them); arithmetic and results are fp32, in vectors as wide as the
+// compiling CPU's registers (`vec.h`).
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -208,10 +209,9 @@ void pack_image_kv_impl(const at::Tensor& k, const at::Tensor& v, const int64_t*
   T* vtp = V.data_ptr<T>();
   const int64_t k0 = k.stride(0), k1 = k.stride(1), v0 = v.stride(0), v1 = v.stride(1);
   at::parallel_for(0, n * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tk(D * MP);
+    std::vector<float> tk(D * MP, 0.f);  // a task's keys transposed; positions past M stay zero
     for (int64_t ih = begin; ih < end; ++ih) {
       const int64_t i = ih / H, h = ih % H, bh = slots[i] * H + h;
-      std::fill(tk.begin(), tk.end(), 0.f);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t d = 0; d < D; ++d) tk[d * MP + m] = kp[i * k0 + m * k1 + h * D + d];
       // one row of `len` values (a key channel, a value row; a multiple of L) into `dst`,
@@ -220,8 +220,8 @@ void pack_image_kv_impl(const at::Tensor& k, const at::Tensor& v, const int64_t*
         if constexpr (std::is_same_v<T, int8_t>) {
           vf mv = (vf){};
           for (int64_t j = 0; j < len; j += L) {
-            const vf a = load(x + j);
-            mv = (a < 0 ? -a : a) > mv ? (a < 0 ? -a : a) : mv;
+            const vf a = load(x + j), abs = a < 0 ? -a : a;
+            mv = abs > mv ? abs : mv;
           }
           const float amax = hmax(mv), inv = amax > 0.f ? 127.f / amax : 0.f;
           for (int64_t j = 0; j < len; j += L) store(dst + j, load(x + j) * inv);
@@ -324,7 +324,7 @@ at::Tensor self_attend_rows(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tens
 }
 
 // the scales of int8 image keys ([B, H, D]) and values ([B, H, MP]): given exactly for int8 caches
-static std::pair<const float*, const float*> image_scales(const at::Tensor& KT, const c10::optional<at::Tensor>& k_scale,
+static std::pair<float*, float*> image_scales(const at::Tensor& KT, const c10::optional<at::Tensor>& k_scale,
                                                   const c10::optional<at::Tensor>& v_scale) {
   const bool given = k_scale.has_value() && k_scale->defined();
   TORCH_CHECK(given == (KT.scalar_type() == at::kChar) && given == (v_scale.has_value() && v_scale->defined()),
@@ -375,8 +375,7 @@ void pack_image_kv(at::Tensor k, at::Tensor v, at::Tensor slots, at::Tensor KT, 
   for (int64_t i = 0; i < slots.size(0); ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < B, "slots: ", sp[i], " outside the ", B, " images");
   const auto [ks, vs] = image_scales(KT, k_scale, v_scale);
   dispatch<true>(D, KT.scalar_type(), at::kFloat, [&](auto d, auto t, auto) {
-    pack_image_kv_impl<decltype(d)::value, decltype(t)>(k, v, sp, KT, V,
-                                                         const_cast<float*>(ks), const_cast<float*>(vs));
+    pack_image_kv_impl<decltype(d)::value, decltype(t)>(k, v, sp, KT, V, ks, vs);
   });
 }
 
