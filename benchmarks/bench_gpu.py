@@ -29,6 +29,10 @@ the rate measured here on 8192x8192 matrices. Lightning runs at the first traini
 ``host_ms_per_step`` (the step queued, no sync), ``gpu_ms_per_step`` (kernel time, torch.profiler)
 and ``kernel_launches_per_step`` say whether a step is bound by the host or by the GPU
 (`step_anatomy`; on a CPU, aten operators per step instead of launches).
+
+``train_bN_compiled_*`` repeat the plain loop and Lightning with the loss through
+``torch.compile(mode=--compile)`` (`model.training.compile` in a recipe), compile time apart
+(``_compile_s``); ``--compile none`` skips them.
 """
 from __future__ import annotations
 
@@ -165,8 +169,9 @@ def plain_training(model, batches: list[dict], device: torch.device, warmup: int
     return samples / (time.perf_counter() - t0)
 
 
-def lightning_training(batches: list[dict], device: torch.device, warmup: int) -> float:
-    """Samples/s of `CaptionModule` fitted by a Lightning Trainer (bf16-mixed) on `batches`."""
+def lightning_training(batches: list[dict], device: torch.device, warmup: int, compile_mode: str = "") -> float:
+    """Samples/s of `CaptionModule` fitted by a Lightning Trainer (bf16-mixed) on `batches`;
+    with `compile_mode`, its loss compiled (`model.training.compile: {mode: compile_mode}`)."""
     import lightning as L
 
     from mmcap.training.module import CaptionModule
@@ -189,7 +194,8 @@ def lightning_training(batches: list[dict], device: torch.device, warmup: int) -
 
     captioner = build_mmcap()
     module = CaptionModule(captioner=captioner.config, optim={"lr": 1e-4, "warmup_steps": 0},
-                           training={"channels_last": True})
+                           training={"channels_last": True,
+                                     "compile": {"mode": compile_mode} if compile_mode else False})
     module.set_captioner(captioner)
     timer = Timer()
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision="bf16-mixed",
@@ -268,8 +274,35 @@ def step_anatomy(model, batch: dict, device: torch.device, steps: int = 5) -> di
     return out
 
 
+def compiled_training(batch: int, batches: list[dict], device: torch.device, warmup: int, flops: float,
+                      peak_tflops: float, mode: str, lightning: bool) -> dict:
+    """The plain loop and CaptionModule with the loss through `torch.compile(mode=mode)` (the
+    compile paid in the untimed warm-up steps): samples/s, MFU, a step's anatomy, Lightning's overhead."""
+    model = build_mmcap().to(device).train()
+    model.encoder.to(memory_format=torch.channels_last)
+    compiled = torch.compile(model, mode=mode)
+    t0 = time.perf_counter()
+    plain_training(compiled, batches[: warmup + 1], device, warmup)  # compiles (the first steps)
+    compile_s = time.perf_counter() - t0
+    plain = plain_training(compiled, batches, device, warmup)
+    anatomy = step_anatomy(compiled, batches[0], device)
+    log(f"plain loop compiled ({mode}), batch {batch}: {plain:.1f} samples/s, compiled in {compile_s:.0f} s; "
+        f"a step's anatomy {anatomy}")
+    key = f"train_b{batch}_compiled"
+    out = {f"{key}_mode": mode, f"{key}_compile_s": round(compile_s, 1), f"{key}_plain_samples_per_s": round(plain, 1),
+           f"{key}_mfu": round(flops * plain / (peak_tflops * 1e12), 4), **{f"{key}_{k}": v for k, v in anatomy.items()}}
+    del model, compiled
+    if lightning:
+        rate = lightning_training(batches, device, warmup, compile_mode=mode)
+        log(f"lightning compiled ({mode}), batch {batch}: {rate:.1f} samples/s")
+        out[f"{key}_lightning_samples_per_s"] = round(rate, 1)
+        out[f"{key}_lightning_overhead_pct"] = round(100 * (1 - rate / plain), 2)
+        out[f"{key}_lightning_mfu"] = round(flops * rate / (peak_tflops * 1e12), 4)
+    return out
+
+
 def training(device: torch.device, batch: int, steps: int, warmup: int, peak_tflops: float,
-             lightning: bool = True, profile_to: str = "") -> dict:
+             lightning: bool = True, profile_to: str = "", compile_mode: str = "") -> dict:
     model = build_mmcap().to(device).train()
     model.encoder.to(memory_format=torch.channels_last)
     batches = synthetic_batches(warmup + steps, batch, pin=device.type == "cuda")
@@ -297,6 +330,8 @@ def training(device: torch.device, batch: int, steps: int, warmup: int, peak_tfl
         out[f"train_b{batch}_lightning_samples_per_s"] = round(rate, 1)
         out[f"train_b{batch}_lightning_overhead_pct"] = round(100 * (1 - rate / plain), 2)
         out[f"train_b{batch}_lightning_mfu"] = round(flops * rate / (peak_tflops * 1e12), 4)
+    if compile_mode:
+        out.update(compiled_training(batch, batches, device, warmup, flops, peak_tflops, compile_mode, lightning))
     return out
 
 
@@ -314,13 +349,17 @@ def main(argv=None) -> int:
     p.add_argument("--skip-references", action="store_true", help="time mmcap only (no naive, no ViT-GPT2)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--profile", default="", help="write the top GPU operators of a training step here")
+    p.add_argument("--compile", default="default", metavar="MODE",
+                   help="also train with the loss through torch.compile(mode=MODE) (default, reduce-overhead, "
+                        "max-autotune, ...; 'none' to skip)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "mfu_means": ("train_bN_mfu: the plain loop's, train_bN_lightning_mfu: CaptionModule under "
-                                  "L.Trainer (first batch size only); FLOPs per sample (forward + backward, "
+                                  "L.Trainer (first batch size only); train_bN_compiled_*: the same with the loss "
+                                  "through torch.compile; FLOPs per sample (forward + backward, "
                                   "flop_counter) x samples/s / peak_tflops"),
                     "torch": torch.__version__, "cudnn_benchmark": args.cudnn_benchmark, "peak_tflops": args.peak_tflops}
     if not args.skip_captioning:
@@ -330,7 +369,8 @@ def main(argv=None) -> int:
         del model
     for i, batch in enumerate(args.train_batches):
         result.update(training(device, batch, args.train_steps, args.train_warmup, args.peak_tflops,
-                               lightning=i == 0, profile_to=args.profile if i == 0 else ""))
+                               lightning=i == 0, profile_to=args.profile if i == 0 else "",
+                               compile_mode="" if args.compile == "none" else args.compile))
     if device.type == "cuda":
         result["bf16_matmul_tflops"] = round(matmul_tflops(device), 1)
     emit(result)

@@ -32,7 +32,7 @@ def tiny_image_bytes(i: int = 0, fmt: str = "JPEG", size: tuple[int, int] = (20,
 OPTIM_KEYS = {"lr", "encoder_lr_mult", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "total_steps",
               "freeze_encoder_steps", "fused"}
 TRAINING_KEYS = {"label_smoothing", "token_dropout", "max_bad_steps", "tokenizer_max_captions", "val_meteor",
-                 "grid_images", "channels_last", "init_from", "scst"}
+                 "grid_images", "channels_last", "init_from", "scst", "compile"}
 CAPTIONER_KEYS = {"encoder", "projection", "decoder", "tokenizer", "image_size", "max_caption_tokens"}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Union
 
 from mmcap.config import CaptionerConfig
 from mmcap.generation.config import GenerationConfig
@@ -24,6 +24,9 @@ class TrainingConfig:
     val_meteor: bool = False  # METEOR (Java, slow to start) at validation too; test always has it
     grid_images: int = 8  # images in the caption grid logged at each validation (0: none)
     channels_last: bool = False  # encoder in channels-last memory format (faster on CPUs, tensor cores)
+    # torch.compile the teacher-forced loss (forward and backward): true, or torch.compile's options
+    # such as {mode: max-autotune}. The first steps pay the compile (about a minute for ResNet-50 + GPT-2).
+    compile: Union[bool, dict[str, Any]] = False
     # Start from this save_pretrained directory (its config replaces model.captioner), e.g. for SCST.
     init_from: Optional[str] = None
     # Self-critical sequence training (CIDEr-D rewards) instead of cross-entropy.

@@ -32,6 +32,7 @@ from mmcap.data.interface import TrainingData
 from mmcap.generation.config import GenerationConfig
 from mmcap.model.lora import frozen_lm_weights
 from mmcap.metrics import evaluate_captions
+from mmcap.training.compile import compile_options, compiled_loss
 from mmcap.training.config import TrainingConfig, coerce
 from mmcap.training.contexts import frozen_encoder, token_dropout
 from mmcap.training.scst import reward_scorer, self_critical_loss
@@ -85,6 +86,8 @@ class CaptionModule(L.LightningModule):
         self._eval_loss = torch.zeros(2)
         self._grid: list[tuple[torch.Tensor, str, list[str]]] = []
         self._features_dir: Optional[str] = None  # training from precomputed encoder grids
+        compile_options(self.training_config.compile)  # a bad value fails here, not at the first step
+        self._compiled_loss = None  # `training.compile`: the captioner's loss through torch.compile
 
     @property
     def bad_steps(self) -> int:
@@ -147,6 +150,7 @@ class CaptionModule(L.LightningModule):
             captioner.encoder.set_freeze("all")
         captioner.generation_config = self.generation
         self.captioner = captioner
+        self._compiled_loss = compiled_loss(captioner, self.training_config.compile)
         data = self._data()
         if data is not None:
             data.set_tokenizer(captioner.tokenizer)
@@ -221,8 +225,9 @@ class CaptionModule(L.LightningModule):
                 for name, value in stats.items():
                     self.log(f"train/scst_{name}", value, batch_size=len(batch["keys"]))
             else:
-                loss = self.captioner(pixels, input_ids, attention_mask, label_smoothing=opts.label_smoothing,
-                                      memory=memory, labels=batch.get("labels"))
+                loss = (self._compiled_loss or self.captioner)(
+                    pixels, input_ids, attention_mask, label_smoothing=opts.label_smoothing, memory=memory,
+                    labels=batch.get("labels"))
         if self.encoder_frozen and self.trainer.world_size > 1:
             # DDP expects a gradient for every parameter it registered: give the encoder zeros
             # (dropped again in on_before_optimizer_step).

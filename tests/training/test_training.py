@@ -1,6 +1,7 @@
 """CaptionModule on tiny in-memory batches: loss, optimiser groups, schedule, freezing, NaN guard,
 checkpoints (resume, load_from_checkpoint, export)."""
 import math
+import os
 
 import lightning as L
 import pytest
@@ -405,3 +406,66 @@ def test_token_dropout_hides_input_words_not_targets():
     assert hidden.item() == pytest.approx(expected.item(), rel=1e-5)
     with torch.no_grad():  # the hook is gone afterwards
         assert cap(batch["pixels"], ids, mask).item() != pytest.approx(hidden.item())
+
+
+class Losses(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit_weights(tmp_path, steps: int, **overrides) -> tuple[list[float], dict]:
+    """The per-step losses and final weights of a short run through a frozen encoder, token dropout
+    and a batch of another caption width."""
+    module = tiny_module(**{"freeze_encoder_steps": 2, "token_dropout": 0.3, **overrides})
+    batches = make_batches(module.captioner.tokenizer, n_batches=3, per_batch=4)
+    batches[1] = {**batches[1], **module.captioner.tokenizer(["a red circle", "a blue circle", "a circle", "red"], 16)}
+    torch.manual_seed(1)
+    losses = Losses()
+    trainer(tmp_path, steps, callbacks=[losses]).fit(module, loader(batches))
+    assert (module._compiled_loss is None) == (not overrides.get("compile"))
+    return losses.losses, {k: v.detach().clone() for k, v in module.captioner.state_dict().items()}
+
+
+def test_compiled_training_step_trains_the_eager_model(tmp_path):
+    """`training.compile` runs the loss through torch.compile (here its `aot_eager` backend, which
+    traces forward and backward exactly as inductor does but runs them without generating code):
+    one graph per variant (fullgraph: no break), through a frozen encoder, token dropout and a
+    caption width that changes, and the weights of the eager run after every step's update."""
+    from torch._dynamo.utils import counters
+
+    eager_losses, want = fit_weights(tmp_path / "eager", 5)
+    counters.clear()
+    torch._dynamo.reset()
+    losses, got = fit_weights(tmp_path / "compiled", 5, compile={"backend": "aot_eager", "fullgraph": True})
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=0)
+    # frozen encoder; unfrozen; a second caption width (made dynamic, not compiled per width)
+    assert counters["stats"]["unique_graphs"] == 3
+    assert set(got) == set(want)  # the wrapper is not part of the model
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(want["decoder.transformer.h.0.mlp.c_fc.weight"],
+                           tiny_module().captioner.state_dict()["decoder.transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_compile_option_is_checked_when_the_module_is_made():
+    with pytest.raises(ValueError, match=r"unknown torch.compile option\(s\) \['modes'\]"):
+        tiny_module(compile={"modes": "max-autotune"})
+    with pytest.raises(TypeError, match="must be true, false or a mapping"):
+        tiny_module(compile="yes")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("MMCAP_SLOW_TESTS"), reason="inductor builds C++, about a minute: MMCAP_SLOW_TESTS=1")
+def test_inductor_compiled_training_step_matches_eager(tmp_path):
+    """torch.compile's default backend (inductor's generated kernels): each step's loss agrees with
+    eager's to float rounding (fused kernels sum in another order; AdamW's first updates magnify
+    that in weights whose gradient is near zero, so the losses are compared), and it falls. No token
+    dropout: inductor draws its random numbers from its own generator."""
+    want, _ = fit_weights(tmp_path / "eager", 6, token_dropout=0.0)
+    torch._dynamo.reset()
+    got, _ = fit_weights(tmp_path / "compiled", 6, token_dropout=0.0, compile=True)
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=0)
+    assert all(got[i + 3] < got[i] for i in range(3))  # each batch's loss, one cycle later
