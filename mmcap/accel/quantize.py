@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from mmcap.accel import kernels, timing, twins
+from mmcap.accel import hugepages, kernels, timing, twins
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,11 @@ class Int8Linear(nn.Module):
         self.engine, self._packed = _prepack(qweight, scales, self.bias)
         # the plain int8 weight only where the engine's packed copy is missing: one copy in memory
         self.qweight, self.scales = (None, None) if self._packed is not None else (qweight, scales)
+        self._top = getattr(self._packed, "top", None)
         if self.engine != AMX:  # the LayerNorm before the layer, what follows it: mmcap's kernel only
             self.fused = None
+        if self._top is None:
+            self.head_top = None
 
     def fused(self, h: torch.Tensor, norm: Optional[nn.Module] = None, gelu: bool = False,
               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -129,6 +132,17 @@ class Int8Linear(nn.Module):
             else:  # another norm: torch's, then the kernel
                 y = self._packed(norm(rows).float(), residual, gelu)
         return y if h.dim() == 2 else y.reshape(*shape[:-1], self.out_features)
+
+    def head_top(self, h: torch.Tensor, k: int, norm: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log_softmax(self(norm(h)))'s k best values of each row, best first, and their columns,
+        in one call that never writes the [rows, out] outputs: an LM head and beam search's top k
+        (`torch.ops.mmcap.int8_linear_top`)."""
+        rows = h.reshape(-1, h.shape[-1]).float()
+        params = norm._parameters if norm is not None else {}
+        weight, bias = params.get("weight"), params.get("bias")
+        if isinstance(norm, nn.LayerNorm) and weight is not None and bias is not None:
+            return self._top(rows, k, weight.detach(), bias.detach(), norm.eps)
+        return self._top(norm(rows).float() if norm is not None else rows, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.dim() == 2:  # a decoding step's rows: the kernel alone
@@ -181,10 +195,14 @@ def _kernel(engine: str, qweight: torch.Tensor, scales: torch.Tensor,
     """`engine`'s kernel with the weight packed for it."""
     if engine == AMX:  # mmcap's own (`csrc/int8_matmul.cpp`): the same rounding of the weight, x per row
         ops, n = kernels.kernels(), qweight.shape[0]
-        packed, scales = ops.int8_pack(qweight), scales.float().contiguous()
+        # on 2 MB pages: a step streams every packed weight from memory (`mmcap.accel.hugepages`)
+        packed, scales = hugepages.place(ops.int8_pack(qweight)), scales.float().contiguous()
         def run(x, residual=None, gelu=False, *norm):
             return ops.int8_linear(x, packed, scales, bias, n, residual, gelu, *norm)
 
+        top = getattr(ops, "int8_linear_top", None)
+        if top is not None:  # the layer's outputs' log-softmax top k, the outputs never written
+            run.top = lambda x, k, *norm: top(x, packed, scales, bias, n, k, *norm)
         return run
     packed = _pack(engine, qweight, scales, bias)
     return lambda x: _linear_dynamic(x, packed, True)

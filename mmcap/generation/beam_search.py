@@ -22,7 +22,12 @@ def beam_search(dec: DecodingPass, start: torch.Tensor, eos: int, pad: int, cfg:
     """`start` [B, L]: BOS and the prompt of every row (L the same for all). `drop_finished=False`
     decodes every image to the end (the same results, more work: for tests)."""
     k, (b, prompt_len) = cfg.num_beams, start.shape
-    logits, att = dec(start)  # the first step runs on the un-expanded batch
+    # the pass's kernels may give each row's best log-probs straight from the logits (not where
+    # sampling or banned n-grams need them all)
+    row_top = None if cfg.do_sample or cfg.no_repeat_ngram_size > 0 else getattr(dec, "row_top", None)
+    # ... or from the LM head's own kernel, the logits never written (`HeadRows`)
+    top = row_top is not None and getattr(dec, "fused_top", False)
+    logits, att = dec(start, top=True) if top else dec(start)  # the first step runs on the un-expanded batch
     dec.expand(k)
     logits = logits.repeat_interleave(k, 0)
     att = att.repeat_interleave(k, 0) if att is not None else None
@@ -32,13 +37,11 @@ def beam_search(dec: DecodingPass, start: torch.Tensor, eos: int, pad: int, cfg:
     shrink = drop_finished and not dec.attentions
     images, done = torch.arange(b, device=start.device), None  # the image of each row of the state
 
-    # the pass's kernels may give each row's best log-probs straight from the logits (not where
-    # sampling or banned n-grams need them all)
-    row_top = None if cfg.do_sample or cfg.no_repeat_ngram_size > 0 else getattr(dec, "row_top", None)
     cur = prompt_len  # the position the next token takes
     for step in range(cfg.max_new_tokens):
         if step > 0:
-            logits, att = dec(running.seqs.view(-1, running.seqs.shape[2])[:, :cur])
+            seqs = running.seqs.view(-1, running.seqs.shape[2])[:, :cur]
+            logits, att = dec(seqs, top=True) if top else dec(seqs)
         cand = top_candidates(logits if row_top else _log_softmax(logits), running, cur, step, cfg, eos, att, row_top)
         running, parent = next_beams(cand, k)
         finished.add(cand, step, cfg)

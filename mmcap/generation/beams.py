@@ -20,6 +20,32 @@ NEG = -1.0e9  # the score of a slot that holds nothing (safer than -inf in sums)
 RowTop = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
+class HeadRows:
+    """A step's last hidden rows [N, D], standing in for its logits [N, V] where the pass's LM head
+    and its `row_top` run as one kernel (`Int8Linear.head_top`) and the logits are never written.
+    Beam search uses only what it uses of logits when `row_top` reads them: the shape, rows
+    repeated per beam (the top k is then found once per distinct row), and the top k."""
+
+    def __init__(self, hidden: torch.Tensor, vocab: int, top: RowTop, repeats: int = 1):
+        self.hidden, self.vocab, self._top, self.repeats = hidden, vocab, top, repeats
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.hidden.shape[0] * self.repeats, self.vocab))
+
+    def repeat_interleave(self, k: int, dim: int = 0) -> "HeadRows":
+        if dim != 0:
+            raise ValueError("HeadRows repeats rows only (dim 0)")
+        return HeadRows(self.hidden, self.vocab, self._top, self.repeats * k)
+
+    def top(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's n best log-probs [N, n], best first, and their tokens."""
+        values, tokens = self._top(self.hidden, n)
+        if self.repeats > 1:
+            values, tokens = values.repeat_interleave(self.repeats, 0), tokens.repeat_interleave(self.repeats, 0)
+        return values, tokens
+
+
 def gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """t [B, K, ...] indexed along dim 1 by idx [B, J]."""
     while idx.dim() < t.dim():

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from mmcap.generation.attention import AttentionBackend, torch_attention
+from mmcap.generation.beams import HeadRows
 
 
 class GPT2Decoding:
@@ -42,7 +43,11 @@ class GPT2Decoding:
                          b.crossattention.c_proj, b.crossattention.scaling, b.ln_2, b.mlp) for b in self.body.h]
         # the image's keys and values, once per image; the backend keeps them and the caches
         self.attention = attention(self._image_kv(memory), cfg.num_attention_heads, max_len, autocast)
-        self.row_top = self.attention.log_softmax_top  # beam search's top k of the log-probs, where offered
+        # beam search's top k of the log-probs, where offered; where the LM head can fold it into
+        # its own kernel (`fused_top`), calls with `top=True` return `HeadRows`, not logits
+        self._logits_top = self.attention.log_softmax_top
+        self.row_top = self._row_top if self._logits_top is not None else None
+        self.fused_top = self.row_top is not None and getattr(model.lm_head, "head_top", None) is not None
 
     @staticmethod
     def supports(model, attentions: bool) -> bool:
@@ -50,12 +55,24 @@ class GPT2Decoding:
         return (isinstance(model, GPT2LMHeadModel) and cfg.add_cross_attention and not model.training
                 and not attentions)
 
-    def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def __call__(self, seqs: torch.Tensor, top: bool = False) -> tuple[Union[torch.Tensor, HeadRows], None]:
+        """Logits [N, V] of the token after `seqs`; with `top` where `fused_top`, `HeadRows` for `row_top`."""
         if seqs.shape[1] > self.max_len:
             raise ValueError(f"cannot decode past the {self.max_len} positions this pass was made for")
         while self.t < seqs.shape[1]:  # the first call feeds BOS and the prompt, one position at a time
             x = self._step(seqs[:, self.t])
-        return linear(self.model.lm_head, x, norm=self.body.ln_f).float(), None
+        return self._head(x, top), None
+
+    def _head(self, x: torch.Tensor, top: bool) -> Union[torch.Tensor, HeadRows]:
+        if top and self.fused_top:
+            return HeadRows(x, self.model.lm_head.out_features, self._head_top)
+        return linear(self.model.lm_head, x, norm=self.body.ln_f).float()
+
+    def _head_top(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.lm_head.head_top(x, n, norm=self.body.ln_f)
+
+    def _row_top(self, logits: Union[torch.Tensor, HeadRows], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits.top(n) if isinstance(logits, HeadRows) else self._logits_top(logits, n)
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         """The last hidden state [N, width] of `tokens` [N] at position `self.t`, cached."""
@@ -65,13 +82,13 @@ class GPT2Decoding:
         self.t += 1
         return x
 
-    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, top: bool = False) -> Union[torch.Tensor, HeadRows]:
         """Logits [N, V] (fp32) of the token after `tokens` [N], row r's at position `positions[r]`
         (slot refill: rows of different images at different positions). Needs an attention state
-        with `begin_rows` (mmcap's kernels)."""
+        with `begin_rows` (mmcap's kernels). `top`: as in `__call__`."""
         x = self.body.wte(tokens) + self.body.wpe(positions)
         self.attention.begin_rows(positions)
-        return linear(self.model.lm_head, self._layers(x), norm=self.body.ln_f).float()
+        return self._head(self._layers(x), top)
 
     def admit(self, slots: torch.Tensor, memory: torch.Tensor) -> None:
         """Image tokens `memory` [n, M, D] decode in image slots `slots` [n] from now on (slot refill)."""

@@ -56,10 +56,11 @@ def refill_beam_search(make_pass: Callable[[torch.Tensor], object], images: Iter
     active = torch.ones(s, dtype=torch.bool)
     slot_rows = torch.arange(s)[:, None] * k
     row_top = getattr(dec, "row_top", None)  # the pass's kernels' top k of the log-probs, where offered
+    top = row_top is not None and getattr(dec, "fused_top", False)  # ... from the LM head's kernel (`HeadRows`)
     while bool(active.any()):
         positions = steps.repeat_interleave(k)
         tokens = running.seqs.view(s * k, max_len).gather(1, positions[:, None])[:, 0]
-        logits = dec.step_rows(tokens, positions)
+        logits = dec.step_rows(tokens, positions, top=True) if top else dec.step_rows(tokens, positions)
         cand = _candidates(logits if row_top else torch.log_softmax(logits, -1, out=logits), running, steps, cfg,
                            eos, row_top)
         running, parent = next_beams(cand, k)

@@ -140,3 +140,70 @@ def test_gpt2_decoding_asks_the_twins_to_fuse_only_on_amx(monkeypatch, tmp_path)
                 plain = torch.nn.LayerNorm(64, bias=False)
                 assert torch.equal(linear(twin, h, norm=plain), twin(plain(h)))
     timing.forget()
+
+
+@pytest.mark.parametrize("rows,outputs,k", [(48, 16 * 40 + 7, 6), (5, 37, 3), (17, 16, 16), (33, 300, 1)])
+def test_lm_head_top_k_equals_the_layer_then_log_softmax_top(rows, outputs, k):
+    """`int8_linear_top` never writes the outputs: each row's k best log-softmax values and their
+    columns equal `log_softmax_top` over `int8_linear`'s outputs (the columns exactly, the values to
+    the rounding of a sum taken in another order); among equal outputs the first columns win."""
+    torch.manual_seed(5)
+    w = torch.randint(-127, 128, (outputs, 96), dtype=torch.int8)
+    w[outputs // 2] = w[1]  # two columns with equal outputs in every row
+    x, w_scale, bias = torch.randn(rows, 96), torch.rand(outputs) / 40, torch.randn(outputs)
+    w_scale[outputs // 2] = w_scale[1]
+    bias[outputs // 2] = bias[1] = 1e3  # ... and the best
+    ln_w, ln_b = torch.rand(96) + 0.5, torch.randn(96) / 10
+    p = packed(w)
+    logits = ops.int8_linear(x, p, w_scale, bias, outputs, None, False, ln_w, ln_b, 1e-5)
+    want_values, want_tokens = ops.log_softmax_top(logits, k)
+    values, tokens = ops.int8_linear_top(x, p, w_scale, bias, outputs, k, ln_w, ln_b, 1e-5)
+    assert values.shape == tokens.shape == (rows, k) and tokens.dtype == torch.long
+    assert torch.equal(tokens, want_tokens)
+    atol = 2e-7 * float(logits.abs().max())  # fp32 rounding at the logits' scale
+    torch.testing.assert_close(values, want_values, rtol=0, atol=atol)
+    exact = torch.log_softmax(logits.double(), -1).gather(1, tokens)
+    torch.testing.assert_close(values.double(), exact, rtol=0, atol=atol)
+    assert bool((tokens[:, 0] == 1).all())  # the tie: the first column first
+    if k > 1:
+        assert bool((tokens[:, 1] == outputs // 2).all())
+    with pytest.raises(RuntimeError, match="k = 0 outside"):
+        ops.int8_linear_top(x, p, w_scale, bias, outputs, 0)
+
+
+def test_beam_search_reads_the_lm_heads_top_k_without_logits():
+    """With the int8 twins on AMX, GPT-2's pass hands beam search `HeadRows` (no logits written),
+    and the captions and scores equal those of the separate LM head and top k."""
+    from mmcap.generation import gpt2_pass
+    from mmcap.generation.beams import HeadRows
+
+    from helpers import CAPTIONS, tiny_config
+    from mmcap import Captioner
+
+    torch.manual_seed(0)
+    model = Captioner.from_config(tiny_config("gpt2"), captions=CAPTIONS).eval()
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.mul_(3)
+    pixels = torch.randn(4, 3, 64, 64)
+    seen, init = [], gpt2_pass.GPT2Decoding.__init__
+
+    def fused(on):
+        def patched(self, *a, **kw):
+            init(self, *a, **kw)
+            self.fused_top = self.fused_top and on
+            head = self._head
+            self._head = lambda x, top: seen.append(type(r := head(x, top))) or r
+        return patched
+
+    outs = {}
+    for on in (True, False):
+        gpt2_pass.GPT2Decoding.__init__ = fused(on)
+        try:
+            outs[on] = model.generate(pixels, precision="int8", num_beams=3, max_new_tokens=8)
+        finally:
+            gpt2_pass.GPT2Decoding.__init__ = init
+        assert (HeadRows in seen) == on
+        seen.clear()
+    assert torch.equal(outs[True].sequences, outs[False].sequences)
+    torch.testing.assert_close(outs[True].scores, outs[False].scores, rtol=0, atol=1e-4)

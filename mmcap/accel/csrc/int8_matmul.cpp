@@ -14,7 +14,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
+
+#include "vec.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -180,6 +183,15 @@ inline void tile_sums(const int8_t* a, int64_t lda, const int8_t* b, int64_t b_s
 }
 #endif
 
+// one thread's running log-sum-exp of a row's outputs (a maximum and a sum of exponentials below it
+// per lane) and the row's k best outputs so far: the LM head's log-softmax top k, folded in as the
+// outputs are made, so that the [rows, vocab] logits are never written
+struct RowLse {
+  alignas(64) float max[16];
+  alignas(64) float sum[16];
+  mmcap_vec::Top top;
+};
+
 }  // namespace
 
 bool amx_int8() { return amx_ready(); }
@@ -206,9 +218,13 @@ at::Tensor int8_pack(at::Tensor w) {
 // products summed in int32 on AMX, then y = sum * x_scale[m] * w_scale[n] + bias[n], then GPT-2's
 // GELU of y where `gelu`, then y + residual[m, n] where given: a decoding step's layer and what
 // follows it in one pass over the outputs
-at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10::optional<at::Tensor> bias,
-                       int64_t n, c10::optional<at::Tensor> residual, bool gelu, c10::optional<at::Tensor> norm_weight,
-                       c10::optional<at::Tensor> norm_bias, double eps) {
+// With `lse` (int8_linear_top), y is not written: thread t folds its columns of row r into
+// (*lse)[t * rows + r], and the result is an empty tensor.
+static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::Tensor& w_scale,
+                              const c10::optional<at::Tensor>& bias, int64_t n, const c10::optional<at::Tensor>& residual,
+                              bool gelu, const c10::optional<at::Tensor>& norm_weight,
+                              const c10::optional<at::Tensor>& norm_bias, double eps, std::vector<RowLse>* lse,
+                              int64_t top_k) {
   TORCH_CHECK(amx_ready(), "int8_linear: AMX is not available on this CPU");
   TORCH_CHECK(x.dim() == 2, "int8_linear: want x [rows, in]");
   x = x.to(at::kFloat).contiguous();
@@ -229,8 +245,22 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
               norm_bias->scalar_type() == at::kFloat && norm_weight->is_contiguous() && norm_bias->is_contiguous() &&
               norm_weight->numel() == k && norm_bias->numel() == k),
               "int8_linear: want an fp32 LayerNorm weight and bias of ", k);
-  auto out = at::empty({m, n}, x.options());
+  auto out = at::empty({lse ? 0 : m, n}, x.options());
   if (m == 0) return out;
+#if defined(_OPENMP)
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nb)));
+#else
+  const int threads = 1;
+#endif
+  if (lse) {
+    lse->resize(threads * m);
+    for (RowLse& st : *lse) {
+      std::fill(st.max, st.max + 16, -INFINITY);
+      std::fill(st.sum, st.sum + 16, 0.f);
+      st.top = mmcap_vec::Top();
+      st.top.k = top_k;
+    }
+  }
   const int64_t mp = (m + kRows - 1) / kRows * kRows;
   // the rows quantized into buffers kept between calls (padding rows and columns zero), then the
   // column blocks: both split between the threads of one parallel region
@@ -262,7 +292,7 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
   float* op = out.data_ptr<float>();
   const float* rp = has_residual ? res.data_ptr<float>() : nullptr;
 #ifdef MMCAP_AMX
-  auto column_blocks = [&](int64_t b0, int64_t b1) {
+  auto column_blocks = [&](int64_t b0, int64_t b1, RowLse* st) {
     if (b0 >= b1) return;
     TileConfig cfg;
     for (int t = 0; t < 8; ++t) {
@@ -280,6 +310,28 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
       for (int64_t i = 0; i < rows; ++i) {
         const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(s + i * ld));
         __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(acc, _mm512_set1_ps(sp[r0 + i])), wsv, bv);
+        if (st) {  // the row's top k and log-sum-exp (int8_linear_top has no GELU or residual)
+          RowLse& row = st[r0 + i];
+          y = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), y);
+          const __mmask16 hit = row.top.filled < top_k ? mask
+                                : _mm512_mask_cmp_ps_mask(mask, y, _mm512_set1_ps(row.top.floor), _CMP_GT_OQ);
+          if (hit) {
+            alignas(64) float v[16];
+            _mm512_store_ps(v, y);
+            for (int l = 0; l < 16; ++l)
+              if (hit >> l & 1) row.top.offer(v[l], c0 + l);
+          }
+          __m512 mx = _mm512_load_ps(row.max), sum = _mm512_load_ps(row.sum);
+          const __mmask16 grow = _mm512_mask_cmp_ps_mask(mask, y, mx, _CMP_GT_OQ);
+          if (grow) {  // a new maximum in some lanes: their sums rescaled to it (lanes at -inf hold 0)
+            const __m512 nm = _mm512_mask_mov_ps(mx, grow, y);
+            sum = _mm512_mask_mul_ps(sum, grow, sum, exp16(_mm512_sub_ps(mx, nm)));
+            mx = nm;
+            _mm512_store_ps(row.max, mx);
+          }
+          _mm512_store_ps(row.sum, _mm512_mask_add_ps(sum, mask, sum, exp16(_mm512_sub_ps(y, mx))));
+          continue;
+        }
         if (gelu) y = gelu_tanh16(y);
         if (rp) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, rp + (r0 + i) * n + c0));
         _mm512_mask_storeu_ps(op + (r0 + i) * n + c0, mask, y);
@@ -312,22 +364,67 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
     _tile_release();
   };
 #if defined(_OPENMP)
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nb)));
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
     quantize_rows(m * t / nt, m * (t + 1) / nt);
 #pragma omp barrier
-    column_blocks(nb * t / nt, nb * (t + 1) / nt);
+    column_blocks(nb * t / nt, nb * (t + 1) / nt, lse ? lse->data() + t * m : nullptr);
   }
 #else
   quantize_rows(0, m);
-  at::parallel_for(0, nb, 8, column_blocks);
+  if (lse) column_blocks(0, nb, lse->data());  // one thread: its columns in order
+  else at::parallel_for(0, nb, 8, [&](int64_t b0, int64_t b1) { column_blocks(b0, b1, nullptr); });
 #endif
 #else
   (void)quantize_rows;  // unreachable without AMX: the check at the top refuses the call
+  (void)threads;
 #endif
   return out;
+}
+
+at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10::optional<at::Tensor> bias,
+                       int64_t n, c10::optional<at::Tensor> residual, bool gelu, c10::optional<at::Tensor> norm_weight,
+                       c10::optional<at::Tensor> norm_bias, double eps) {
+  return int8_matmul(x, packed, w_scale, bias, n, residual, gelu, norm_weight, norm_bias, eps, nullptr, 0);
+}
+
+// int8_linear's y, then log_softmax_top(y, k) (`row_top.cpp`), without writing y: (log-probs [M, k]
+// best first, their columns [M, k] int64). For an LM head: at 48 rows of GPT-2's 50,257 tokens the
+// logits are 9.6 MB that the layer wrote and the top k read back, each step.
+std::tuple<at::Tensor, at::Tensor> int8_linear_top(at::Tensor x, at::Tensor packed, at::Tensor w_scale,
+                                                   c10::optional<at::Tensor> bias, int64_t n, int64_t k,
+                                                   c10::optional<at::Tensor> norm_weight,
+                                                   c10::optional<at::Tensor> norm_bias, double eps) {
+  TORCH_CHECK(k >= 1 && k <= n && k <= mmcap_vec::kMaxTop, "int8_linear_top: k = ", k, " outside 1..min(outputs ", n,
+              ", ", mmcap_vec::kMaxTop, ")");
+  std::vector<RowLse> lse;
+  int8_matmul(x, packed, w_scale, bias, n, c10::nullopt, false, norm_weight, norm_bias, eps, &lse, k);
+  const int64_t m = x.size(0), threads = m ? static_cast<int64_t>(lse.size()) / m : 0;
+  auto values = at::empty({m, k}, x.options().dtype(at::kFloat));
+  auto tokens = at::empty({m, k}, x.options().dtype(at::kLong));
+  float* vp = values.data_ptr<float>();
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  for (int64_t r = 0; r < m; ++r) {  // the threads' parts, in column order
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < threads; ++t)
+      for (int l = 0; l < 16; ++l) mx = std::max(mx, lse[t * m + r].max[l]);
+    double sum = 0;
+    mmcap_vec::Top top;
+    top.k = k;
+    for (int64_t t = 0; t < threads; ++t) {
+      const RowLse& part = lse[t * m + r];
+      for (int l = 0; l < 16; ++l)
+        if (part.max[l] > -INFINITY) sum += part.sum[l] * std::exp(part.max[l] - mx);
+      for (int64_t i = 0; i < part.top.filled; ++i) top.offer(part.top.value[i], part.top.index[i]);
+    }
+    const float log_z = mx + static_cast<float>(std::log(sum));
+    for (int64_t i = 0; i < k; ++i) {
+      vp[r * k + i] = top.value[i] - log_z;
+      tp[r * k + i] = top.index[i];
+    }
+  }
+  return {values, tokens};
 }
 
 TORCH_LIBRARY_FRAGMENT(mmcap, m) {
@@ -335,4 +432,6 @@ TORCH_LIBRARY_FRAGMENT(mmcap, m) {
   m.def("int8_pack(Tensor w) -> Tensor", &int8_pack);
   m.def("int8_linear(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int n, Tensor? residual=None, "
         "bool gelu=False, Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=1e-5) -> Tensor", &int8_linear);
+  m.def("int8_linear_top(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int n, int k, "
+        "Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=1e-5) -> (Tensor, Tensor)", &int8_linear_top);
 }

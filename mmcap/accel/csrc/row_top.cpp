@@ -14,34 +14,7 @@
 
 #include "vec.h"
 
-namespace {
-
 using namespace mmcap_vec;
-
-constexpr int64_t kMaxTop = 64;
-
-// the k largest values seen so far, best first; among equal values the first seen stays ahead
-struct Top {
-  float value[kMaxTop];
-  int64_t index[kMaxTop];
-  int64_t k, filled = 0;
-  float floor = -INFINITY;  // what a value must beat to enter: the k-th best once k are in
-
-  void offer(float x, int64_t i) {
-    if (!(x > floor) && filled == k) return;
-    int64_t p = std::min(filled, k - 1);
-    for (; p > 0 && value[p - 1] < x; --p) {
-      value[p] = value[p - 1];
-      index[p] = index[p - 1];
-    }
-    value[p] = x;
-    index[p] = i;
-    filled = std::min(filled + 1, k);
-    if (filled == k) floor = value[k - 1];
-  }
-};
-
-}  // namespace
 
 // logits [N, V] fp32 with contiguous rows -> (log-probs [N, k] best first, tokens [N, k] int64):
 // log_softmax's values x - max - log(sum(exp(x - max))) at each row's k largest logits

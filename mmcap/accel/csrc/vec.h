@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -110,5 +111,29 @@ inline vf vexp(vf x) {
   vf scale; std::memcpy(&scale, &e, sizeof scale);
   return p * scale;
 }
+
+constexpr int64_t kMaxTop = 64;
+
+// the k largest values seen so far, best first; among equal values the first seen stays ahead
+// (`row_top.cpp`, and the LM head's top k in `int8_matmul.cpp`)
+struct Top {
+  float value[kMaxTop];
+  int64_t index[kMaxTop];
+  int64_t k = 1, filled = 0;
+  float floor = -INFINITY;  // what a value must beat to enter: the k-th best once k are in
+
+  void offer(float x, int64_t i) {
+    if (!(x > floor) && filled == k) return;
+    int64_t p = std::min(filled, k - 1);
+    for (; p > 0 && value[p - 1] < x; --p) {
+      value[p] = value[p - 1];
+      index[p] = index[p - 1];
+    }
+    value[p] = x;
+    index[p] = i;
+    filled = std::min(filled + 1, k);
+    if (filled == k) floor = value[k - 1];
+  }
+};
 
 }  // namespace mmcap_vec
