@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from mmcap.accel import hugepages, kernels, timing, twins
+from mmcap.accel import kernels, timing, twins
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,7 @@ def _kernel(engine: str, qweight: torch.Tensor, scales: torch.Tensor,
     """`engine`'s kernel with the weight packed for it."""
     if engine == AMX:  # mmcap's own (`csrc/int8_matmul.cpp`): the same rounding of the weight, x per row
         ops, n = kernels.kernels(), qweight.shape[0]
-        # on 2 MB pages: a step streams every packed weight from memory (`mmcap.accel.hugepages`)
-        packed, scales = hugepages.place(ops.int8_pack(qweight)), scales.float().contiguous()
+        packed, scales = ops.int8_pack(qweight), scales.float().contiguous()
         def run(x, residual=None, gelu=False, *norm):
             return ops.int8_linear(x, packed, scales, bias, n, residual, gelu, *norm)
 
