@@ -56,9 +56,9 @@ def count_steps() -> None:
     from mmcap.generation.gpt2_pass import GPT2Decoding
 
     for name in ("_step", "step_rows"):
-        def counted(self, *a, _f=getattr(GPT2Decoding, name)):
+        def counted(self, *a, _f=getattr(GPT2Decoding, name), **kw):
             STEPS["steps"] += 1
-            return _f(self, *a)
+            return _f(self, *a, **kw)
         setattr(GPT2Decoding, name, counted)
 
 

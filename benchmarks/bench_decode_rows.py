@@ -8,7 +8,9 @@ GPT-2 small's shape, beam 3, 20 tokens): the figures behind slot refill and the 
 - `ms_per_batch_by_engine`: a batch of 16 decoded with every int8 layer of the decoder on mmcap's AMX
   kernel (its LayerNorm, GELU and residual fused) and on oneDNN, and with only the LM head moved to
   oneDNN, alternating, best of `--rounds` (where both engines run): what the per-shape race,
-  which times one weight in cache and no fused work, leaves out (`quantize.AMX_MIN_SPEEDUP`).
+  which times one weight in cache and no fused work, leaves out (`quantize.AMX_MIN_SPEEDUP`);
+  `all_amx_separate_top` is every layer on AMX with the LM head writing its logits for
+  `log_softmax_top` to read, in place of `int8_linear_top` (`Int8Linear.head_top`).
 """
 from __future__ import annotations
 
@@ -65,12 +67,16 @@ def main(argv=None) -> int:
             layouts = {f"all_{e}": {name: e for name in twins} for e in engines}
             if len(engines) == 2:
                 layouts["lm_head_onednn"] = {name: "onednn" if name == "lm_head" else quantize.AMX for name in twins}
+            if quantize.AMX in engines and twins["lm_head"].head_top is not None:
+                layouts["all_amx_separate_top"] = layouts[f"all_{quantize.AMX}"]
             best = {layout: float("inf") for layout in layouts}
             for _ in range(args.rounds):
                 for layout, chosen in layouts.items():
                     for name, twin in twins.items():
                         twin._packed = kernels[name][chosen[name]]
                         use_engine(twin, chosen[name])
+                    if layout == "all_amx_separate_top":
+                        twins["lm_head"].head_top = None
                     best[layout] = min(best[layout], decode(16))
             for name, twin in twins.items():
                 twin._packed = raced[name][1]
@@ -88,11 +94,14 @@ def int8_weight(layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def use_engine(twin, engine: str) -> None:
-    """`twin` offers `Int8Linear.fused` where `engine` is the AMX kernel, as a twin made for it would."""
+    """`twin` offers `Int8Linear.fused` and `head_top` where `engine` is the AMX kernel, as a twin made
+    for it would."""
     if engine == quantize.AMX:
         twin.__dict__.pop("fused", None)
+        if twin._top is not None:
+            twin.__dict__.pop("head_top", None)
     else:
-        twin.fused = None
+        twin.fused = twin.head_top = None
 
 
 if __name__ == "__main__":
