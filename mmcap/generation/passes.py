@@ -31,6 +31,9 @@ class DecodingPass(Protocol):
     # optional: logits, k -> each row's k best log-probs and their tokens, without writing the
     # log-probs out (`AttentionState.log_softmax_top`); beam search reads it with getattr
     row_top: Optional[RowTop]
+    # optional: calls (and `step_rows`) with `top=True` return `beams.HeadRows` in place of logits,
+    # which only `row_top` reads: the LM head and the top k in one kernel (`GPT2Decoding`, int8 on AMX)
+    fused_top: bool
 
     def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits [N, V] (fp32) of the token after `seqs` [N, t], and image attention [N, M] or None."""
