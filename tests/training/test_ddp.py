@@ -47,7 +47,7 @@ class RecordRank(L.Callback):
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def run_ddp(out_dir: str, train: str, val: str) -> None:
+def run_ddp(out_dir: str, train: str, val: str, compile=False) -> None:
     """Runs inside the subprocess: 2 epochs on 2 CPU ranks, validation after each."""
     from helpers import module_args, tiny_config
 
@@ -58,7 +58,8 @@ def run_ddp(out_dir: str, train: str, val: str) -> None:
     cfg = tiny_config(decoder={"family": "gpt2", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
                                "max_positions": 32, "dropout": 0.0}, image_size=32)
     module = CaptionModule(**module_args(**cfg, lr=1e-3, warmup_steps=1, freeze_encoder_steps=2,
-                                       generation={"num_beams": 1, "max_new_tokens": 6}, grid_images=0))
+                                       generation={"num_beams": 1, "max_new_tokens": 6}, grid_images=0,
+                                       compile=compile))
     data = CaptionDataModule(train_shards=train, val_shards=val, image_size=32, batch_size=2, eval_batch_size=2,
                              num_workers=0, shuffle_buffer=4, max_caption_tokens=16)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, logger=False,
@@ -68,13 +69,15 @@ def run_ddp(out_dir: str, train: str, val: str) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_uneven_shards(make_caption_shards, tmp_path):
-    # 3 train shards of 4 samples on 2 ranks: rank 0 reads 2 shards, rank 1 one shard (and cycles it)
+@pytest.mark.parametrize("compile", [False, {"backend": "aot_eager", "fullgraph": True}], ids=["eager", "compiled"])
+def test_ddp_two_ranks_uneven_shards(make_caption_shards, tmp_path, compile):
+    # 3 train shards of 4 samples on 2 ranks: rank 0 reads 2 shards, rank 1 one shard (and cycles it).
+    # Compiled (`training.compile`): the compiled loss's gradients are averaged by DDP all the same.
     train, train_caps = make_caption_shards(n_shards=3, per_shard=4, name="train")
     val, val_caps = make_caption_shards(n_shards=1, per_shard=5, name="val")
     out = tmp_path / "out"
     out.mkdir()
-    code = f"import test_ddp; test_ddp.run_ddp({str(out)!r}, {train!r}, {val!r})"
+    code = f"import test_ddp; test_ddp.run_ddp({str(out)!r}, {train!r}, {val!r}, {compile!r})"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
