@@ -4,6 +4,10 @@ On iterable shards an "epoch" is whatever the loader's length estimate says, so 
 showed "Epoch 0/-2" and "120/79". Here the bar counts optimizer steps over the whole run: against
 `max_steps` where a step budget ends it, with the time left where `max_time` does (both where both
 are set), and with no total where neither bounds the run.
+
+The logged values it shows (`train/loss`) are read every `trainer.log_every_n_steps` steps, as the
+loggers write them, not every step: reading a value logged as a GPU tensor waits for the GPU
+(`.item()`), which kept every training step waiting on the one before.
 """
 from __future__ import annotations
 
@@ -36,7 +40,18 @@ def describe(trainer) -> str:
 
 
 class _StepsMixin:
-    """Overrides shared by both of Lightning's bars: the total and the position are steps of the run."""
+    """Overrides shared by both of Lightning's bars: the total and the position are steps of the run;
+    the logged values shown are read every `log_every_n_steps` steps of training."""
+
+    _shown: Optional[tuple[int, dict]] = None  # (step, values) last read while training
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        if not trainer.training:  # validation, the end of an epoch: as they are now
+            return super().get_metrics(trainer, pl_module)
+        step = trainer.global_step
+        if self._shown is None or step - self._shown[0] >= max(1, trainer.log_every_n_steps) or step < self._shown[0]:
+            self._shown = (step, super().get_metrics(trainer, pl_module))
+        return self._shown[1]
 
     @property
     def total_train_batches(self) -> Union[int, float]:
