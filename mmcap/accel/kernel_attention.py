@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 

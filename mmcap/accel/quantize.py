@@ -120,29 +120,16 @@ class Int8Linear(nn.Module):
         rows = h if h.dim() == 2 and h.dtype == torch.float32 else h.reshape(-1, shape[-1]).float()
         if residual is not None and (residual.dim() != 2 or residual.dtype != torch.float32):
             residual = residual.reshape(-1, self.out_features).float()
-        if norm is None:
-            y = self._packed(rows, residual, gelu)
-        else:
-            params = norm._parameters  # not nn.Module's attribute lookup, per call
-            weight, bias = params.get("weight"), params.get("bias")
-            if isinstance(norm, nn.LayerNorm) and weight is not None and bias is not None:
-                if torch.is_grad_enabled():
-                    weight, bias = weight.detach(), bias.detach()
-                y = self._packed(rows, residual, gelu, weight, bias, norm.eps)
-            else:  # another norm: torch's, then the kernel
-                y = self._packed(norm(rows).float(), residual, gelu)
+        rows, norm_args = _normed(rows, norm)
+        y = self._packed(rows, residual, gelu, *norm_args)
         return y if h.dim() == 2 else y.reshape(*shape[:-1], self.out_features)
 
     def head_top(self, h: torch.Tensor, k: int, norm: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """log_softmax(self(norm(h)))'s k best values of each row, best first, and their columns,
         in one call that never writes the [rows, out] outputs: an LM head and beam search's top k
         (`torch.ops.mmcap.int8_linear_top`)."""
-        rows = h.reshape(-1, h.shape[-1]).float()
-        params = norm._parameters if norm is not None else {}
-        weight, bias = params.get("weight"), params.get("bias")
-        if isinstance(norm, nn.LayerNorm) and weight is not None and bias is not None:
-            return self._top(rows, k, weight.detach(), bias.detach(), norm.eps)
-        return self._top(norm(rows).float() if norm is not None else rows, k)
+        rows, norm_args = _normed(h.reshape(-1, h.shape[-1]).float(), norm)
+        return self._top(rows, k, *norm_args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.dim() == 2:  # a decoding step's rows: the kernel alone
@@ -162,6 +149,20 @@ class Int8Linear(nn.Module):
     # `int8_linears` and carry no hooks. A decoding step makes ~1,500 such calls per batch; the
     # hooks' bookkeeping and the op packet's dispatch cost ~5 us each (1 % of int8 decoding).
     __call__ = forward
+
+
+def _normed(rows: torch.Tensor, norm: Optional[nn.Module]) -> tuple[torch.Tensor, tuple]:
+    """`rows` and the LayerNorm arguments (weight, bias, eps) mmcap's kernel applies as it quantizes
+    them; a norm the kernel does not do (another kind, or without weight or bias) runs here, in torch."""
+    if norm is None:
+        return rows, ()
+    params = norm._parameters  # not nn.Module's attribute lookup: this runs 73 times a GPT-2 step
+    weight, bias = params.get("weight"), params.get("bias")
+    if isinstance(norm, nn.LayerNorm) and weight is not None and bias is not None:
+        if torch.is_grad_enabled():
+            weight, bias = weight.detach(), bias.detach()
+        return rows, (weight, bias, norm.eps)
+    return norm(rows).float(), ()
 
 
 def _prepack(qweight: torch.Tensor, scales: torch.Tensor,

@@ -171,11 +171,11 @@ def test_lm_head_top_k_equals_the_layer_then_log_softmax_top(rows, outputs, k):
         ops.int8_linear_top(x, p, w_scale, bias, outputs, 0)
 
 
-def test_beam_search_reads_the_lm_heads_top_k_without_logits():
+def test_beam_search_reads_the_lm_heads_top_k_without_logits(monkeypatch):
     """With the int8 twins on AMX, GPT-2's pass hands beam search `HeadRows` (no logits written),
     and the captions and scores equal those of the separate LM head and top k."""
-    from mmcap.generation import gpt2_pass
     from mmcap.generation.beams import HeadRows
+    from mmcap.generation.gpt2_pass import GPT2Decoding
 
     from helpers import CAPTIONS, tiny_config
     from mmcap import Captioner
@@ -186,24 +186,25 @@ def test_beam_search_reads_the_lm_heads_top_k_without_logits():
         for p in model.decoder.parameters():
             p.mul_(3)
     pixels = torch.randn(4, 3, 64, 64)
-    seen, init = [], gpt2_pass.GPT2Decoding.__init__
+    fused_allowed, heads_made = [True], []
+    init, head = GPT2Decoding.__init__, GPT2Decoding._head
 
-    def fused(on):
-        def patched(self, *a, **kw):
-            init(self, *a, **kw)
-            self.fused_top = self.fused_top and on
-            head = self._head
-            self._head = lambda x, top: seen.append(type(r := head(x, top))) or r
-        return patched
+    def patched_init(self, *a, **kw):
+        init(self, *a, **kw)
+        self.fused_top = self.fused_top and fused_allowed[0]
 
+    def recorded_head(self, x, top):
+        out = head(self, x, top)
+        heads_made.append(type(out))
+        return out
+
+    monkeypatch.setattr(GPT2Decoding, "__init__", patched_init)
+    monkeypatch.setattr(GPT2Decoding, "_head", recorded_head)
     outs = {}
     for on in (True, False):
-        gpt2_pass.GPT2Decoding.__init__ = fused(on)
-        try:
-            outs[on] = model.generate(pixels, precision="int8", num_beams=3, max_new_tokens=8)
-        finally:
-            gpt2_pass.GPT2Decoding.__init__ = init
-        assert (HeadRows in seen) == on
-        seen.clear()
+        fused_allowed[0] = on
+        heads_made.clear()
+        outs[on] = model.generate(pixels, precision="int8", num_beams=3, max_new_tokens=8)
+        assert (HeadRows in heads_made) == on
     assert torch.equal(outs[True].sequences, outs[False].sequences)
     torch.testing.assert_close(outs[True].scores, outs[False].scores, rtol=0, atol=1e-4)

@@ -257,8 +257,7 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
     for (RowLse& st : *lse) {
       std::fill(st.max, st.max + 16, -INFINITY);
       std::fill(st.sum, st.sum + 16, 0.f);
-      st.top = mmcap_vec::Top();
-      st.top.k = top_k;
+      st.top = mmcap_vec::Top(top_k);
     }
   }
   const int64_t mp = (m + kRows - 1) / kRows * kRows;
@@ -410,19 +409,14 @@ std::tuple<at::Tensor, at::Tensor> int8_linear_top(at::Tensor x, at::Tensor pack
     for (int64_t t = 0; t < threads; ++t)
       for (int l = 0; l < 16; ++l) mx = std::max(mx, lse[t * m + r].max[l]);
     double sum = 0;
-    mmcap_vec::Top top;
-    top.k = k;
+    mmcap_vec::Top top(k);
     for (int64_t t = 0; t < threads; ++t) {
       const RowLse& part = lse[t * m + r];
       for (int l = 0; l < 16; ++l)
         if (part.max[l] > -INFINITY) sum += part.sum[l] * std::exp(part.max[l] - mx);
       for (int64_t i = 0; i < part.top.filled; ++i) top.offer(part.top.value[i], part.top.index[i]);
     }
-    const float log_z = mx + static_cast<float>(std::log(sum));
-    for (int64_t i = 0; i < k; ++i) {
-      vp[r * k + i] = top.value[i] - log_z;
-      tp[r * k + i] = top.index[i];
-    }
+    top.write(mx + static_cast<float>(std::log(sum)), vp + r * k, tp + r * k);
   }
   return {values, tokens};
 }

@@ -33,8 +33,7 @@ std::tuple<at::Tensor, at::Tensor> log_softmax_top(at::Tensor logits, int64_t k)
     const FlushDenormals ftz;
     for (int64_t r = begin; r < end; ++r) {
       const float* x = xp + r * ld;
-      Top top;
-      top.k = k;
+      Top top(k);
       vf mv = (vf){} - INFINITY;
       int64_t j = 0;
       for (; j + 4 * L <= v; j += 4 * L) {  // blocks of 4 vectors: most hold nothing for the top k
@@ -56,11 +55,7 @@ std::tuple<at::Tensor, at::Tensor> log_softmax_top(at::Tensor logits, int64_t k)
       for (; j + L <= v; j += L) sv += vexp(load(x + j) - mx);
       float sum = hsum(sv);
       for (; j < v; ++j) sum += std::exp(x[j] - mx);
-      const float lse = mx + std::log(sum);
-      for (int64_t i = 0; i < k; ++i) {
-        vp[r * k + i] = top.value[i] - lse;
-        tp[r * k + i] = top.index[i];
-      }
+      top.write(mx + std::log(sum), vp + r * k, tp + r * k);
     }
   });
   return {values, tokens};

@@ -1,4 +1,5 @@
-// Vector helpers of mmcap's C++ kernels (`one_query_attention.cpp`, `row_top.cpp`): GCC's generic
+// Vector helpers of mmcap's C++ kernels (`one_query_attention.cpp`, `row_top.cpp`; `Top` also in
+// `int8_matmul.cpp`): GCC's generic
 // vector types, as wide as the compiling CPU's registers, so the code builds for whatever CPU
 // compiles it.
 #pragma once
@@ -119,8 +120,10 @@ constexpr int64_t kMaxTop = 64;
 struct Top {
   float value[kMaxTop];
   int64_t index[kMaxTop];
-  int64_t k = 1, filled = 0;
+  int64_t k, filled = 0;
   float floor = -INFINITY;  // what a value must beat to enter: the k-th best once k are in
+
+  explicit Top(int64_t k = 1) : k(k) {}
 
   void offer(float x, int64_t i) {
     if (!(x > floor) && filled == k) return;
@@ -133,6 +136,14 @@ struct Top {
     index[p] = i;
     filled = std::min(filled + 1, k);
     if (filled == k) floor = value[k - 1];
+  }
+
+  // the k best as log-probs (each minus the row's log-sum-exp `log_z`) and their indices
+  void write(float log_z, float* values, int64_t* indices) const {
+    for (int64_t i = 0; i < k; ++i) {
+      values[i] = value[i] - log_z;
+      indices[i] = index[i];
+    }
   }
 };
 
