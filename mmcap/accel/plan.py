@@ -8,14 +8,15 @@ downstream applies the plan and never reads the string again. The plan holds:
   folded twin, and in int8 mode on CPUs the fastest of the folded, int8 and ONNX Runtime runners;
 - whether the decoder's linear layers run in int8 (CPUs; on GPUs "int8" falls back to "auto");
 - the attention backend handed to generation: C++ kernels where they timed faster (lossy modes);
-- whether glibc keeps freed memory for the next batch (CPUs, the fast modes).
+- whether glibc keeps freed memory for the next batch (CPUs, the fast modes);
+- whether GPT-2's decoding steps run compiled (`compile_decoder`: CUDA graphs on GPUs; off by default).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -28,6 +29,7 @@ from mmcap.accel.kernel_attention import RacedAttention, refill_attention
 from mmcap.accel.precision import PRECISIONS, bf16_is_fast, check_precision
 from mmcap.accel.quantize import int8_available, int8_linears
 from mmcap.generation.attention import AttentionBackend
+from mmcap.generation.compiled_pass import CompiledStaticAttention, compile_options
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +43,29 @@ class InferencePlan:
     dtype: torch.dtype  # what autocast and the encoder's twin compute in
     int8_decoder: bool  # the decoder's linear layers and LM head in int8
     tune_allocator: bool  # glibc keeps freed memory for the next batch (`allocator`)
+    # torch.compile's options for GPT-2's decoding steps (`mmcap.generation.compiled_pass`), or None
+    compile_decoder: Optional[dict] = field(default=None, hash=False)
 
     @classmethod
-    def resolve(cls, precision: str, device: Union[str, torch.device] = "cpu") -> "InferencePlan":
+    def resolve(cls, precision: str, device: Union[str, torch.device] = "cpu",
+                compile_decoder: Union[bool, dict] = False) -> "InferencePlan":
         """The plan for `precision` on `device`: measures (or reads this machine's cached
-        measurement of) whether bf16 pays."""
+        measurement of) whether bf16 pays. `compile_decoder` (True, or a mapping of torch.compile
+        options) compiles GPT-2's decoding steps over a static cache: on GPUs they replay as CUDA
+        graphs (`mode="reduce-overhead"`); not with int8 decoding, whose kernels are already one
+        call per layer."""
         check_precision(precision)
         device = torch.device(device)
         fast = precision == "bf16" or (precision in ("auto", "int8") and bf16_is_fast(device))
         int8 = precision == "int8" and int8_available(device)
         if precision == "int8" and not int8:
             _warn_no_int8(str(device))
+        options = compile_options(compile_decoder, device)
+        if options is not None and int8:
+            raise ValueError("compile_decoder: int8 decoding runs mmcap's CPU kernels, which torch.compile does not "
+                             "trace; use precision fp32, bf16 or auto with it")
         return cls(precision, device, torch.bfloat16 if fast else torch.float32, int8,
-                   tune_allocator=precision != "fp32" and device.type == "cpu")
+                   tune_allocator=precision != "fp32" and device.type == "cpu", compile_decoder=options)
 
     @property
     def exact(self) -> bool:
@@ -66,9 +78,12 @@ class InferencePlan:
         return self.dtype != torch.float32
 
     @property
-    def attention(self) -> RacedAttention:
+    def attention(self) -> AttentionBackend:
         """The attention backend for GPT-2's lean pass: int8 keeps its caches in the compute dtype,
-        and the image's keys and values in int8 (`image_dtype`)."""
+        and the image's keys and values in int8 (`image_dtype`); with `compile_decoder`, static
+        caches in torch's ops, compiled with the step."""
+        if self.compile_decoder is not None:
+            return CompiledStaticAttention(self.compile_decoder)
         return RacedAttention(self.dtype if self.int8_decoder else None, self.image_dtype)
 
     @property
@@ -80,7 +95,7 @@ class InferencePlan:
     def refill_attention(self, head_dim: int) -> Optional[AttentionBackend]:
         """The attention backend for slot refill (rows at their own positions: mmcap's kernels,
         caches in the compute dtype), or None where the kernels cannot run."""
-        if self.device.type != "cpu":
+        if self.device.type != "cpu" or self.compile_decoder is not None:
             return None
         return refill_attention(head_dim, self.dtype, self.image_dtype)
 
@@ -126,11 +141,12 @@ class InferencePlan:
             yield memory.float()
 
 
-def as_plan(precision: Union[str, InferencePlan], device: Union[str, torch.device] = "cpu") -> InferencePlan:
+def as_plan(precision: Union[str, InferencePlan], device: Union[str, torch.device] = "cpu",
+            compile_decoder: Union[bool, dict] = False) -> InferencePlan:
     """`precision` resolved for `device`, or the plan itself where one is given."""
     if isinstance(precision, InferencePlan):
         return precision
-    return InferencePlan.resolve(precision, device)
+    return InferencePlan.resolve(precision, device, compile_decoder)
 
 
 @functools.lru_cache(maxsize=None)

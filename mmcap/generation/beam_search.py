@@ -34,7 +34,7 @@ def beam_search(dec: DecodingPass, start: torch.Tensor, eos: int, pad: int, cfg:
     att_shape = (cfg.max_new_tokens, dec.memory.shape[1]) if dec.attentions else None
     running = Running.first(start, k, prompt_len + cfg.max_new_tokens, pad, att_shape)
     finished = Finished.empty(running)
-    shrink = drop_finished and not dec.attentions
+    shrink = drop_finished and not dec.attentions and not getattr(dec, "static_rows", False)
     images, done = torch.arange(b, device=start.device), None  # the image of each row of the state
 
     cur = prompt_len  # the position the next token takes

@@ -21,7 +21,7 @@ def greedy_or_sample(dec: DecodingPass, start: torch.Tensor, eos: int, pad: int,
     lengths = torch.zeros(b, dtype=torch.long, device=device)
     scores = torch.zeros(b, device=device)
     atts = []
-    shrink = drop_finished and not dec.attentions and not cfg.do_sample
+    shrink = drop_finished and not dec.attentions and not getattr(dec, "static_rows", False) and not cfg.do_sample
     rows = torch.arange(b, device=device)  # the rows still decoded (all, unless `shrink`)
     for step in range(cfg.max_new_tokens):
         decoded = seqs[rows] if shrink else seqs

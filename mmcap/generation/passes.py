@@ -12,15 +12,20 @@ finished with (`keep`). Three passes implement it:
 """
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Optional, Protocol
 
 import torch
 
 from mmcap.generation.attention import AttentionBackend, torch_attention
 from mmcap.generation.beams import RowTop
+from mmcap.generation.compiled_pass import CompiledGPT2Decoding
 from mmcap.generation.gpt2_pass import GPT2Decoding
 from mmcap.generation.hf_pass import HFDecoding
 from mmcap.generation.lm_pass import LMDecoding
+
+log = logging.getLogger(__name__)
 
 
 class DecodingPass(Protocol):
@@ -34,6 +39,9 @@ class DecodingPass(Protocol):
     # optional: calls (and `step_rows`) with `top=True` return `beams.HeadRows` in place of logits,
     # which only `row_top` reads: the LM head and the top k in one kernel (`GPT2Decoding`, int8 on AMX)
     fused_top: bool
+    # optional: True where the pass keeps every image's rows to the end (the searches never call
+    # `keep`): a compiled pass, whose graph is made for one shape (`CompiledGPT2Decoding`)
+    static_rows: bool
 
     def __call__(self, seqs: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits [N, V] (fp32) of the token after `seqs` [N, t], and image attention [N, M] or None."""
@@ -52,10 +60,24 @@ def decoding_pass(model, memory: torch.Tensor, *, fusion=None, use_cache: bool =
                   max_len: int, attention: AttentionBackend = torch_attention) -> DecodingPass:
     """The pass for `model` reading image tokens `memory`: through `fusion` where the fusion is not
     the decoder's own cross-attention, else GPT-2's lean pass where it applies, else transformers'.
-    `attention` makes the lean pass's attention state (`mmcap.generation.attention`)."""
+    `attention` makes the lean pass's attention state (`mmcap.generation.attention`); one with
+    `compile_options` asks for the lean pass with compiled steps (`compiled_pass`)."""
+    compiled = getattr(attention, "compile_options", None) is not None
     if fusion is not None and not fusion.own_cross_attention:
-        return LMDecoding(model, fusion, memory, use_cache, attentions)
-    if use_cache and GPT2Decoding.supports(model, attentions):
+        dec = LMDecoding(model, fusion, memory, use_cache, attentions)
+    elif use_cache and GPT2Decoding.supports(model, attentions):
+        if compiled:
+            return CompiledGPT2Decoding(model, memory, max_len=max_len, attention=attention)
         return GPT2Decoding(model, memory, max_len=max_len, attention=attention)
-    return HFDecoding(model, memory, use_cache, attentions)
+    else:
+        dec = HFDecoding(model, memory, use_cache, attentions)
+    if compiled:
+        _eager_only(type(dec).__name__)
+    return dec
+
+
+@functools.lru_cache(maxsize=None)
+def _eager_only(name: str) -> None:
+    log.warning("mmcap: compiled decoding steps are GPT-2's lean pass (cross-attention, cache on, no attention "
+                "maps); this decoder decodes through %s, eagerly", name)
 
