@@ -13,6 +13,10 @@ bench_caption) and 64:
 - ``mmcap_stream_bf16``: ``Captioner.caption_stream`` with 8 DataLoader workers decoding while the
   GPU works (how a collection is captioned);
 - ``model_bf16``: the model alone on pixels already on the GPU (the ceiling for the above);
+- ``mmcap_bf16_graphs`` / ``model_bf16_graphs``: the same two with the decoding steps compiled
+  (``InferencePlan.resolve("bf16", compile_decoder=True)``: CUDA graphs over a static cache, one
+  launch per token); ``graphs_compile_s`` is the first call's extra time, ``graphs_same_as_bf16``
+  the share of captions equal to eager bf16's; ``--skip-graphs`` leaves them out;
 - ``naive`` and ``vit_gpt2``: bench_caption's two reference systems (fp32) on the same GPU.
 
 ``fp32_same_as_naive`` is the share of mmcap fp32 captions equal to the naive pipeline's (cuDNN
@@ -75,10 +79,13 @@ def timed(fn, device: torch.device, repeats: int = 2) -> tuple[float, object]:
 
 # ----------------------------------------------------------------------------- captioning
 def captioning(model, paths: list[str], device: torch.device, batch_sizes: list[int], workers: int,
-               references: bool = True) -> dict:
+               references: bool = True, graphs: bool = True) -> dict:
+    from mmcap.accel.plan import InferencePlan
+
     n = len(paths)
     out: dict = {}
     captions: dict = {}
+    graphed = InferencePlan.resolve("bf16", device, compile_decoder=True)
     for b in batch_sizes:
         for precision in ("bf16", "fp32"):
             t, captions[(precision, b)] = timed(
@@ -97,6 +104,8 @@ def captioning(model, paths: list[str], device: torch.device, batch_sizes: list[
         t, _ = timed(model_only, device)
         out[f"model_bf16_b{b}"] = round(n / t, 2)
         log(f"stream {out[f'mmcap_stream_bf16_b{b}']}, model alone {out[f'model_bf16_b{b}']} captions/s")
+        if graphs:
+            out.update(graphed_captioning(model, paths, pixels, device, b, graphed, captions[("bf16", b)]))
     if not references:
         return out
 
@@ -110,9 +119,33 @@ def captioning(model, paths: list[str], device: torch.device, batch_sizes: list[
     t, _ = timed(lambda: vit.caption(paths, batch_sizes[0]), device)
     out[f"vit_gpt2_b{batch_sizes[0]}"] = round(n / t, 2)
     b = batch_sizes[0]
-    best_mmcap = max(out[f"mmcap_bf16_b{b}"], out[f"mmcap_stream_bf16_b{b}"])
+    best_mmcap = max(out[f"mmcap_bf16_b{b}"], out[f"mmcap_stream_bf16_b{b}"], out.get(f"mmcap_bf16_graphs_b{b}", 0))
     out[f"mmcap_over_naive_b{b}"] = round(best_mmcap / out[f"naive_b{b}"], 2)
     out[f"mmcap_over_vit_gpt2_b{b}"] = round(best_mmcap / out[f"vit_gpt2_b{b}"], 2)
+    return out
+
+
+def graphed_captioning(model, paths: list[str], pixels: list[torch.Tensor], device: torch.device, b: int, plan,
+                       eager: list[str]) -> dict:
+    """`caption` and the model alone with the plan's compiled decoding steps (CUDA graphs on a GPU)."""
+    n = len(paths)
+    sync(device)
+    t0 = time.perf_counter()
+    model.caption(paths[:b], batch_size=b, precision=plan, **GENERATION)  # compiles (and records the graphs)
+    sync(device)
+    first = time.perf_counter() - t0
+    t, got = timed(lambda: model.caption(paths, batch_size=b, precision=plan, **GENERATION), device)
+    out = {f"mmcap_bf16_graphs_b{b}": round(n / t, 2), f"graphs_compile_s_b{b}": round(first - t * b / n, 1),
+           f"graphs_same_as_bf16_b{b}": round(sum(a == c for a, c in zip(got, eager)) / n, 4)}
+
+    def model_only():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            return [model.generate(p, precision=plan, **GENERATION) for p in pixels]
+
+    t, _ = timed(model_only, device)
+    out[f"model_bf16_graphs_b{b}"] = round(n / t, 2)
+    log(f"mmcap bf16 with compiled steps, batch {b}: {out[f'mmcap_bf16_graphs_b{b}']} captions/s, model alone "
+        f"{out[f'model_bf16_graphs_b{b}']} (compile {out[f'graphs_compile_s_b{b}']} s)")
     return out
 
 
@@ -347,6 +380,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H200: 989)")
     p.add_argument("--skip-captioning", action="store_true")
     p.add_argument("--skip-references", action="store_true", help="time mmcap only (no naive, no ViT-GPT2)")
+    p.add_argument("--skip-graphs", action="store_true", help="no captioning with compiled decoding steps")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--profile", default="", help="write the top GPU operators of a training step here")
     p.add_argument("--compile", default="default", metavar="MODE",
@@ -365,7 +399,8 @@ def main(argv=None) -> int:
     if not args.skip_captioning:
         paths = [str(x) for x in make_photos(Path(tempfile.mkdtemp(prefix="mmcap-bench-gpu-")), args.n)]
         model = build_mmcap().to(device)
-        result.update(captioning(model, paths, device, args.batch_sizes, args.workers, not args.skip_references))
+        result.update(captioning(model, paths, device, args.batch_sizes, args.workers, not args.skip_references,
+                                 graphs=not args.skip_graphs))
         del model
     for i, batch in enumerate(args.train_batches):
         result.update(training(device, batch, args.train_steps, args.train_warmup, args.peak_tflops,

@@ -184,7 +184,9 @@ class CompiledGPT2Decoding(GPT2Decoding):
             torch.compiler.cudagraph_mark_step_begin()
         logits = self._step_fn(self, seqs[:, -1].contiguous())
         self.t += 1
-        return logits, None
+        # a CUDA graph's outputs live in its memory pool until the next replay; the searches write
+        # into the logits (an in-place log-softmax), so they get their own copy
+        return (logits.clone() if logits.device.type == "cuda" else logits), None
 
 
 def _device_step(dec: CompiledGPT2Decoding, tokens: torch.Tensor) -> torch.Tensor:
