@@ -132,3 +132,24 @@ def test_caption_and_cli_with_a_compiled_decoder(peaky_gpt2, counting, image_fil
     with pytest.raises(SystemExit):
         mmcap_main(["caption", "--compile-decoder", "--engine", "ray", *args[1:]])
     assert "--compile-decoder is for --engine local" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the replay of the recorded graphs")
+def test_cuda_graphs_replay_the_steps(peaky_gpt2):
+    """On a GPU (inductor, reduce-overhead): the steps run as CUDA graphs, none skipped, recorded
+    once for three batches, with only the step's tokens copied in per replay; eager captions."""
+    from torch._dynamo.utils import counters
+
+    from mmcap.accel.plan import InferencePlan
+
+    torch._dynamo.reset()
+    _POOL.clear()
+    model = peaky_gpt2.to("cuda")
+    kw = {"num_beams": 3, "max_new_tokens": 8}
+    images = [torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    eager = [model.caption(x.cuda(), **kw) for x in images]
+    plan = InferencePlan.resolve("fp32", "cuda", compile_decoder=True)
+    counters.clear()
+    assert [model.caption(x.cuda(), precision=plan, **kw) for x in images] == eager
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] <= 2  # the tokens (warm-up, record)
