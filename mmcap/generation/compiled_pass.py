@@ -15,7 +15,6 @@ graph sees the same addresses and is replayed, not recorded again.
 """
 from __future__ import annotations
 
-import functools
 import threading
 import weakref
 from typing import Optional, Union
@@ -168,7 +167,7 @@ class CompiledGPT2Decoding(GPT2Decoding):
         super().__init__(model, memory, max_len, attention=attention)
         if not isinstance(self.attention, DeviceStepAttention):
             raise TypeError(f"a compiled pass needs DeviceStepAttention, got {type(self.attention).__name__}")
-        self._step_fn = _compiled_step(tuple(sorted(attention.compile_options.items())))
+        self._step_fn = _compiled_step(attention.compile_options)
         self._buffers: Optional[StepBuffers] = None
 
     def __call__(self, seqs: torch.Tensor, top: bool = False) -> tuple[torch.Tensor, None]:
@@ -199,8 +198,14 @@ def _device_step(dec: CompiledGPT2Decoding, tokens: torch.Tensor) -> torch.Tenso
     return dec._head(x, False)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_step(options: tuple):
-    """`_device_step` compiled with `options`, once per process: each pass is a new object, and a
-    new compiled function per pass would compile again."""
-    return torch.compile(_device_step, **dict(options))
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_step(options: dict):
+    """`_device_step` compiled with `options`, once per process and options: each pass is a new
+    object, and a new compiled function per pass would compile again. (Keyed by the options' repr:
+    torch.compile's own `options=` is a dict, which cannot be hashed.)"""
+    key = repr(sorted(options.items()))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_device_step, **options)
+    return _COMPILED[key]

@@ -67,7 +67,8 @@ def test_compiled_pass_reuses_its_buffers(peaky_gpt2, counting):
     addresses a CUDA graph was recorded on. Beam reorders happen on the device, inside the step."""
     backend, graphs = counting
     decoder, bos = peaky_gpt2.decoder, peaky_gpt2.tokenizer.bos_id
-    compiled = CompiledStaticAttention({"backend": backend, "fullgraph": True})
+    # a mapping among the options (torch.compile's own `options=`) is no obstacle
+    compiled = CompiledStaticAttention({"backend": backend, "fullgraph": True, "options": {}})
     addresses = []
     for _ in range(2):
         dec = decoding_pass(decoder, _memory(2), max_len=8, attention=compiled)
