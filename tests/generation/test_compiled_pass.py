@@ -62,6 +62,19 @@ def test_compiled_steps_decode_as_the_eager_pass(peaky_gpt2, counting, kw):
     assert len(graphs) == 1
 
 
+def test_compiled_steps_after_a_prompt(peaky_gpt2, counting):
+    """BOS and a prompt go through eagerly, position by position; the steps after them compile once."""
+    backend, graphs = counting
+    tok, cfg = peaky_gpt2.tokenizer, GenerationConfig.from_kwargs(max_new_tokens=6, num_beams=3)
+    compiled = CompiledStaticAttention({"backend": backend, "fullgraph": True})
+    args = (peaky_gpt2.decoder, _memory(), tok.bos_id, tok.eos_id, tok.pad_id, cfg)
+    prompts = [[5, 7]] * 5
+    eager, fast = generate(*args, prompts=prompts), generate(*args, prompts=prompts, attention=compiled)
+    assert torch.equal(fast.sequences, eager.sequences) and torch.equal(fast.lengths, eager.lengths)
+    torch.testing.assert_close(fast.scores, eager.scores, atol=1e-5, rtol=1e-5)
+    assert len(graphs) == 1 and graphs.runs == 5  # steps 2-6 (the first new token comes with the prompt)
+
+
 def test_compiled_pass_reuses_its_buffers(peaky_gpt2, counting):
     """A second pass of the same shape takes the first one's buffers (once it is freed): the
     addresses a CUDA graph was recorded on. Beam reorders happen on the device, inside the step."""
