@@ -23,9 +23,9 @@ def counted(monkeypatch):
     calls = []
     original = InferencePlan.resolve.__func__
 
-    def resolve(cls, precision, device="cpu"):
+    def resolve(cls, precision, device="cpu", *args, **kwargs):
         calls.append(precision)
-        return original(cls, precision, device)
+        return original(cls, precision, device, *args, **kwargs)
 
     monkeypatch.setattr(InferencePlan, "resolve", classmethod(resolve))
     return calls
