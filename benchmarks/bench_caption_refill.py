@@ -2,6 +2,7 @@
 
     python benchmarks/bench_caption_refill.py --model runs/demo/model --data 'data/demo/test-*.tar'
     python benchmarks/bench_caption_refill.py --model M --data D --n 3000 --precisions fp32 int8
+    python benchmarks/bench_caption_refill.py --precisions int8 --num-beams 8   # more decoding per image
 
 `Captioner.caption_stream` (what `mmcap caption` runs) over `--n` JPEG files written from the test
 shards' images (cycling through them), with the model's own generation settings (beam search),
@@ -66,9 +67,14 @@ def one_pass(model: Captioner, paths: list[str], refill: bool, args, precision: 
     STEPS["steps"] = 0
     start = time.perf_counter()
     stream = model.caption_stream(paths, batch_size=args.batch_size, num_workers=args.num_workers,
-                                  precision=precision, refill=refill)
+                                  precision=precision, refill=refill, **overrides(args))
     captions = {r["image"]: r.get("caption") for r in stream}
     return len(paths) / (time.perf_counter() - start), captions, stream.refilling
+
+
+def overrides(args) -> dict:
+    """Generation options given on the command line (the model's own otherwise)."""
+    return {} if args.num_beams is None else {"num_beams": args.num_beams}
 
 
 def main(argv=None) -> int:
@@ -81,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
     p.add_argument("--check", type=int, default=300, help="files whose refilled captions are compared with caption()'s")
+    p.add_argument("--num-beams", type=int, default=None,
+                   help="beams (default: the model's own): more beams, more decoding per image")
     args = p.parse_args(argv)
 
     out_dir = Path(tempfile.mkdtemp(prefix="mmcap-refill-"))
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
     model = Captioner.from_pretrained(args.model)
     paths = write_files(args.data, args.n, out_dir)
     result = {"model": args.model, "n": args.n, "batch_size": args.batch_size, "num_workers": args.num_workers,
-              "generation": {k: v for k, v in model.generation_options().to_dict().items()
+              "generation": {k: v for k, v in model.generation_options(**overrides(args)).to_dict().items()
                              if k in ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "early_stopping")}}
     for precision in args.precisions:
         one_pass(model, paths[:64], True, args, precision)  # warm-up: kernels, timed choices
@@ -103,7 +111,7 @@ def main(argv=None) -> int:
                 log(f"{precision} round {r}: {name} {rate:.2f} captions/s")
         same = sum(out["batch"][k] == out["refill"][k] for k in paths) / len(paths)
         head = paths[: args.check]
-        api = model.caption(head, batch_size=args.batch_size, precision=precision)
+        api = model.caption(head, batch_size=args.batch_size, precision=precision, **overrides(args))
         same_api = sum(a == out["refill"][k] for a, k in zip(api, head)) / len(head)
         words = [len((c or "").split()) for c in out["batch"].values()]
         result[precision] = {"caption_words_mean": round(statistics.mean(words), 2), "caption_words_max": max(words),
