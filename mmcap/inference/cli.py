@@ -49,8 +49,8 @@ def caption_main(argv: list[str]) -> int:
                    help="text every caption continues (e.g. 'a photo of'); the captions written leave it out")
     p.add_argument("--compile-decoder", action="store_true",
                    help="compile GPT-2's decoding steps over a static cache (torch.compile; on GPUs they replay as "
-                        "CUDA graphs): a compile of about a minute first, then far fewer kernel launches per token; "
-                        "not with --precision int8")
+                        "CUDA graphs, one launch per token): tens of seconds of compiling first; for GPUs (slower on "
+                        "CPUs); not with --precision int8")
     p.add_argument("--no-refill", dest="refill", action="store_false",
                    help="decode batch by batch instead of refilling a finished image's beam rows with the next "
                         "image (refill: beam search, GPT-2 decoders, where mmcap's kernels run; same captions)")
