@@ -16,7 +16,9 @@ bench_caption) and 64:
 - ``mmcap_bf16_graphs`` / ``model_bf16_graphs``: the same two with the decoding steps compiled
   (``InferencePlan.resolve("bf16", compile_decoder=True)``: CUDA graphs over a static cache, one
   launch per token); ``graphs_compile_s`` is the first call's extra time, ``graphs_same_as_bf16``
-  the share of captions equal to eager bf16's; ``--skip-graphs`` leaves them out;
+  the share of captions equal to eager bf16's; ``decode_{eager,graphs}_bN_*_per_token`` a batch's
+  decoding (encoder included) per new token: host ms, GPU ms and kernel launches (a graph replay
+  counts one; on a CPU aten operators instead); ``--skip-graphs`` leaves them out;
 - ``naive`` and ``vit_gpt2``: bench_caption's two reference systems (fp32) on the same GPU.
 
 ``fp32_same_as_naive`` is the share of mmcap fp32 captions equal to the naive pipeline's (cuDNN
@@ -144,6 +146,12 @@ def graphed_captioning(model, paths: list[str], pixels: list[torch.Tensor], devi
 
     t, _ = timed(model_only, device)
     out[f"model_bf16_graphs_b{b}"] = round(n / t, 2)
+    for name, how in (("eager", "bf16"), ("graphs", plan)):  # one batch's decoding, per new token
+        def one_batch(how=how):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                model.generate(pixels[0], precision=how, **GENERATION)
+        out.update({f"decode_{name}_b{b}_{k}": v for k, v in
+                    anatomy(one_batch, device, repeats=2, per=NEW_TOKENS, unit="token").items()})
     log(f"mmcap bf16 with compiled steps, batch {b}: {out[f'mmcap_bf16_graphs_b{b}']} captions/s, model alone "
         f"{out[f'model_bf16_graphs_b{b}']} (compile {out[f'graphs_compile_s_b{b}']} s)")
     return out
@@ -276,34 +284,38 @@ def step_anatomy(model, batch: dict, device: torch.device, steps: int = 5) -> di
     sync: the Python and dispatch side), GPU ms (the kernels' own time, torch.profiler) and kernel
     launches per step. A step is host-bound where host ms exceed GPU ms: the GPU waits for work.
     On a CPU: host ms and the aten operators dispatched per step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    return anatomy(lambda: train_step(model, batch, device, optimizer), device, steps)
+
+
+def anatomy(fn, device: torch.device, repeats: int = 5, per: int = 1, unit: str = "step") -> dict:
+    """`fn()`'s host ms (until its work is queued), GPU ms (torch.profiler) and kernel launches (a
+    CUDA graph's replay counts one), each over `per` (the `unit`s one call makes); on a CPU host ms
+    and aten operators."""
     from torch.profiler import ProfilerActivity, profile
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-
-    def step() -> None:
-        train_step(model, batch, device, optimizer)
-
     for _ in range(2):
-        step()
+        fn()
     sync(device)
     host = []
-    for _ in range(steps):
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        step()
+        fn()
         host.append(time.perf_counter() - t0)
         sync(device)
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        for _ in range(steps):
-            step()
+        for _ in range(repeats):
+            fn()
         sync(device)
-    stats = prof.key_averages()
-    out = {"host_ms_per_step": round(1e3 * min(host), 2)}
+    stats, n = prof.key_averages(), repeats * per
+    out = {f"host_ms_per_{unit}": round(1e3 * min(host) / per, 3)}
     if cuda:
-        out["gpu_ms_per_step"] = round(sum(e.self_device_time_total for e in stats) / 1e3 / steps, 2)
-        out["kernel_launches_per_step"] = round(sum(e.count for e in stats if "LaunchKernel" in e.key) / steps, 1)
+        out[f"gpu_ms_per_{unit}"] = round(sum(e.self_device_time_total for e in stats) / 1e3 / n, 3)
+        out[f"kernel_launches_per_{unit}"] = round(
+            sum(e.count for e in stats if "LaunchKernel" in e.key or "GraphLaunch" in e.key) / n, 1)
     else:
-        out["aten_ops_per_step"] = round(sum(e.count for e in stats if e.key.startswith("aten::")) / steps, 1)
+        out[f"aten_ops_per_{unit}"] = round(sum(e.count for e in stats if e.key.startswith("aten::")) / n, 1)
     return out
 
 
