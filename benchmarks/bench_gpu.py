@@ -87,7 +87,7 @@ def captioning(model, paths: list[str], device: torch.device, batch_sizes: list[
     n = len(paths)
     out: dict = {}
     captions: dict = {}
-    graphed = InferencePlan.resolve("bf16", device, compile_decoder=True)
+    graphed = InferencePlan.resolve("bf16", device, compile_decoder=True) if graphs else None
     for b in batch_sizes:
         for precision in ("bf16", "fp32"):
             t, captions[(precision, b)] = timed(

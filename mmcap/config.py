@@ -229,3 +229,28 @@ def _build(typ, value: dict, name: str):
     if unknown:
         raise ValueError(f"unknown keys in {name} config: {sorted(unknown)}; known: {sorted(known)}")
     return typ(**value)
+
+
+# torch.compile's keyword arguments a compile setting may pass (`model.training.compile`,
+# `InferencePlan.resolve(compile_decoder=...)`)
+COMPILE_OPTIONS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
+
+
+class CompileSettingError(TypeError, ValueError):
+    """A compile setting that is neither a bool nor a mapping (a TypeError, and a ValueError for
+    callers that validate values)."""
+
+
+def compile_kwargs(value: Union[bool, dict, None], what: str) -> Optional[dict[str, Any]]:
+    """torch.compile's keyword arguments for a compile setting named `what`: None where it is off,
+    {} (torch's defaults) for true, a mapping's own options, checked against `COMPILE_OPTIONS`."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(COMPILE_OPTIONS))
+        if unknown:
+            raise ValueError(f"{what}: unknown torch.compile option(s) {unknown}; known: {sorted(COMPILE_OPTIONS)}")
+        return dict(value)
+    raise CompileSettingError(f"{what} must be true, false or a mapping of torch.compile options, not {value!r}")

@@ -21,6 +21,7 @@ from typing import Optional, Union
 
 import torch
 
+from mmcap.config import compile_kwargs
 from mmcap.generation.attention import ImageKV
 from mmcap.generation.gpt2_pass import GPT2Decoding
 from mmcap.generation.static_cache import StaticAttention
@@ -34,26 +35,24 @@ GPU_OPTIONS = {"mode": "reduce-overhead"}
 def compile_options(setting: Union[bool, dict], device: torch.device) -> Optional[dict]:
     """torch.compile's keyword arguments for a `compile_decoder` setting (None: off). `True` means
     the defaults for `device`; a mapping is passed on, over those defaults."""
-    if setting is False or setting is None:
+    options = compile_kwargs(setting, "compile_decoder")
+    if options is None:
         return None
-    if setting is not True and not isinstance(setting, dict):
-        raise ValueError(f"compile_decoder: want true, false or a mapping of torch.compile options, got {setting!r}")
-    base = {**DEFAULT_OPTIONS, **(GPU_OPTIONS if torch.device(device).type == "cuda" else {})}
-    return {**base, **(setting if isinstance(setting, dict) else {})}
+    return {**DEFAULT_OPTIONS, **(GPU_OPTIONS if torch.device(device).type == "cuda" else {}), **options}
 
 
 class CompiledStaticAttention:
     """An `AttentionBackend` whose passes compile their steps (`decoding_pass` reads
     `compile_options`): static caches, the position and beam reorders on the device."""
 
-    def __init__(self, options: dict, dtype: Optional[torch.dtype] = None):
-        self.compile_options, self.dtype = dict(options), dtype
+    def __init__(self, options: dict):
+        self.compile_options = dict(options)
 
     def __call__(self, image_kv: ImageKV, heads: int, max_len: int, autocast: bool = False) -> "DeviceStepAttention":
-        return DeviceStepAttention(heads, image_kv, max_len, self.dtype)
+        return DeviceStepAttention(heads, image_kv, max_len)  # caches in the dtype the linear layers give
 
     def __repr__(self) -> str:
-        return f"CompiledStaticAttention({self.compile_options}, dtype={self.dtype})"
+        return f"CompiledStaticAttention({self.compile_options})"
 
 
 class DeviceStepAttention(StaticAttention):
@@ -168,7 +167,6 @@ class CompiledGPT2Decoding(GPT2Decoding):
         if not isinstance(self.attention, DeviceStepAttention):
             raise TypeError(f"a compiled pass needs DeviceStepAttention, got {type(self.attention).__name__}")
         self._step_fn = _compiled_step(attention.compile_options)
-        self._buffers: Optional[StepBuffers] = None
 
     def __call__(self, seqs: torch.Tensor, top: bool = False) -> tuple[torch.Tensor, None]:
         if self.t == 0 or seqs.shape[1] != self.t + 1:  # BOS and the prompt: eagerly, as the lean pass
@@ -176,9 +174,8 @@ class CompiledGPT2Decoding(GPT2Decoding):
         if seqs.shape[1] > self.max_len:
             raise ValueError(f"cannot decode past the {self.max_len} positions this pass was made for")
         att = self.attention
-        if not att.on_device:
-            self._buffers = _POOL.take(att, self)
-            att.start_device_steps(self._buffers, self.t)
+        if not att.on_device:  # the pool takes its buffers back once this pass is freed
+            att.start_device_steps(_POOL.take(att, self), self.t)
         if seqs.device.type == "cuda":  # the last step's outputs are read: a new CUDA graph run starts
             torch.compiler.cudagraph_mark_step_begin()
         logits = self._step_fn(self, seqs[:, -1].contiguous())

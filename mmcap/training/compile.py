@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from mmcap.config import compile_kwargs
+
 CompileOption = Union[bool, dict, None]
 
 
@@ -20,19 +22,7 @@ def compile_options(value: CompileOption) -> Optional[dict[str, Any]]:
     """`torch.compile` keyword arguments for a recipe's `compile` value: None where it is off;
     `true` means torch's defaults (inductor); a mapping is passed through ({"mode": "max-autotune"},
     {"backend": "aot_eager"}, {"dynamic": false}, ...)."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return {}
-    if isinstance(value, dict):
-        known = {"fullgraph", "dynamic", "backend", "mode", "options", "disable"}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"model.training.compile: unknown torch.compile option(s) {unknown}; "
-                             f"known: {sorted(known)}")
-        return dict(value)
-    raise TypeError(f"model.training.compile must be true, false or a mapping of torch.compile options, "
-                    f"not {value!r}")
+    return compile_kwargs(value, "model.training.compile")
 
 
 def compiled_loss(captioner: torch.nn.Module, value: CompileOption) -> Optional[Callable[..., torch.Tensor]]:
