@@ -99,7 +99,7 @@ def kernels():
             log.info("mmcap: attention kernels built in %.1f s", time.perf_counter() - start)
         ops = torch.ops.mmcap  # the overloads themselves: no lookup per call
         _LOADED["ops"] = SimpleNamespace(**{name: getattr(ops, name).default for name in (
-            "self_attend", "self_attend_rows", "cross_attend", "amx_int8", "int8_pack", "int8_linear",
+            "self_attend", "self_attend_rows", "cross_attend", "amx_int8", "vnni_int8", "int8_pack", "int8_linear",
             "int8_linear_top", "log_softmax_top", "pack_image_kv")})
         return _LOADED["ops"]
     except Exception as e:  # no compiler, no headers, a read-only cache: torch's ops do the work

@@ -4,11 +4,12 @@ Decoding a caption multiplies every decoder weight by a handful of rows per gene
 images x 3 beams = 48), so a step reads every weight once: the weights' bytes set its pace. int8
 weights (symmetric, per output channel) read a quarter of fp32's; the rows are quantized per call
 (dynamic quantization). Three kernels multiply int8 by int8: torch's x86 quantized engines fbgemm
-and oneDNN (activations per call), and, on CPUs with AMX, mmcap's own (`csrc/int8_matmul.cpp`,
-activations per row), which streams the packed weights once through AMX tiles. They are timed
+and oneDNN (activations per call), and mmcap's own (`csrc/int8_matmul.cpp`, activations per row),
+which streams the packed weights once through AMX tiles on CPUs with AMX, or through AVX-512 VNNI
+on CPUs with AVX-512 but no AMX (the same int32 sums, so the same outputs). They are timed
 against each other once per weight shape and machine (`mmcap.accel.timing`); another engine
 replaces fbgemm only where it measured at least 10 % faster (timings a few percent apart flip
-between runs); where the AMX kernel runs, it is the one kept unless clearly beaten (its fused
+between runs); where mmcap's kernel runs, it is the one kept unless clearly beaten (its fused
 LayerNorm, GELU and residual are not in the race). Figures: docs/performance.md.
 
 Int8 changes the numbers, so it is never chosen by `auto`: callers ask for it. The weights stay as
@@ -42,8 +43,9 @@ except (AttributeError, RuntimeError):  # pragma: no cover - torch builds withou
 # one CPU oneDNN ran GPT-2's LM head twice as fast as fbgemm, while fbgemm won at 768 x 768).
 _CANDIDATES = ("fbgemm", "onednn")  # the first is kept unless another is clearly faster
 AMX = "amx"  # mmcap's kernel (`mmcap.accel.kernels`), a candidate where the CPU has AMX
+VNNI = "vnni"  # the same kernel on AVX-512 VNNI: a candidate where the CPU has that but no AMX
 ENGINE_MIN_SPEEDUP = 1.1  # timings a few percent apart flip between runs: keep the first there
-# Against the AMX kernel another engine must be clearly faster: the race times one weight in cache
+# Against mmcap's kernel another engine must be clearly faster: the race times one weight in cache
 # and none of the LayerNorm, GELU and residual add the kernel does around a layer. In a whole decode
 # (benchmarks/bench_decode_rows.py) every layer on AMX took 530 ms a batch against oneDNN's 677,
 # while single-shape races came within 10 % and flipped between processes.
@@ -63,17 +65,18 @@ def int8_engine() -> Optional[str]:
 
 def _candidate_engines() -> tuple[str, ...]:
     """The engines to time against each other: torch's x86 quantized engines (none where this torch
-    has none), and mmcap's AMX kernel where the CPU has AMX."""
+    has none), and mmcap's kernel: on AMX where the CPU has it, else on AVX-512 VNNI where it has that."""
     if int8_engine() is None:
         return ()
     supported = torch.backends.quantized.supported_engines
-    return (tuple(e for e in _CANDIDATES if e in supported) or (int8_engine(),)) + ((AMX,) if amx_available() else ())
+    own = (AMX,) if amx_available() else (VNNI,) if vnni_available() else ()
+    return (tuple(e for e in _CANDIDATES if e in supported) or (int8_engine(),)) + own
 
 
 def preferred_engine(engines: tuple[str, ...]) -> str:
-    """The engine kept unless another times clearly faster: mmcap's AMX kernel where it runs (by
+    """The engine kept unless another times clearly faster: mmcap's kernel where it runs (by
     `AMX_MIN_SPEEDUP`), else the first of torch's engines (by `ENGINE_MIN_SPEEDUP`)."""
-    return AMX if AMX in engines else engines[0]
+    return next((e for e in (AMX, VNNI) if e in engines), engines[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,6 +86,16 @@ def amx_available() -> bool:
     try:
         return ops is not None and bool(ops.amx_int8())
     except RuntimeError:  # pragma: no cover - a build without the operator
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def vnni_available() -> bool:
+    """Whether mmcap's int8 kernel runs here on AVX-512 VNNI (built for this CPU, which has it)."""
+    ops = kernels.kernels()
+    try:
+        return ops is not None and bool(ops.vnni_int8())
+    except (RuntimeError, AttributeError):  # pragma: no cover - a build without the operator
         return False
 
 
@@ -106,7 +119,7 @@ class Int8Linear(nn.Module):
         # the plain int8 weight only where the engine's packed copy is missing: one copy in memory
         self.qweight, self.scales = (None, None) if self._packed is not None else (qweight, scales)
         self._top = getattr(self._packed, "top", None)
-        if self.engine != AMX:  # the LayerNorm before the layer, what follows it: mmcap's kernel only
+        if self.engine not in (AMX, VNNI):  # the LayerNorm before the layer, what follows it: mmcap's kernel only
             self.fused = None
         if self._top is None:
             self.head_top = None
@@ -184,7 +197,7 @@ def _prepack(qweight: torch.Tensor, scales: torch.Tensor,
 
         prefer = preferred_engine(engines)
         engine = timing.fastest(f"int8 linear {shape[0]} x {shape[1]}, {TIMING_ROWS} rows", engines, race,
-                                prefer=prefer, margin=AMX_MIN_SPEEDUP if prefer == AMX else ENGINE_MIN_SPEEDUP)
+                                prefer=prefer, margin=AMX_MIN_SPEEDUP if prefer in (AMX, VNNI) else ENGINE_MIN_SPEEDUP)
         return engine, runs[engine] if engine in runs else _kernel(engine, qweight, scales, bias)
     except (RuntimeError, AttributeError) as e:  # pragma: no cover - torch builds without the engine
         log.info("mmcap int8: the quantized engine is unavailable (%s): using torch._int_mm", e)
@@ -194,18 +207,37 @@ def _prepack(qweight: torch.Tensor, scales: torch.Tensor,
 def _kernel(engine: str, qweight: torch.Tensor, scales: torch.Tensor,
             bias: Optional[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """`engine`'s kernel with the weight packed for it."""
-    if engine == AMX:  # mmcap's own (`csrc/int8_matmul.cpp`): the same rounding of the weight, x per row
+    if engine in (AMX, VNNI):  # mmcap's own (`csrc/int8_matmul.cpp`): the same rounding of the weight, x per row
         ops, n = kernels.kernels(), qweight.shape[0]
         packed, scales = ops.int8_pack(qweight), scales.float().contiguous()
-        def run(x, residual=None, gelu=False, *norm):
-            return ops.int8_linear(x, packed, scales, bias, n, residual, gelu, *norm)
-
         top = getattr(ops, "int8_linear_top", None)
-        if top is not None:  # the layer's outputs' log-softmax top k, the outputs never written
-            run.top = lambda x, k, *norm: top(x, packed, scales, bias, n, k, *norm)
+        if engine == AMX:
+            def run(x, residual=None, gelu=False, *norm):
+                return ops.int8_linear(x, packed, scales, bias, n, residual, gelu, *norm)
+
+            if top is not None:  # the layer's outputs' log-softmax top k, the outputs never written
+                run.top = lambda x, k, *norm: top(x, packed, scales, bias, n, k, *norm)
+            return run
+        colsum = _column_sums(qweight)  # given it, the kernel runs on VNNI
+
+        def run(x, residual=None, gelu=False, weight=None, norm_bias=None, eps=1e-5):
+            return ops.int8_linear(x, packed, scales, bias, n, residual, gelu, weight, norm_bias, eps, colsum)
+
+        if top is not None:
+            run.top = lambda x, k, weight=None, norm_bias=None, eps=1e-5: top(x, packed, scales, bias, n, k, weight,
+                                                                              norm_bias, eps, colsum)
         return run
     packed = _pack(engine, qweight, scales, bias)
     return lambda x: _linear_dynamic(x, packed, True)
+
+
+def _column_sums(qweight: torch.Tensor) -> torch.Tensor:
+    """The int8 weight's sum per output column, int32, zero-padded to whole 16-column blocks: the
+    VNNI kernel takes 128 x these off its sums (it multiplies the rows as q + 128)."""
+    n = qweight.shape[0]
+    sums = torch.zeros(-(-n // 16) * 16, dtype=torch.int32)
+    sums[:n] = qweight.sum(dim=1, dtype=torch.int32)
+    return sums
 
 
 def _pack(engine: str, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):

@@ -1,16 +1,20 @@
 // y = x W^T + b for decoding steps on CPUs with AMX: W in int8 (symmetric, per output channel), x
-// quantized per row as it comes in, int8 products summed in int32 by AMX tiles.
+// quantized per row as it comes in, int8 products summed in int32 by AMX tiles; on CPUs with
+// AVX-512 VNNI but no AMX, by VPDPBUSD over the same packed weights (`colsum` given), to the same
+// int32 sums.
 //
 // A decoding step multiplies every decoder weight by a few dozen rows, so each weight byte is read
 // from memory once per step and used by every row: the kernel streams the packed weights once, in
 // the order the tiles consume them, and keeps the rows (a few KB) in cache. Without AMX in the
-// compiler's target (-march=native elsewhere) it compiles to `amx_int8() == false`.
+// compiler's target (-march=native elsewhere) it compiles to `amx_int8() == false`, without
+// AVX-512 VNNI to `vnni_int8() == false`.
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,8 +27,11 @@
 #include <omp.h>
 #endif
 
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
+#define MMCAP_VNNI 1  // AVX-512 with VNNI: the vector helpers below, and the products without AMX
+#endif
+#if defined(MMCAP_VNNI) && defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define MMCAP_AMX 1
@@ -56,7 +63,7 @@ bool amx_ready() {
 inline void normalize_row(const float* x, int64_t k, const float* g, const float* b, float eps, float* y) {
   float sum = 0.f, sq = 0.f;
   int64_t j = 0;
-#ifdef MMCAP_AMX
+#ifdef MMCAP_VNNI
   __m512 vs = _mm512_setzero_ps();
   for (; j + 16 <= k; j += 16) vs = _mm512_add_ps(vs, _mm512_loadu_ps(x + j));
   sum = _mm512_reduce_add_ps(vs);
@@ -64,7 +71,7 @@ inline void normalize_row(const float* x, int64_t k, const float* g, const float
   for (; j < k; ++j) sum += x[j];
   const float mean = sum / static_cast<float>(k);
   j = 0;
-#ifdef MMCAP_AMX
+#ifdef MMCAP_VNNI
   const __m512 vm = _mm512_set1_ps(mean);
   __m512 vq = _mm512_setzero_ps();
   for (; j + 16 <= k; j += 16) {
@@ -76,7 +83,7 @@ inline void normalize_row(const float* x, int64_t k, const float* g, const float
   for (; j < k; ++j) sq += (x[j] - mean) * (x[j] - mean);
   const float r = 1.f / std::sqrt(sq / static_cast<float>(k) + eps);
   j = 0;
-#ifdef MMCAP_AMX
+#ifdef MMCAP_VNNI
   const __m512 vr = _mm512_set1_ps(r);
   for (; j + 16 <= k; j += 16) {
     const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm), vr);
@@ -90,7 +97,7 @@ inline void normalize_row(const float* x, int64_t k, const float* g, const float
 inline float quantize_row(const float* x, int64_t k, int8_t* q) {
   float amax = 0.f;
   int64_t j = 0;
-#ifdef MMCAP_AMX
+#ifdef MMCAP_VNNI
   __m512 vmax = _mm512_setzero_ps();
   for (; j + 16 <= k; j += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
   amax = _mm512_reduce_max_ps(vmax);
@@ -102,7 +109,7 @@ inline float quantize_row(const float* x, int64_t k, int8_t* q) {
   }
   const float inv = 127.f / amax;
   j = 0;
-#ifdef MMCAP_AMX
+#ifdef MMCAP_VNNI
   const __m512 vinv = _mm512_set1_ps(inv);
   for (; j + 16 <= k; j += 16) {
     const __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), vinv),
@@ -122,7 +129,9 @@ struct TileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
+#endif
 
+#ifdef MMCAP_VNNI
 // e^x, x clamped to [-87, 88]: x = n ln2 + r, a degree-6 polynomial for e^r (relative error ~1e-7)
 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
@@ -148,6 +157,69 @@ inline __m512 gelu_tanh16(__m512 x) {
   return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(u2)));
 }
 
+// int32 sums of R rows of activations by C 16-column blocks of weights into `sums` [R, C x 16],
+// on AVX-512 VNNI (CPUs without AMX). VPDPBUSD multiplies unsigned bytes by signed ones, so the
+// rows come in as q + 128 (`a`) and 128 x the weight's column sums (`colsum`) is taken off. The
+// weights are AMX's packing: a tile's row holds 4 products of 16 columns, one register here.
+template <int R, int C>
+inline void vnni_sums(const uint8_t* a, int64_t lda, const int8_t* b, int64_t b_stride, int64_t groups,
+                      const int32_t* colsum, int32_t* sums) {
+  // the sums as named variables: GCC kept an array of them on the stack, loading and storing every
+  // sum at every product (2-D or flat, loops unrolled or not)
+  __m512i w0, w1, w2, w3;
+#define MMCAP_ROW_SUMS(r) __m512i s##r##0 = _mm512_setzero_si512(), s##r##1 = s##r##0, s##r##2 = s##r##0, s##r##3 = s##r##0;
+  MMCAP_ROW_SUMS(0) MMCAP_ROW_SUMS(1) MMCAP_ROW_SUMS(2) MMCAP_ROW_SUMS(3) MMCAP_ROW_SUMS(4) MMCAP_ROW_SUMS(5)
+#undef MMCAP_ROW_SUMS
+  for (int64_t g = 0; g < groups; ++g) {  // 4 products k = 4g..4g+3: tile g / 16, its row g % 16
+    const int8_t* wg = b + (g >> 4) * kTile + (g & 15) * kDepth;
+    w0 = _mm512_load_si512(wg);
+    if constexpr (C > 1) w1 = _mm512_load_si512(wg + b_stride);
+    if constexpr (C > 2) w2 = _mm512_load_si512(wg + 2 * b_stride);
+    if constexpr (C > 3) w3 = _mm512_load_si512(wg + 3 * b_stride);
+// VPDPBUSD in asm, the sum tied to its register: GCC 12's builtin left it moving and spilling sums
+#define MMCAP_DPBUSD(sum, x, w) asm("vpdpbusd %2, %1, %0" : "+v"(sum) : "v"(x), "v"(w))
+#define MMCAP_ROW_PRODUCTS(r)                                                   \
+    if constexpr (R > r) {                                                      \
+      int32_t four;                                                             \
+      std::memcpy(&four, a + r * lda + 4 * g, 4);                               \
+      const __m512i x = _mm512_set1_epi32(four);                                \
+      MMCAP_DPBUSD(s##r##0, x, w0);                            \
+      if constexpr (C > 1) MMCAP_DPBUSD(s##r##1, x, w1);       \
+      if constexpr (C > 2) MMCAP_DPBUSD(s##r##2, x, w2);       \
+      if constexpr (C > 3) MMCAP_DPBUSD(s##r##3, x, w3);       \
+    }
+    MMCAP_ROW_PRODUCTS(0) MMCAP_ROW_PRODUCTS(1) MMCAP_ROW_PRODUCTS(2)
+    MMCAP_ROW_PRODUCTS(3) MMCAP_ROW_PRODUCTS(4) MMCAP_ROW_PRODUCTS(5)
+#undef MMCAP_ROW_PRODUCTS
+#undef MMCAP_DPBUSD
+  }
+  const __m512i off[4] = {
+      _mm512_slli_epi32(_mm512_loadu_si512(colsum), 7),
+      C > 1 ? _mm512_slli_epi32(_mm512_loadu_si512(colsum + kCols), 7) : _mm512_setzero_si512(),
+      C > 2 ? _mm512_slli_epi32(_mm512_loadu_si512(colsum + 2 * kCols), 7) : _mm512_setzero_si512(),
+      C > 3 ? _mm512_slli_epi32(_mm512_loadu_si512(colsum + 3 * kCols), 7) : _mm512_setzero_si512()};
+#define MMCAP_ROW_STORE(r)                                                                                  \
+  if constexpr (R > r) {                                                                                    \
+    int32_t* out = sums + r * C * kCols;                                                                    \
+    _mm512_store_si512(out, _mm512_sub_epi32(s##r##0, off[0]));                                             \
+    if constexpr (C > 1) _mm512_store_si512(out + kCols, _mm512_sub_epi32(s##r##1, off[1]));                \
+    if constexpr (C > 2) _mm512_store_si512(out + 2 * kCols, _mm512_sub_epi32(s##r##2, off[2]));            \
+    if constexpr (C > 3) _mm512_store_si512(out + 3 * kCols, _mm512_sub_epi32(s##r##3, off[3]));            \
+  }
+  MMCAP_ROW_STORE(0) MMCAP_ROW_STORE(1) MMCAP_ROW_STORE(2) MMCAP_ROW_STORE(3) MMCAP_ROW_STORE(4) MMCAP_ROW_STORE(5)
+#undef MMCAP_ROW_STORE
+}
+
+constexpr int kVnniRows = 6;  // rows x column blocks of sums in registers: 6 x 4 + 4 weights + 1 row = 29 of 32
+constexpr int kVnniCols = 4;
+using VnniSums = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, const int32_t*, int32_t*);
+template <int R>
+constexpr std::array<VnniSums, kVnniCols> vnni_row() { return {vnni_sums<R, 1>, vnni_sums<R, 2>, vnni_sums<R, 3>, vnni_sums<R, 4>}; }
+constexpr std::array<std::array<VnniSums, kVnniCols>, kVnniRows> kVnniSums = {
+    vnni_row<1>(), vnni_row<2>(), vnni_row<3>(), vnni_row<4>(), vnni_row<5>(), vnni_row<6>()};
+#endif
+
+#ifdef MMCAP_AMX
 // int32 sums of Rows 16-row blocks of activations by Cols 16-column blocks of weights, into `sums`
 // [Rows x 16, Cols x 16]. Tiles 0-3 hold the sums (r x 2 + c), 4-5 the activations, 6-7 the
 // weights: each loaded tile feeds Cols or Rows products. AMX does not rename tiles, so a tile is
@@ -196,6 +268,12 @@ struct RowLse {
 
 bool amx_int8() { return amx_ready(); }
 
+#ifdef MMCAP_VNNI
+bool vnni_int8() { return true; }
+#else
+bool vnni_int8() { return false; }
+#endif
+
 // W [N, K] int8 -> [N/16, K/64, 16, 64]: each 16 x 64 block of W as one AMX weight tile, whose row
 // r holds the 4 products k = 4r..4r+3 of each of the 16 columns side by side (zero-padded)
 at::Tensor int8_pack(at::Tensor w) {
@@ -224,8 +302,10 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
                               const c10::optional<at::Tensor>& bias, int64_t n, const c10::optional<at::Tensor>& residual,
                               bool gelu, const c10::optional<at::Tensor>& norm_weight,
                               const c10::optional<at::Tensor>& norm_bias, double eps, std::vector<RowLse>* lse,
-                              int64_t top_k) {
-  TORCH_CHECK(amx_ready(), "int8_linear: AMX is not available on this CPU");
+                              int64_t top_k, const c10::optional<at::Tensor>& colsum) {
+  const bool vnni = colsum.has_value() && colsum->defined();
+  TORCH_CHECK(vnni || amx_ready(), "int8_linear: AMX is not available on this CPU");
+  TORCH_CHECK(!vnni || vnni_int8(), "int8_linear: this build has no AVX-512 VNNI (colsum given)");
   TORCH_CHECK(x.dim() == 2, "int8_linear: want x [rows, in]");
   x = x.to(at::kFloat).contiguous();
   const int64_t m = x.size(0), k = x.size(1);
@@ -233,6 +313,8 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
   TORCH_CHECK(k <= kp && kp - k < kDepth && (n + kCols - 1) / kCols == nb && w_scale.numel() == n,
               "int8_linear: x [", m, ", ", k, "] does not match the packed weight of ", n, " outputs");
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(), "int8_linear: want fp32 scales");
+  TORCH_CHECK(!vnni || (colsum->scalar_type() == at::kInt && colsum->is_contiguous() && colsum->numel() == nb * kCols),
+              "int8_linear: want int32 column sums of the weight, zero-padded to ", nb * kCols);
   TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->scalar_type() == at::kFloat && bias->numel() == n &&
               bias->is_contiguous()), "int8_linear: want an fp32 bias of ", n);
   const bool has_residual = residual.has_value() && residual->defined();
@@ -281,8 +363,11 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
                       normed.data());
         row = normed.data();
       }
-      sp[r] = quantize_row(row, k, qp + r * kp);
-      std::memset(qp + r * kp + k, 0, kp - k);
+      int8_t* q = qp + r * kp;
+      sp[r] = quantize_row(row, k, q);
+      std::memset(q + k, 0, kp - k);
+      if (vnni)  // q + 128 as unsigned bytes (the padding's 128s meet zero weights)
+        for (int64_t j = 0; j < kp; ++j) q[j] = static_cast<int8_t>(static_cast<uint8_t>(q[j]) ^ 0x80u);
     }
   };
   const float* ws = w_scale.data_ptr<float>();
@@ -290,15 +375,9 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
   const int8_t* wp = packed.data_ptr<int8_t>();
   float* op = out.data_ptr<float>();
   const float* rp = has_residual ? res.data_ptr<float>() : nullptr;
-#ifdef MMCAP_AMX
+#ifdef MMCAP_VNNI
   auto column_blocks = [&](int64_t b0, int64_t b1, RowLse* st) {
     if (b0 >= b1) return;
-    TileConfig cfg;
-    for (int t = 0; t < 8; ++t) {
-      cfg.rows[t] = kRows;
-      cfg.colsb[t] = kDepth;
-    }
-    _tile_loadconfig(&cfg);
     alignas(64) int32_t sums[2 * kRows * 2 * kCols];
     // y for `rows` rows from r0 and the column block from c0, from its int32 sums (row stride ld)
     auto finish = [&](int64_t r0, int64_t rows, int64_t c0, const int32_t* s, int64_t ld) {
@@ -336,6 +415,30 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
         _mm512_mask_storeu_ps(op + (r0 + i) * n + c0, mask, y);
       }
     };
+    if (vnni) {  // panels as below; kVnniRows rows by kVnniCols column blocks at a time
+      const uint8_t* qu = reinterpret_cast<const uint8_t*>(qp);
+      const int32_t* cs = colsum->data_ptr<int32_t>();
+      for (int64_t p0 = b0; p0 < b1; p0 += kPanel) {
+        const int64_t p1 = std::min(b1, p0 + kPanel);
+        for (int64_t r0 = 0; r0 < m; r0 += kVnniRows) {
+          const int64_t rows = std::min<int64_t>(kVnniRows, m - r0);
+          for (int64_t b = p0; b < p1; b += kVnniCols) {
+            const int64_t cols = std::min<int64_t>(kVnniCols, p1 - b);
+            kVnniSums[rows - 1][cols - 1](qu + r0 * kp, kp, wp + b * kb * kTile, kb * kTile, kp / 4, cs + b * kCols,
+                                          sums);
+            for (int64_t c = 0; c < cols; ++c) finish(r0, rows, (b + c) * kCols, sums + c * kCols, cols * kCols);
+          }
+        }
+      }
+      return;
+    }
+#ifdef MMCAP_AMX
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.rows[t] = kRows;
+      cfg.colsb[t] = kDepth;
+    }
+    _tile_loadconfig(&cfg);
     // panels of kPanel column blocks: the first pair of row blocks reads a panel's weights from
     // memory, the next pairs (a step's rows 32-47; an image's keys and values) from cache
     for (int64_t p0 = b0; p0 < b1; p0 += kPanel) {
@@ -361,6 +464,7 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
       }
     }
     _tile_release();
+#endif
   };
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(threads)
@@ -376,7 +480,7 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
   else at::parallel_for(0, nb, 8, [&](int64_t b0, int64_t b1) { column_blocks(b0, b1, nullptr); });
 #endif
 #else
-  (void)quantize_rows;  // unreachable without AMX: the check at the top refuses the call
+  (void)quantize_rows;  // unreachable without AVX-512: the checks at the top refuse the call
   (void)threads;
 #endif
   return out;
@@ -384,8 +488,8 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
 
 at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10::optional<at::Tensor> bias,
                        int64_t n, c10::optional<at::Tensor> residual, bool gelu, c10::optional<at::Tensor> norm_weight,
-                       c10::optional<at::Tensor> norm_bias, double eps) {
-  return int8_matmul(x, packed, w_scale, bias, n, residual, gelu, norm_weight, norm_bias, eps, nullptr, 0);
+                       c10::optional<at::Tensor> norm_bias, double eps, c10::optional<at::Tensor> colsum) {
+  return int8_matmul(x, packed, w_scale, bias, n, residual, gelu, norm_weight, norm_bias, eps, nullptr, 0, colsum);
 }
 
 // int8_linear's y, then log_softmax_top(y, k) (`row_top.cpp`), without writing y: (log-probs [M, k]
@@ -394,11 +498,12 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor packed, at::Tensor w_scale, c10:
 std::tuple<at::Tensor, at::Tensor> int8_linear_top(at::Tensor x, at::Tensor packed, at::Tensor w_scale,
                                                    c10::optional<at::Tensor> bias, int64_t n, int64_t k,
                                                    c10::optional<at::Tensor> norm_weight,
-                                                   c10::optional<at::Tensor> norm_bias, double eps) {
+                                                   c10::optional<at::Tensor> norm_bias, double eps,
+                                                   c10::optional<at::Tensor> colsum) {
   TORCH_CHECK(k >= 1 && k <= n && k <= mmcap_vec::kMaxTop, "int8_linear_top: k = ", k, " outside 1..min(outputs ", n,
               ", ", mmcap_vec::kMaxTop, ")");
   std::vector<RowLse> lse;
-  int8_matmul(x, packed, w_scale, bias, n, c10::nullopt, false, norm_weight, norm_bias, eps, &lse, k);
+  int8_matmul(x, packed, w_scale, bias, n, c10::nullopt, false, norm_weight, norm_bias, eps, &lse, k, colsum);
   const int64_t m = x.size(0), threads = m ? static_cast<int64_t>(lse.size()) / m : 0;
   auto values = at::empty({m, k}, x.options().dtype(at::kFloat));
   auto tokens = at::empty({m, k}, x.options().dtype(at::kLong));
@@ -423,9 +528,12 @@ std::tuple<at::Tensor, at::Tensor> int8_linear_top(at::Tensor x, at::Tensor pack
 
 TORCH_LIBRARY_FRAGMENT(mmcap, m) {
   m.def("amx_int8() -> bool", &amx_int8);
+  m.def("vnni_int8() -> bool", &vnni_int8);
   m.def("int8_pack(Tensor w) -> Tensor", &int8_pack);
   m.def("int8_linear(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int n, Tensor? residual=None, "
-        "bool gelu=False, Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=1e-5) -> Tensor", &int8_linear);
+        "bool gelu=False, Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=1e-5, Tensor? colsum=None) -> Tensor",
+        &int8_linear);
   m.def("int8_linear_top(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int n, int k, "
-        "Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=1e-5) -> (Tensor, Tensor)", &int8_linear_top);
+        "Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=1e-5, Tensor? colsum=None) -> (Tensor, Tensor)",
+        &int8_linear_top);
 }
