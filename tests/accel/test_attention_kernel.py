@@ -308,6 +308,16 @@ try:
     raise SystemExit("int8_linear ran without AMX")
 except RuntimeError as e:
     assert "AMX is not available" in str(e)
+# AVX-512 VNNI without AMX (icelake-server): the int8 kernel's other path, to the exact product
+assert torch.ops.mmcap.vnni_int8() == (sys.argv[1] == "icelake-server")
+if torch.ops.mmcap.vnni_int8():
+    w8 = torch.randint(-127, 128, (37, 100), dtype=torch.int8)
+    x8 = torch.randint(-127, 128, (5, 100)).float()
+    x8[:, 0] = 127
+    sums = torch.zeros(48, dtype=torch.int32)
+    sums[:37] = w8.sum(1, dtype=torch.int32)
+    got = torch.ops.mmcap.int8_linear(x8, torch.ops.mmcap.int8_pack(w8), torch.ones(37), None, 37, colsum=sums)
+    assert torch.equal(got.double(), x8.double() @ w8.double().t())
 print("ok")
 """
 
@@ -315,10 +325,11 @@ print("ok")
 @needs_kernels
 @pytest.mark.slow
 @pytest.mark.skipif(not attention_kernel.platform.machine() in ("x86_64", "AMD64"), reason="x86 targets")
-@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64", "icelake-server"])
 def test_the_kernels_built_for_narrower_vectors_give_the_same_attention(march, tmp_path):
-    """Other CPUs build the source with 8 lanes (AVX2) or 4 (SSE2, NEON): the same results (built in
-    a subprocess here, since one process holds one `torch.ops.mmcap`)."""
+    """Other CPUs build the source with 8 lanes (AVX2) or 4 (SSE2, NEON), or with AVX-512 VNNI but
+    no AMX: the same results (built in a subprocess here, since one process holds one
+    `torch.ops.mmcap`), and the int8 kernel on VNNI where the target has it."""
     import subprocess
     import sys
 
