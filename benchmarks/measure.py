@@ -75,10 +75,14 @@ def peak_rss_mb(pid: Optional[int] = None) -> float:
 
 
 def machine_info() -> dict:
-    """The machine a result was measured on: processor model, torch threads, load."""
-    return {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(),
+    """The machine a result was measured on: processor model, torch threads, load; and, under
+    `emulate_cpu.py`, the other processor kind whose instruction sets the run was limited to."""
+    info = {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "load_avg_1min": round(os.getloadavg()[0], 2)}
+    if os.environ.get("MMCAP_EMULATED_CPU"):
+        info["emulated_cpu"] = os.environ["MMCAP_EMULATED_CPU"]
+    return info
 
 
 def emit(result: dict) -> dict:
