@@ -163,7 +163,7 @@ inline __m512 gelu_tanh16(__m512 x) {
 // weights are AMX's packing: a tile's row holds 4 products of 16 columns, one register here.
 template <int R, int C>
 inline void vnni_sums(const uint8_t* a, int64_t lda, const int8_t* b, int64_t b_stride, int64_t groups,
-                      const int32_t* colsum, int32_t* sums) {
+                      const int32_t* colsum, int32_t* sums, const char* pf, int64_t pf_lines) {
   // the sums as named variables: GCC kept an array of them on the stack, loading and storing every
   // sum at every product (2-D or flat, loops unrolled or not)
   __m512i w0, w1, w2, w3;
@@ -171,7 +171,8 @@ inline void vnni_sums(const uint8_t* a, int64_t lda, const int8_t* b, int64_t b_
   MMCAP_ROW_SUMS(0) MMCAP_ROW_SUMS(1) MMCAP_ROW_SUMS(2) MMCAP_ROW_SUMS(3) MMCAP_ROW_SUMS(4) MMCAP_ROW_SUMS(5)
 #undef MMCAP_ROW_SUMS
   for (int64_t g = 0; g < groups; ++g) {  // 4 products k = 4g..4g+3: tile g / 16, its row g % 16
-    const int8_t* wg = b + (g >> 4) * kTile + (g & 15) * kDepth;
+    const int8_t* wg = b + g * kDepth;  // a column block's tiles in a row: row g % 16 of tile g / 16
+    if (g < pf_lines) _mm_prefetch(pf + g * 64, _MM_HINT_T1);  // a line of the next panel's weights
     w0 = _mm512_load_si512(wg);
     if constexpr (C > 1) w1 = _mm512_load_si512(wg + b_stride);
     if constexpr (C > 2) w2 = _mm512_load_si512(wg + 2 * b_stride);
@@ -212,7 +213,8 @@ inline void vnni_sums(const uint8_t* a, int64_t lda, const int8_t* b, int64_t b_
 
 constexpr int kVnniRows = 6;  // rows x column blocks of sums in registers: 6 x 4 + 4 weights + 1 row = 29 of 32
 constexpr int kVnniCols = 4;
-using VnniSums = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, const int32_t*, int32_t*);
+using VnniSums = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, const int32_t*, int32_t*, const char*,
+                          int64_t);
 template <int R>
 constexpr std::array<VnniSums, kVnniCols> vnni_row() { return {vnni_sums<R, 1>, vnni_sums<R, 2>, vnni_sums<R, 3>, vnni_sums<R, 4>}; }
 constexpr std::array<std::array<VnniSums, kVnniCols>, kVnniRows> kVnniSums = {
@@ -420,12 +422,23 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
       const int32_t* cs = colsum->data_ptr<int32_t>();
       for (int64_t p0 = b0; p0 < b1; p0 += kPanel) {
         const int64_t p1 = std::min(b1, p0 + kPanel);
+        // The calls after the first rows' run these weights from cache. Meanwhile they fetch the next
+        // panel's into L2, a line per group of 4 inputs, spread over the calls: its first rows then read
+        // from cache too. A step's 73 layers at 48 rows: 17.7-18.8 ms against 19.2-20.3 without
+        // (into L1 or L3 the same; in bursts before each call, slower).
+        const char* next = reinterpret_cast<const char*>(wp + p1 * kb * kTile);
+        const int64_t next_lines = (std::min(b1, p1 + kPanel) - p1) * kb * kTile / 64;
+        const int64_t calls = ((m + kVnniRows - 1) / kVnniRows - 1) * ((p1 - p0 + kVnniCols - 1) / kVnniCols);
+        const int64_t per_call = calls > 0 ? std::min((next_lines + calls - 1) / calls, kp / 4) : 0;
+        int64_t fetched = 0;
         for (int64_t r0 = 0; r0 < m; r0 += kVnniRows) {
           const int64_t rows = std::min<int64_t>(kVnniRows, m - r0);
           for (int64_t b = p0; b < p1; b += kVnniCols) {
             const int64_t cols = std::min<int64_t>(kVnniCols, p1 - b);
+            const int64_t lines = r0 > 0 ? std::min(per_call, next_lines - fetched) : 0;
             kVnniSums[rows - 1][cols - 1](qu + r0 * kp, kp, wp + b * kb * kTile, kb * kTile, kp / 4, cs + b * kCols,
-                                          sums);
+                                          sums, next + fetched * 64, lines);
+            fetched += lines;
             for (int64_t c = 0; c < cols; ++c) finish(r0, rows, (b + c) * kCols, sums + c * kCols, cols * kCols);
           }
         }
