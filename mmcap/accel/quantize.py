@@ -82,19 +82,19 @@ def preferred_engine(engines: tuple[str, ...]) -> str:
 @functools.lru_cache(maxsize=None)
 def amx_available() -> bool:
     """Whether mmcap's AMX int8 kernel runs here (built for this CPU, which has AMX, and the OS allows it)."""
-    ops = kernels.kernels()
-    try:
-        return ops is not None and bool(ops.amx_int8())
-    except RuntimeError:  # pragma: no cover - a build without the operator
-        return False
+    return _kernels_say("amx_int8")
 
 
 @functools.lru_cache(maxsize=None)
 def vnni_available() -> bool:
     """Whether mmcap's int8 kernel runs here on AVX-512 VNNI (built for this CPU, which has it)."""
+    return _kernels_say("vnni_int8")
+
+
+def _kernels_say(question: str) -> bool:
     ops = kernels.kernels()
     try:
-        return ops is not None and bool(ops.vnni_int8())
+        return ops is not None and bool(getattr(ops, question)())
     except (RuntimeError, AttributeError):  # pragma: no cover - a build without the operator
         return False
 
@@ -210,20 +210,13 @@ def _kernel(engine: str, qweight: torch.Tensor, scales: torch.Tensor,
     if engine in (AMX, VNNI):  # mmcap's own (`csrc/int8_matmul.cpp`): the same rounding of the weight, x per row
         ops, n = kernels.kernels(), qweight.shape[0]
         packed, scales = ops.int8_pack(qweight), scales.float().contiguous()
-        top = getattr(ops, "int8_linear_top", None)
-        if engine == AMX:
-            def run(x, residual=None, gelu=False, *norm):
-                return ops.int8_linear(x, packed, scales, bias, n, residual, gelu, *norm)
-
-            if top is not None:  # the layer's outputs' log-softmax top k, the outputs never written
-                run.top = lambda x, k, *norm: top(x, packed, scales, bias, n, k, *norm)
-            return run
-        colsum = _column_sums(qweight)  # given it, the kernel runs on VNNI
+        colsum = _column_sums(qweight) if engine == VNNI else None  # given it, the kernel runs on VNNI
 
         def run(x, residual=None, gelu=False, weight=None, norm_bias=None, eps=1e-5):
             return ops.int8_linear(x, packed, scales, bias, n, residual, gelu, weight, norm_bias, eps, colsum)
 
-        if top is not None:
+        top = getattr(ops, "int8_linear_top", None)
+        if top is not None:  # the layer's outputs' log-softmax top k, the outputs never written
             run.top = lambda x, k, weight=None, norm_bias=None, eps=1e-5: top(x, packed, scales, bias, n, k, weight,
                                                                               norm_bias, eps, colsum)
         return run

@@ -158,14 +158,23 @@ inline __m512 gelu_tanh16(__m512 x) {
   return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(u2)));
 }
 
+// rows x column blocks of sums in registers: 6 x 4 + 4 weights + 1 row = 29 of 32 (12 x 2, 8 x 3 and
+// 4 x 4 timed the same, 17-18.5 ms for a step's 73 layers at 48 rows)
+constexpr int kVnniRows = 6;
+constexpr int kVnniCols = 4;
+static_assert(kVnniRows <= 6 && kVnniCols <= 4, "vnni_sums names 6 x 4 sums");
+// inputs per pass over a column group's weights: 4 blocks x 256 inputs = 16 KB, which stay in L1
+// while every row passes over them
+constexpr int64_t kVnniDepth = 256;
+
 // int32 sums of R rows of activations by C 16-column blocks of weights, over `groups` groups of 4
 // inputs, into `sums` [R, ld] (C x 16 columns of it): set where `first`, else added to. On AVX-512
 // VNNI (CPUs without AMX): VPDPBUSD multiplies unsigned bytes by signed ones, so the rows come in
 // as q + 128 (`a`) and the caller takes 128 x the weight's column sums off. The weights are AMX's
 // packing: a tile's row holds 4 products of 16 columns, one register here, and a column block's
 // tiles lie in a row, so group g of a block is 64 bytes at g x 64. Meanwhile it prefetches `pf_lines`
-// lines into L2, line j (from `pf_first`) at pf + (j % 4) x b_stride + (j / 4) x 64: the next
-// weights of the same 4 blocks.
+// lines into L2, line j (from `pf_first`) at pf + (j % kVnniCols) x b_stride + (j / kVnniCols) x 64:
+// the next weights of a group of blocks.
 template <int R, int C>
 inline void vnni_sums(const uint8_t* a, int64_t lda, const int8_t* b, int64_t b_stride, int64_t groups, int32_t* sums,
                       int64_t ld, bool first, const char* pf, int64_t pf_first, int64_t pf_lines) {
@@ -189,7 +198,7 @@ inline void vnni_sums(const uint8_t* a, int64_t lda, const int8_t* b, int64_t b_
     const int8_t* wg = b + g * kDepth;
     if (g < pf_lines) {
       const int64_t j = pf_first + g;
-      _mm_prefetch(pf + (j & 3) * b_stride + (j >> 2) * kDepth, _MM_HINT_T1);
+      _mm_prefetch(pf + (j % kVnniCols) * b_stride + (j / kVnniCols) * kDepth, _MM_HINT_T1);
     }
     w0 = _mm512_load_si512(wg);
     if constexpr (C > 1) w1 = _mm512_load_si512(wg + b_stride);
@@ -224,14 +233,6 @@ inline void vnni_sums(const uint8_t* a, int64_t lda, const int8_t* b, int64_t b_
 #undef MMCAP_ROW_STORE
 }
 
-// rows x column blocks of sums in registers: 6 x 4 + 4 weights + 1 row = 29 of 32 (12 x 2, 8 x 3 and
-// 4 x 4 timed the same, 17-18.5 ms for a step's 73 layers at 48 rows)
-constexpr int kVnniRows = 6;
-constexpr int kVnniCols = 4;
-static_assert(kVnniRows <= 6 && kVnniCols <= 4, "vnni_sums names 6 x 4 sums");
-// inputs per pass over a column group's weights: 4 blocks x 256 inputs = 16 KB, which stay in L1
-// while every row passes over them
-constexpr int64_t kVnniDepth = 256;
 using VnniSums = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t, bool, const char*,
                           int64_t, int64_t);
 template <int R, int... C>
@@ -402,7 +403,6 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
 #ifdef MMCAP_VNNI
   auto column_blocks = [&](int64_t b0, int64_t b1, RowLse* st) {
     if (b0 >= b1) return;
-    alignas(64) int32_t sums[2 * kRows * 2 * kCols];
     // y for `rows` rows from r0 and the column block from c0, from its int32 sums (row stride ld)
     auto finish = [&](int64_t r0, int64_t rows, int64_t c0, const int32_t* s, int64_t ld) {
       const int64_t cols = std::min(kCols, n - c0);
@@ -442,8 +442,9 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
     if (vnni) {
       // column groups of kVnniCols blocks; within one, kVnniDepth inputs at a time, whose weights
       // (16 KB) stay in L1 while every row passes over them, kVnniRows rows a call, the sums kept
-      // for all rows. Re-reading a panel's weights from L2 for every 6 rows ran a 768 x 2304 layer's
-      // 6-row passes at L2's rate (1.8 MB in 44 us, against 27 us of products). A step's 73 layers,
+      // for all rows. Re-reading a panel's weights from L2 for every 6 rows held a 768 x 2304 layer's
+      // 6-row passes to L2's rate (one row over its 1.8 MB took 44 us; 6 rows' products, at the inner
+      // loop's in-cache rate, come to about 27 us). A step's 73 layers,
       // alternating builds: 16.4-18.9 ms against 18.2-19.3 at 48 rows, 9.0-9.4 against 10.1-10.9 at 16.
       const uint8_t* qu = reinterpret_cast<const uint8_t*>(qp);
       const int32_t* cs = colsum->data_ptr<int32_t>();
@@ -462,7 +463,8 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
           // inputs of these blocks, or the next group's first
           const bool last = g0 + step >= groups;
           const char* pf = reinterpret_cast<const char*>(last ? wb + cols * kb * kTile : wb + (g0 + step) * kDepth);
-          const int64_t pf_total = last ? (b + cols < b1 ? 4 * std::min(step, groups) : 0) : 4 * std::min(step, groups - g0 - step);
+          const int64_t pf_total = kVnniCols * (last ? (b + cols < b1 ? std::min(step, groups) : 0)
+                                                      : std::min(step, groups - g0 - step));
           const int64_t per_call = row_calls > 1 ? (pf_total + row_calls - 2) / (row_calls - 1) : 0;
           int64_t fetched = 0;
           for (int64_t r0 = 0; r0 < m; r0 += kVnniRows) {
@@ -485,6 +487,7 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
       return;
     }
 #ifdef MMCAP_AMX
+    alignas(64) int32_t sums[2 * kRows * 2 * kCols];
     TileConfig cfg;
     for (int t = 0; t < 8; ++t) {
       cfg.rows[t] = kRows;
