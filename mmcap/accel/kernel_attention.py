@@ -47,15 +47,18 @@ class KernelAttention(AttentionState):
         self.anc: Optional[torch.Tensor] = None  # [rows, max_len] cache rows
         self.lens: Optional[torch.Tensor] = None  # [rows] positions per row, where rows differ (`begin_rows`)
         image_dtype = image_dtype or dtype
-        for k, _ in image_kv:  # keys [B, heads, head_dim, MP] (transposed), values [B, heads, MP, head_dim]
+        slots = None
+        for k, v in image_kv:  # each layer packed as it is made (`LayerImageKV`), while in cache
             b, m, w = k.shape
             self.positions, padded = m, -(-m // 16) * 16  # whole vectors of positions, whatever their width
             d = w // heads
+            # keys [B, heads, head_dim, MP] (transposed), values [B, heads, MP, head_dim]
             cross = [torch.empty((b, heads, d, padded), dtype=image_dtype), torch.empty((b, heads, padded, d), dtype=image_dtype)]
             if image_dtype == torch.int8:  # and their scales, per key channel and per value row
                 cross += [torch.empty((b, heads, d)), torch.empty((b, heads, padded))]
             self.cross.append(tuple(cross))
-        self.admit(torch.arange(len(image_kv[0][0])), image_kv)
+            slots = torch.arange(b) if slots is None else slots
+            self.kernels.pack_image_kv(k.float(), v.float(), slots, *cross)
 
     def begin(self, t: int, n: int) -> None:
         self._caches(n)

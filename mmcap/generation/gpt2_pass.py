@@ -14,7 +14,7 @@ import torch
 from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from mmcap.generation.attention import AttentionBackend, torch_attention
+from mmcap.generation.attention import AttentionBackend, LayerImageKV, torch_attention
 from mmcap.generation.beams import HeadRows
 
 
@@ -94,10 +94,11 @@ class GPT2Decoding:
         """Image tokens `memory` [n, M, D] decode in image slots `slots` [n] from now on (slot refill)."""
         self.attention.admit(slots, self._image_kv(memory))
 
-    def _image_kv(self, memory: torch.Tensor) -> list:
-        """Each layer's cross-attention keys and values of image tokens `memory` [n, M, D]."""
-        width = self.model.config.hidden_size
-        return [block.crossattention.c_attn(memory).split(width, dim=2) for block in self.body.h]
+    def _image_kv(self, memory: torch.Tensor) -> LayerImageKV:
+        """Each layer's cross-attention keys and values of image tokens `memory` [n, M, D], made
+        as the attention state reads them."""
+        width, blocks = self.model.config.hidden_size, self.body.h
+        return LayerImageKV(lambda i: blocks[i].crossattention.c_attn(memory).split(width, dim=2), len(blocks))
 
     def _layers(self, x: torch.Tensor) -> torch.Tensor:
         att = self.attention
