@@ -150,6 +150,19 @@ def refill_attention(head_dim: int, dtype: torch.dtype, image_dtype: Optional[to
                                                                             image_dtype=image_dtype)
 
 
+def image_int8(keys: torch.Tensor, values: torch.Tensor, vnni: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 image keys [B, heads, head_dim, MP] and values [B, heads, MP, head_dim] as packed by
+    `pack_image_kv`, as the integers they hold (int32) in that logical order. `vnni`: the kernels
+    packed them in VNNI order (`vnni_image_kv()`): keys [head_dim / 4, MP, 4] as unsigned k + 128,
+    values [MP / 4, head_dim, 4]."""
+    if not vnni:
+        return keys.int(), values.int()
+    b, h, d, mp = keys.shape
+    k = keys.view(b, h, d // 4, mp, 4).transpose(-1, -2).reshape(b, h, d, mp).view(torch.uint8).int() - 128
+    v = values.view(b, h, mp // 4, d, 4).transpose(-1, -2).reshape(b, h, mp, d).int()
+    return k, v
+
+
 @functools.lru_cache(maxsize=None)
 def kernels_faster(heads: int, head_dim: int, dtype: torch.dtype, input_dtype: torch.dtype = torch.float32) -> bool:
     """Whether the kernels run one layer's attention over a short beam search faster than torch's

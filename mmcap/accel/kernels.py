@@ -100,7 +100,7 @@ def kernels():
         ops = torch.ops.mmcap  # the overloads themselves: no lookup per call
         _LOADED["ops"] = SimpleNamespace(**{name: getattr(ops, name).default for name in (
             "self_attend", "self_attend_rows", "cross_attend", "amx_int8", "vnni_int8", "int8_pack", "int8_linear",
-            "int8_linear_top", "log_softmax_top", "pack_image_kv")})
+            "int8_linear_top", "log_softmax_top", "pack_image_kv", "vnni_image_kv")})
         return _LOADED["ops"]
     except Exception as e:  # no compiler, no headers, a read-only cache: torch's ops do the work
         what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

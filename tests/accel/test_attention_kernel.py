@@ -77,6 +77,20 @@ def quantized(x, dim):
     return q, amax / 127
 
 
+def vnni_reference(q, k8, ks, v8, vs, scale):
+    """The VNNI cross-attention's arithmetic in float64: q [N, H, D]; int8 keys k8 [N, H, P, D]
+    with a scale per channel ks [N, H, D], values v8 [N, H, P, D] with a scale per position vs
+    [N, H, P]. Each query (times the key scales) is quantized to int8, the softmax weights times
+    the value scales to unsigned 8 bits relative to their largest."""
+    q8, qs = quantized(q.double() * ks.double(), 2)
+    s = (q8[:, :, None] @ k8.double().transpose(-1, -2))[:, :, 0] * qs
+    e = torch.exp((s - s.amax(-1, keepdim=True)) * scale)
+    wts = e * vs.double()
+    top = wts.amax(-1, keepdim=True)
+    w8 = (wts * (255 / top)).round()
+    return ((w8[:, :, None] @ v8.double())[:, :, 0] * (top / 255) / e.sum(-1, keepdim=True)).float()
+
+
 @needs_kernels
 @pytest.mark.parametrize("positions", [1, 49, 100])
 def test_int8_image_keys_per_channel_and_values_per_row(positions):
@@ -91,9 +105,11 @@ def test_int8_image_keys_per_channel_and_values_per_row(positions):
     att = kernel_attention.KernelAttention(heads, [(k, v)], torch.bfloat16, max_len=4, kernels=kernels,
                                            image_dtype=torch.int8)
     att.group = beams
-    kt, vv, ks, vs = att.cross[0]
-    padded = kt.shape[-1]
-    assert kt.dtype == vv.dtype == torch.int8 and ks.shape == (images, heads, head_dim) and vs.shape == (images, heads, padded)
+    packed_k, packed_v, ks, vs = att.cross[0]
+    padded = packed_k.shape[-1]
+    assert packed_k.dtype == packed_v.dtype == torch.int8
+    assert ks.shape == (images, heads, head_dim) and vs.shape == (images, heads, padded)
+    kt, vv = kernel_attention.image_int8(packed_k, packed_v, kernels.vnni_image_kv())
     want_k, want_ks = quantized(k.view(images, positions, heads, head_dim).permute(0, 2, 3, 1), 3)
     want_v, want_vs = quantized(v.view(images, positions, heads, head_dim).transpose(1, 2), 3)
     assert torch.equal(kt[..., :positions].float(), want_k) and torch.equal(vv[:, :, :positions].float(), want_v)
@@ -106,7 +122,11 @@ def test_int8_image_keys_per_channel_and_values_per_row(positions):
     img = torch.arange(images * beams) // beams
     keys = (want_k * want_ks).transpose(-1, -2)[img]
     values = (want_v * want_vs)[img]
-    want = reference(q.reshape(-1, heads, head_dim), keys, values, 0.2).reshape(-1, w)
+    if kernels.vnni_image_kv():  # the queries and softmax weights in 8 bits too, as the kernel rounds them
+        want = vnni_reference(q.reshape(-1, heads, head_dim), want_k.transpose(-1, -2)[img], want_ks[img, ..., 0],
+                              want_v[img], want_vs[img, ..., 0], 0.2).reshape(-1, w)
+    else:
+        want = reference(q.reshape(-1, heads, head_dim), keys, values, 0.2).reshape(-1, w)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     exact = reference(q.reshape(-1, heads, head_dim), k.view(images, positions, heads, head_dim).transpose(1, 2)[img],
                       v.view(images, positions, heads, head_dim).transpose(1, 2)[img], 0.2).reshape(-1, w)
@@ -290,13 +310,19 @@ kk, vk = torch.randn(2, 21, heads * d), torch.randn(2, 21, heads * d)
 kt8, vv8 = torch.empty(2, heads, d, 32, dtype=torch.int8), torch.empty(2, heads, 32, d, dtype=torch.int8)
 ks, vs = torch.empty(2, heads, d), torch.empty(2, heads, 32)
 torch.ops.mmcap.pack_image_kv(kk, vk, torch.arange(2), kt8, vv8, ks, vs)
+# VNNI order and 8-bit queries where the target has AVX-512 VNNI (icelake-server), else the plain layout
+vnni = torch.ops.mmcap.vnni_image_kv()
+assert vnni == (sys.argv[1] == "icelake-server")
+from mmcap.accel.kernel_attention import image_int8
+kt8, vv8 = image_int8(kt8, vv8, vnni)
 keys = kk.view(2, 21, heads, d).permute(0, 2, 3, 1)
 amax = keys.abs().amax(-1, keepdim=True)
 assert torch.equal(kt8[..., :21].float(), (keys * (127 / amax)).round()) and not kt8[..., 21:].any()
-got = torch.ops.mmcap.cross_attend(q, kt8, vv8, 21, 3, 0.125, ks, vs)
-kd, vd = kt8.float() * ks[..., None], vv8.float() * vs[..., None]
-w = torch.softmax(q.view(2, 3, heads, d).transpose(1, 2) @ kd[..., :21] * 0.125, -1)
-torch.testing.assert_close(got, (w @ vd[:, :, :21]).transpose(1, 2).reshape(6, -1), rtol=1e-5, atol=1e-5)
+if not vnni:
+    got = torch.ops.mmcap.cross_attend(q, kt8.to(torch.int8), vv8.to(torch.int8), 21, 3, 0.125, ks, vs)
+    kd, vd = kt8.float() * ks[..., None], vv8.float() * vs[..., None]
+    w = torch.softmax(q.view(2, 3, heads, d).transpose(1, 2) @ kd[..., :21] * 0.125, -1)
+    torch.testing.assert_close(got, (w @ vd[:, :, :21]).transpose(1, 2).reshape(6, -1), rtol=1e-5, atol=1e-5)
 logits = torch.randn(5, 1000) * 3
 values, tokens = torch.ops.mmcap.log_softmax_top(logits, 6)
 want_values, want_tokens = torch.topk(torch.log_softmax(logits, -1), 6)

@@ -21,6 +21,12 @@
 
 #include "vec.h"
 
+// int8 image keys and values in VNNI order, attended with VPDPBUSD (AVX-512 VNNI): see
+// `beams_attend_vnni`. Elsewhere they keep the plain layout and fp32 arithmetic.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define MMCAP_IMAGE_VNNI 1
+#endif
+
 namespace {
 
 using namespace mmcap_vec;
@@ -152,6 +158,122 @@ void beams_attend(const float (*qg)[D], const T* k, const T* v, const float* vs,
     for (int c = 0; c < DC; ++c) store(y[g] + L * c, o[g][c] * inv[g]);
 }
 
+#ifdef MMCAP_IMAGE_VNNI
+// scores s[g][c0 x 16 ...) of G beams' int8 queries `q8` over CC vectors of 16 positions: int32 sums
+// of VPDPBUSD over the keys' groups of 4 channels, then (sum - qoff) x qscale. Keys `k` [D/4, MP, 4]
+// are unsigned (int8 + 128): qoff = 128 x the query's sum takes the 128 off.
+template <int D, int G, int CC>
+inline void vnni_scores(const int8_t (*q8)[D], const uint8_t* k, int64_t MP, int64_t c0, const int32_t* qoff,
+                        const float* qscale, float* s) {
+  __m512i acc[G][CC];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < CC; ++c) acc[g][c] = _mm512_setzero_si512();
+  for (int dg = 0; dg < D / 4; ++dg) {
+    __m512i kv[CC];
+    for (int c = 0; c < CC; ++c) kv[c] = _mm512_loadu_si512(k + (dg * MP + (c0 + c) * 16) * 4);
+    for (int g = 0; g < G; ++g) {
+      int32_t four;
+      std::memcpy(&four, q8[g] + 4 * dg, 4);
+      const __m512i qb = _mm512_set1_epi32(four);
+      for (int c = 0; c < CC; ++c) acc[g][c] = _mm512_dpbusd_epi32(acc[g][c], kv[c], qb);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < CC; ++c) {
+      const __m512 x = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[g][c], _mm512_set1_epi32(qoff[g])));
+      _mm512_storeu_ps(s + g * MP + (c0 + c) * 16, _mm512_mul_ps(x, _mm512_set1_ps(qscale[g])));
+    }
+}
+
+// G beams' attention over one image and head with int8 image keys and values on AVX-512 VNNI: each
+// beam's query (the key scales folded in, `qg`) quantized to int8 (symmetric, per beam), its scores
+// summed by VPDPBUSD; then each beam's softmax weights times the value rows' scales, quantized to
+// unsigned 8 bits (relative to the beam's largest), summed with the values by VPDPBUSD. Keys `k`
+// [D/4, MP, 4] unsigned (int8 + 128: four channels of a position side by side), values `v` [MP/4,
+// D, 4] (four positions of a channel side by side): `pack_image_kv`'s VNNI order. A quarter of the
+// fp32 path's multiply-adds and no int8 -> fp32 conversions; the queries and weights rounded to 8
+// bits as the int8 linear layers round their rows.
+template <int D, int G>
+void beams_attend_vnni(const float (*qg)[D], const uint8_t* k, const int8_t* v, const float* vs, int64_t M,
+                       int64_t MP, float scale, float* s, float* const* y) {
+  constexpr int DC = D / 16;
+  alignas(64) int8_t q8[G][D];
+  float qscale[G];
+  int32_t qoff[G];
+  for (int g = 0; g < G; ++g) {
+    __m512 mv = _mm512_setzero_ps();
+    for (int c = 0; c < DC; ++c) mv = _mm512_max_ps(mv, _mm512_abs_ps(_mm512_loadu_ps(qg[g] + 16 * c)));
+    const float amax = _mm512_reduce_max_ps(mv), inv = amax > 0.f ? 127.f / amax : 0.f;
+    __m512i sum = _mm512_setzero_si512();
+    for (int c = 0; c < DC; ++c) {  // rounded half to even (MXCSR's default)
+      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(qg[g] + 16 * c), _mm512_set1_ps(inv)));
+      sum = _mm512_add_epi32(sum, qi);
+      _mm_store_si128(reinterpret_cast<__m128i*>(q8[g] + 16 * c), _mm512_cvtsepi32_epi8(qi));
+    }
+    qscale[g] = amax / 127.f;
+    qoff[g] = 128 * _mm512_reduce_add_epi32(sum);
+  }
+  const int64_t C = MP / 16;
+  int64_t c0 = 0;
+  for (; c0 + 4 <= C; c0 += 4) vnni_scores<D, G, 4>(q8, k, MP, c0, qoff, qscale, s);
+  for (; c0 + 2 <= C; c0 += 2) vnni_scores<D, G, 2>(q8, k, MP, c0, qoff, qscale, s);
+  for (; c0 < C; ++c0) vnni_scores<D, G, 1>(q8, k, MP, c0, qoff, qscale, s);
+  // softmax weights x value scales, as unsigned bytes (positions past M: 0)
+  const int64_t groups = (M + 3) / 4;
+  alignas(64) uint8_t w8[G][4 * 64];  // a bounded stack buffer: MP <= 256 here, else the loop below
+  std::vector<uint8_t> w8_heap;
+  uint8_t* wq = MP <= 256 ? &w8[0][0] : (w8_heap.resize(G * MP), w8_heap.data());
+  const int64_t wld = MP <= 256 ? 256 : MP;
+  float out_scale[G];
+  for (int g = 0; g < G; ++g) {
+    float* sg = s + g * MP;
+    const __mmask16 tail = M % 16 ? static_cast<__mmask16>((1u << (M % 16)) - 1) : 0xFFFF;
+    const int64_t full = (M + 15) / 16;
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int64_t c = 0; c < full; ++c)
+      mv = _mm512_mask_max_ps(mv, c + 1 < full ? 0xFFFF : tail, mv, _mm512_loadu_ps(sg + 16 * c));
+    const float mx = _mm512_reduce_max_ps(mv);
+    __m512 sum = _mm512_setzero_ps(), wmax = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) {
+      const __mmask16 live = c + 1 < full ? 0xFFFF : c + 1 == full ? tail : 0;
+      vf x;
+      const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sg + 16 * c), _mm512_set1_ps(mx)), _mm512_set1_ps(scale));
+      std::memcpy(&x, &d, sizeof x);
+      x = vexp(x);
+      __m512 e;
+      std::memcpy(&e, &x, sizeof e);
+      e = _mm512_maskz_mov_ps(live, e);
+      sum = _mm512_add_ps(sum, e);
+      const __m512 w = _mm512_mul_ps(e, _mm512_loadu_ps(vs + 16 * c));
+      wmax = _mm512_max_ps(wmax, w);
+      _mm512_storeu_ps(sg + 16 * c, w);
+    }
+    const float top = _mm512_reduce_max_ps(wmax), inv = top > 0.f ? 255.f / top : 0.f;
+    for (int64_t c = 0; c < C; ++c) {
+      const __m512i wi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(sg + 16 * c), _mm512_set1_ps(inv)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(wq + g * wld + 16 * c), _mm512_cvtusepi32_epi8(wi));
+    }
+    out_scale[g] = top / 255.f / _mm512_reduce_add_ps(sum);
+  }
+  __m512i o[G][DC];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < DC; ++c) o[g][c] = _mm512_setzero_si512();
+  for (int64_t mg = 0; mg < groups; ++mg) {
+    __m512i vv[DC];
+    for (int c = 0; c < DC; ++c) vv[c] = _mm512_loadu_si512(v + (mg * D + 16 * c) * 4);
+    for (int g = 0; g < G; ++g) {
+      int32_t four;
+      std::memcpy(&four, wq + g * wld + 4 * mg, 4);
+      const __m512i wb = _mm512_set1_epi32(four);
+      for (int c = 0; c < DC; ++c) o[g][c] = _mm512_dpbusd_epi32(o[g][c], wb, vv[c]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < DC; ++c)
+      _mm512_storeu_ps(y[g] + 16 * c, _mm512_mul_ps(_mm512_cvtepi32_ps(o[g][c]), _mm512_set1_ps(out_scale[g])));
+}
+#endif
+
 template <int D, typename T, typename Q>
 void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tensor& V, const float* ks,
                        const float* vs, int64_t M, int64_t group, float scale, at::Tensor& out) {
@@ -184,6 +306,19 @@ void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tens
           y[g] = op + (b * group + g0 + g) * W + h * D;
         }
         const float* vsr = vs ? vs + bh * MP : nullptr;
+#ifdef MMCAP_IMAGE_VNNI
+        if constexpr (std::is_same_v<T, int8_t> && D % 16 == 0) {
+          const auto* ku = reinterpret_cast<const uint8_t*>(k);
+          float* sf = reinterpret_cast<float*>(s.data());
+          switch (gn) {
+            case 4: beams_attend_vnni<D, 4>(qg, ku, v, vsr, M, MP, scale, sf, y); break;
+            case 3: beams_attend_vnni<D, 3>(qg, ku, v, vsr, M, MP, scale, sf, y); break;
+            case 2: beams_attend_vnni<D, 2>(qg, ku, v, vsr, M, MP, scale, sf, y); break;
+            default: beams_attend_vnni<D, 1>(qg, ku, v, vsr, M, MP, scale, sf, y);
+          }
+          continue;
+        }
+#endif
         switch (gn) {
           case 4: beams_attend<D, 4>(qg, k, v, vsr, M, MP, scale, s.data(), y); break;
           case 3: beams_attend<D, 3>(qg, k, v, vsr, M, MP, scale, s.data(), y); break;
@@ -208,6 +343,67 @@ void pack_image_kv_impl(const at::Tensor& k, const at::Tensor& v, const int64_t*
   T* ktp = KT.data_ptr<T>();
   T* vtp = V.data_ptr<T>();
   const int64_t k0 = k.stride(0), k1 = k.stride(1), v0 = v.stride(0), v1 = v.stride(1);
+#ifdef MMCAP_IMAGE_VNNI
+  if constexpr (std::is_same_v<T, int8_t>) {  // VNNI order (`beams_attend_vnni`)
+    at::parallel_for(0, n * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ih = begin; ih < end; ++ih) {
+        const int64_t i = ih / H, h = ih % H, bh = slots[i] * H + h;
+        const float* kr = kp + i * k0 + h * D;
+        const float* vr = vp + i * v0 + h * D;
+        // keys: a scale per channel (the largest |k| over the positions), as unsigned k + 128 in
+        // [D/4, MP, 4]: the 4 bytes of channels 4j..4j+3 of position m at (j x MP + m) x 4
+        vf mv[D / L] = {};
+        for (int64_t m = 0; m < M; ++m)
+          for (int c = 0; c < D / L; ++c) {
+            const vf a = load(kr + m * k1 + L * c), abs = a < 0 ? -a : a;
+            mv[c] = abs > mv[c] ? abs : mv[c];
+          }
+        alignas(64) float inv[D];
+        for (int c = 0; c < D / L; ++c)
+          for (int l = 0; l < L; ++l) {
+            const float amax = mv[c][l];
+            inv[L * c + l] = amax > 0.f ? 127.f / amax : 0.f;
+            ks[bh * D + L * c + l] = amax / 127.f;
+          }
+        uint32_t* kd = reinterpret_cast<uint32_t*>(ktp + bh * D * MP);
+        std::fill(kd, kd + D / 4 * MP, 0x80808080u);  // positions past M: keys 0
+        for (int64_t m = 0; m < M; ++m) {
+          alignas(64) int8_t q[D];
+          for (int c = 0; c < D / L; ++c) store(q + L * c, load(kr + m * k1 + L * c) * load(inv + L * c));
+          for (int j = 0; j < D / 4; ++j) {
+            uint32_t four;
+            std::memcpy(&four, q + 4 * j, 4);
+            kd[j * MP + m] = four ^ 0x80808080u;
+          }
+        }
+        // values: a scale per position, in [MP/4, D, 4]: positions 4j..4j+3 of channel d at (j x D + d) x 4
+        uint32_t* vd = reinterpret_cast<uint32_t*>(vtp + bh * MP * D);
+        for (int64_t m0 = 0; m0 < MP; m0 += 4) {
+          alignas(64) uint8_t q[4][D] = {};  // positions past M: zero
+          for (int64_t j = 0; j < 4; ++j) {
+            const int64_t m = m0 + j;
+            if (m >= M) {
+              vs[bh * MP + m] = 0.f;
+              continue;
+            }
+            vf mx = (vf){};
+            for (int c = 0; c < D / L; ++c) {
+              const vf a = load(vr + m * v1 + L * c), abs = a < 0 ? -a : a;
+              mx = abs > mx ? abs : mx;
+            }
+            const float amax = hmax(mx), scale = amax > 0.f ? 127.f / amax : 0.f;
+            vs[bh * MP + m] = amax / 127.f;
+            for (int c = 0; c < D / L; ++c)
+              store(reinterpret_cast<int8_t*>(q[j]) + L * c, load(vr + m * v1 + L * c) * scale);
+          }
+          for (int64_t d = 0; d < D; ++d)
+            vd[(m0 / 4) * D + d] = q[0][d] | q[1][d] << 8 | q[2][d] << 16 | static_cast<uint32_t>(q[3][d]) << 24;
+        }
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, n * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tk(D * MP, 0.f);  // a task's keys transposed; positions past M stay zero
     for (int64_t ih = begin; ih < end; ++ih) {
@@ -379,6 +575,16 @@ void pack_image_kv(at::Tensor k, at::Tensor v, at::Tensor slots, at::Tensor KT, 
   });
 }
 
+// whether int8 image keys and values are packed in VNNI order and attended by VPDPBUSD (AVX-512 VNNI
+// builds), else in the plain layout, attended in fp32
+bool vnni_image_kv() {
+#ifdef MMCAP_IMAGE_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
 // torch.ops.mmcap.*: registered with the dispatcher (no Python bindings to compile: a third of
 // the build time), visible to torch's profiler
 TORCH_LIBRARY(mmcap, m) {
@@ -388,6 +594,7 @@ TORCH_LIBRARY(mmcap, m) {
         &self_attend_rows);
   m.def("cross_attend(Tensor q, Tensor KT, Tensor V, int M, int group, float scale, Tensor? k_scale=None, "
         "Tensor? v_scale=None) -> Tensor", &cross_attend);
+  m.def("vnni_image_kv() -> bool", &vnni_image_kv);
   m.def("pack_image_kv(Tensor k, Tensor v, Tensor slots, Tensor(a!) KT, Tensor(b!) V, Tensor(c!)? k_scale=None, "
         "Tensor(d!)? v_scale=None) -> ()", &pack_image_kv);
 }
