@@ -100,7 +100,7 @@ def machine_limit(model: Captioner, paths, batch_size: int, precision: str, flop
     """The roofline (benchmarks/roofline.py) of `precision` on this machine, and how close `measured` is."""
     encoder_dtype = "bf16" if compute_dtype(precision) == torch.bfloat16 else "fp32"
     weight_dtype = "int8" if precision == "int8" else encoder_dtype
-    cache_dtype = encoder_dtype  # every plan keeps its attention caches in its compute dtype
+    cache_dtype = "bf16" if precision == "int8" else encoder_dtype  # `InferencePlan.cache_dtype`
     cfg = model.decoder.config
     heads = cfg.num_attention_heads
     image_dtype = cache_dtype  # int8 where the int8 plan's kernels hold the image's keys and values

@@ -79,12 +79,20 @@ class InferencePlan:
 
     @property
     def attention(self) -> AttentionBackend:
-        """The attention backend for GPT-2's lean pass: int8 keeps its caches in the compute dtype,
-        and the image's keys and values in int8 (`image_dtype`); with `compile_decoder`, static
-        caches in torch's ops, compiled with the step."""
+        """The attention backend for GPT-2's lean pass: int8 keeps its caches in `cache_dtype`, and
+        the image's keys and values in int8 (`image_dtype`); with `compile_decoder`, static caches
+        in torch's ops, compiled with the step."""
         if self.compile_decoder is not None:
             return CompiledStaticAttention(self.compile_decoder)
-        return RacedAttention(self.dtype if self.int8_decoder else None, self.image_dtype)
+        return RacedAttention(self.cache_dtype if self.int8_decoder else None, self.image_dtype)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The self-attention caches' dtype in mmcap's kernels: bf16 with an int8 decoder, whatever the
+        compute dtype (the kernels compute in fp32 either way, and every step reads the caches: on a
+        CPU whose bf16 matmuls lose to fp32's, fp32 caches cost an emulated Xeon without AMX about
+        20 ms a batch), else the compute dtype."""
+        return torch.bfloat16 if self.int8_decoder else self.dtype
 
     @property
     def image_dtype(self) -> Optional[torch.dtype]:
@@ -97,7 +105,7 @@ class InferencePlan:
         caches in the compute dtype), or None where the kernels cannot run."""
         if self.device.type != "cpu" or self.compile_decoder is not None:
             return None
-        return refill_attention(head_dim, self.dtype, self.image_dtype)
+        return refill_attention(head_dim, self.cache_dtype, self.image_dtype)
 
     def prepare(self) -> None:
         """Process-wide settings the plan asks for (once per process)."""
