@@ -48,7 +48,7 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
   const int64_t qs = qkv.stride(0), as = anc.stride(0);
   at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
-    std::vector<float> s(P);
+    std::vector<float> s((P + L - 1) / L * L);  // whole vectors of scores
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
       const int64_t len = lens ? lens[n] : len_all;
@@ -73,17 +73,27 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
           }
         }
       }
-      float mx = -INFINITY;
-      for (int64_t p = 0; p < len; ++p) {
+      int64_t p = 0;
+      for (; p + 4 <= len; p += 4) {  // four positions' sums reduced together
+        vf acc[4];
+        for (int j = 0; j < 4; ++j) {
+          const T* kr = kp + ((a[p + j] * H + h) * P + p + j) * D;
+          acc[j] = qv[0] * load(kr);
+          for (int c = 1; c < DC; ++c) acc[j] += qv[c] * load(kr + L * c);
+        }
+        hsum4(acc, s.data() + p);
+      }
+      for (; p < len; ++p) {
         const T* kr = kp + ((a[p] * H + h) * P + p) * D;
         vf acc = qv[0] * load(kr);
         for (int c = 1; c < DC; ++c) acc += qv[c] * load(kr + L * c);
-        const float x = hsum(acc);
-        s[p] = x;
-        mx = x > mx ? x : mx;
+        s[p] = hsum(acc);
       }
+      float mx = -INFINITY;
+      for (p = 0; p < len; ++p) mx = s[p] > mx ? s[p] : mx;
+      for (p = 0; p < len; p += L) store(s.data() + p, vexp(load(s.data() + p) - mx));  // past len: unused
       float sum = 0.f;
-      for (int64_t p = 0; p < len; ++p) { s[p] = std::exp(s[p] - mx); sum += s[p]; }
+      for (p = 0; p < len; ++p) sum += s[p];
       const float inv = 1.f / sum;
       vf o[DC] = {};
       for (int64_t p = 0; p < len; ++p) {
