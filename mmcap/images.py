@@ -106,6 +106,20 @@ def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     )
 
 
+def pixel_steps(image_size: int) -> tuple[Callable, Callable]:
+    """`eval_transform` cut where the pixels turn into floats: (image -> uint8 pixels [3,S,S],
+    pixels [..., 3, S, S] -> the model's input). Applied one after the other they compute exactly
+    what `eval_transform` computes, so a batch can be made floats at once (one call over the stacked
+    uint8 pixels, not two transforms per image) and a decode stage can ship uint8 pixels."""
+    steps = eval_transform(image_size).transforms
+    cut = next((i for i, step in enumerate(steps) if isinstance(step, T.ToDtype)), len(steps))
+
+    def compose(part: list) -> Callable:
+        return T.Compose(part) if part else (lambda x: x)
+
+    return compose(steps[:cut]), compose(steps[cut:])
+
+
 def center_square(pixels: torch.Tensor) -> torch.Tensor:
     """The largest centred square of a [..., H, W] tensor."""
     h, w = pixels.shape[-2:]

@@ -21,7 +21,7 @@ from mmcap.captioner.inputs import Images, Prompt, image_sequence, is_one_image,
 from mmcap.captioner.results import CaptionResult, Captions, results_of
 from mmcap.config import CaptionerConfig
 from mmcap.generation import GenerationConfig, GenerationOutput, generate
-from mmcap.images import eval_transform, open_image
+from mmcap.images import open_image, pixel_steps
 from mmcap.model.decoder import build_decoder
 from mmcap.model.encoder import ResNetEncoder
 from mmcap.model.fusion import OwnCrossAttention, build_fusion
@@ -246,18 +246,19 @@ class Captioner(nn.Module):
             return batch.float(), [f"image {i}" for i in range(len(batch))]
         items = list(image_sequence(images))
         size = self.config.image_size
-        transform = eval_transform(size)
+        # uint8 pixels per image, then floats for the whole batch at once: eval_transform's numbers
+        to_pixels, to_input = pixel_steps(size)
         names = [str(x) if isinstance(x, (str, os.PathLike)) else f"image {i}"
                  for i, x in enumerate(items, first_index)]
         def load(x, name):
-            return transform(open_image(x, name, min_size=size) if draft else open_image(x, name))
+            return to_pixels(open_image(x, name, min_size=size) if draft else open_image(x, name))
 
         if len(items) < 2 or torch.get_num_threads() < 2:
-            return torch.stack([load(x, name) for x, name in zip(items, names)]), names
+            return to_input(torch.stack([load(x, name) for x, name in zip(items, names)])), names
         # JPEG decoding and resizing release the GIL: one image per core at a time (in order;
         # the first bad image raises, as one by one)
         with ThreadPoolExecutor(min(len(items), torch.get_num_threads())) as pool:
-            return torch.stack(list(pool.map(load, items, names))), names
+            return to_input(torch.stack(list(pool.map(load, items, names)))), names
 
     @torch.no_grad()
     def caption(self, images: Images, batch_size: int = 16, return_scores: bool = False,

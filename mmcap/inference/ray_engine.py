@@ -38,9 +38,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2 as T
 
-from mmcap.images import ImageError, eval_transform, open_image
+from mmcap.images import ImageError, open_image, pixel_steps
 from mmcap.data.image_stream import ImageStream
 from mmcap.data.samples import MAX_IMAGE_BYTES, one_torch_thread
 from mmcap.data.shardlist import is_url
@@ -62,19 +61,6 @@ def require_ray():
 
 
 # ---- decoding (CPU stage) ----
-
-
-def pixel_steps(image_size: int) -> tuple[Callable, Callable]:
-    """`eval_transform` cut where the pixels turn into floats: (image -> uint8 pixels [3,S,S],
-    pixels [..., 3, S, S] -> the model's input). Applied one after the other they compute exactly
-    what `eval_transform` computes, so the decode stage can ship uint8 pixels."""
-    steps = eval_transform(image_size).transforms
-    cut = next((i for i, step in enumerate(steps) if isinstance(step, T.ToDtype)), len(steps))
-
-    def compose(part: list) -> Callable:
-        return T.Compose(part) if part else (lambda x: x)
-
-    return compose(steps[:cut]), compose(steps[cut:])
 
 
 def image_pixels(value: Any, name: str, to_pixels: Callable, min_size: Optional[int] = None) -> np.ndarray:
