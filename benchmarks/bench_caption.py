@@ -100,13 +100,14 @@ def machine_limit(model: Captioner, paths, batch_size: int, precision: str, flop
     """The roofline (benchmarks/roofline.py) of `precision` on this machine, and how close `measured` is."""
     encoder_dtype = "bf16" if compute_dtype(precision) == torch.bfloat16 else "fp32"
     weight_dtype = "int8" if precision == "int8" else encoder_dtype
-    cache_dtype = "bf16" if precision == "int8" else encoder_dtype  # `InferencePlan.cache_dtype`
     cfg = model.decoder.config
     heads = cfg.num_attention_heads
-    image_dtype = cache_dtype  # int8 where the int8 plan's kernels hold the image's keys and values
+    # caches in the compute dtype; int8 where the int8 plan's kernels hold them and the image's keys and
+    # values (`InferencePlan.cache_dtype`, `image_dtype`)
+    cache_dtype = image_dtype = encoder_dtype
     plan = as_plan(precision)
-    if plan.image_dtype == torch.int8 and kernels_faster(heads, cfg.hidden_size // heads, compute_dtype(precision)):
-        image_dtype = "int8"
+    if plan.image_dtype == torch.int8 and kernels_faster(heads, cfg.hidden_size // heads, plan.cache_dtype):
+        cache_dtype = image_dtype = "int8"
     rates = matmul_rates()
     used = {weight_dtype, encoder_dtype}
     peak = max(rate for dtype, rate in rates.items() if dtype in used) * 1e9

@@ -127,7 +127,8 @@ def bytes_per_caption(*, encoder: nn.Module, decoder: nn.Module, pixels: torch.T
                       weight_dtype: str, encoder_dtype: str, cache_dtype: str, image_dtype: Optional[str] = None,
                       heads: int = 1) -> dict:
     """The least memory traffic of one caption, split by kind (module docstring); the image's keys
-    and values in `image_dtype` (default `cache_dtype`; int8 adds its scales, `heads` per layer)."""
+    and values in `image_dtype` (default `cache_dtype`); int8 caches and image keys and values add
+    their scales (`heads` per layer)."""
     eb, wb, cb = DTYPE_BYTES[encoder_dtype], DTYPE_BYTES[weight_dtype], DTYPE_BYTES[cache_dtype]
     ib = DTYPE_BYTES[image_dtype or cache_dtype]
     enc_lin, enc_other = _linear_weight_numel(encoder)
@@ -140,6 +141,8 @@ def bytes_per_caption(*, encoder: nn.Module, decoder: nn.Module, pixels: torch.T
     cache = image = logits = 0.0
     for t in range(1, new_tokens + 1):  # per caption, summed over the steps
         cache += beams * layers * 2 * width * cb * (t + 1)  # read t entries, write 1
+        if cache_dtype == "int8":  # a scale per key and value vector (each head, position)
+            cache += beams * layers * 2 * heads * 4 * (t + 1)
         image += layers * 2 * positions * width * ib
         if image_dtype == "int8":  # a scale per key channel and per value row (position), each head
             image += layers * heads * (width // heads + positions) * 4

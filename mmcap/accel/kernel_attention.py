@@ -24,7 +24,8 @@ TIMING = dict(images=16, beams=3, positions=12, image_positions=49)  # `caption`
 
 
 class KernelAttention(AttentionState):
-    """Attention in mmcap's C++ kernels, caches in `dtype` (fp32 or bf16), arithmetic in fp32.
+    """Attention in mmcap's C++ kernels, caches in `dtype` (fp32, bf16, or int8 with a scale per key
+    and value vector), arithmetic in fp32.
 
     The self-attention cache of a layer is [rows, heads, max_len, head_dim], allocated at the first
     step and grown once when beam search expands rows into beams; row n's position p is read from
@@ -44,6 +45,8 @@ class KernelAttention(AttentionState):
         self.log_softmax_top = getattr(self.kernels, "log_softmax_top", None)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        self.k_scale: list[torch.Tensor] = []  # int8 caches: [rows, heads, max_len] per layer
+        self.v_scale: list[torch.Tensor] = []
         self.anc: Optional[torch.Tensor] = None  # [rows, max_len] cache rows
         self.lens: Optional[torch.Tensor] = None  # [rows] positions per row, where rows differ (`begin_rows`)
         image_dtype = image_dtype or dtype
@@ -83,13 +86,17 @@ class KernelAttention(AttentionState):
             shape = (n, self.heads, self.max_len, self.cross[0][1].shape[-1])
             self.k = [torch.empty(shape, dtype=self.dtype) for _ in self.cross]
             self.v = [torch.empty(shape, dtype=self.dtype) for _ in self.cross]
+            if self.dtype == torch.int8:  # a scale per key and value vector
+                self.k_scale = [torch.empty(shape[:3]) for _ in self.cross]
+                self.v_scale = [torch.empty(shape[:3]) for _ in self.cross]
             self.anc = torch.empty(n, self.max_len, dtype=torch.long)
             self.own = torch.arange(n)
 
     def self_attention(self, i: int, qkv: torch.Tensor, scale: float) -> torch.Tensor:
+        scales = (self.k_scale[i], self.v_scale[i]) if self.k_scale else ()
         if self.lens is not None:
-            return self.kernels.self_attend_rows(qkv, self.k[i], self.v[i], self.anc, self.lens, scale)
-        return self.kernels.self_attend(qkv, self.k[i], self.v[i], self.anc, self.t + 1, scale)
+            return self.kernels.self_attend_rows(qkv, self.k[i], self.v[i], self.anc, self.lens, scale, *scales)
+        return self.kernels.self_attend(qkv, self.k[i], self.v[i], self.anc, self.t + 1, scale, *scales)
 
     def cross_attention(self, i: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         keys, values, *scales = self.cross[i]
@@ -103,13 +110,14 @@ class KernelAttention(AttentionState):
         # beams of a row all read through `anc` (nothing is copied per beam)
         n, filled = len(self.anc), self.t + 1
         self.group *= k
-        self.k = [self._grown(c, max(n * k, len(c)), filled) for c in self.k]
-        self.v = [self._grown(c, max(n * k, len(c)), filled) for c in self.v]
+        self.k, self.v, self.k_scale, self.v_scale = ([self._grown(c, max(n * k, len(c)), filled) for c in caches]
+                                                      for caches in (self.k, self.v, self.k_scale, self.v_scale))
         self.anc = self.anc.repeat_interleave(k, dim=0)
         self.own = torch.arange(n * k)
 
     @staticmethod
     def _grown(cache: torch.Tensor, rows: int, filled: int) -> torch.Tensor:
+        """`cache` [rows', heads, positions, ...] with room for `rows`, its first `filled` positions kept."""
         grown = cache.new_empty((rows, *cache.shape[1:]))
         grown[: len(cache), :, :filled] = cache[:, :, :filled]
         return grown
@@ -133,7 +141,7 @@ class RacedAttention:
         lossy = self.dtype is not None or autocast
         if lossy and k.device.type == "cpu" and kernels_faster(heads, head_dim, cache_dtype, k.dtype):
             return KernelAttention(heads, image_kv, cache_dtype, max_len, image_dtype=self.image_dtype)
-        return TorchAttention(heads, image_kv, self.dtype)
+        return TorchAttention(heads, image_kv, _torch_caches(self.dtype))
 
     def __repr__(self) -> str:
         return f"RacedAttention({self.dtype}, image_dtype={self.image_dtype})"
@@ -181,6 +189,12 @@ def kernels_faster(heads: int, head_dim: int, dtype: torch.dtype, input_dtype: t
     return use == "kernels"
 
 
+def _torch_caches(dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """The caches of torch's ops for kernels' caches in `dtype`: int8 only the kernels keep (torch's
+    ops then keep the linear layers' dtype)."""
+    return None if dtype == torch.int8 else dtype
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -204,5 +218,5 @@ def _timings(heads: int, head_dim: int, dtype: torch.dtype, input_dtype: torch.d
 
     return timing.time_calls({
         "kernels": functools.partial(decode, lambda: KernelAttention(heads, image_kv, dtype, steps)),
-        "torch": functools.partial(decode, lambda: TorchAttention(heads, image_kv, dtype)),
+        "torch": functools.partial(decode, lambda: TorchAttention(heads, image_kv, _torch_caches(dtype))),
     })

@@ -41,7 +41,7 @@ SOURCES = (SOURCE, INT8_SOURCE, ROW_TOP_SOURCE)  # compiled together
 HEADERS = (SOURCE.with_name("vec.h"),)  # what the sources include
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the source instantiates
 DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),  # and its (caches, queries) dtypes
-          (torch.bfloat16, torch.bfloat16))
+          (torch.bfloat16, torch.bfloat16), (torch.int8, torch.float32), (torch.int8, torch.bfloat16))
 # OpenMP only where torch's own parallel backend is OpenMP (at::parallel_for inlines it); macOS
 # builds of torch use their native backend, and Apple's clang has no -fopenmp
 OPENMP = "OpenMP" in torch.__config__.parallel_info()

@@ -73,8 +73,41 @@ def test_cross_attention_matches_torch_for_every_beam_of_every_image(dtype, posi
 def quantized(x, dim):
     """x quantized symmetrically to int8 along `dim` (round half to even), and the scales."""
     amax = x.abs().amax(dim, keepdim=True)
-    q = torch.where(amax > 0, x * (127 / amax), torch.zeros(())).round()
+    # 127 / amax divided as the kernels divide (torch's scalar / tensor multiplies by a reciprocal,
+    # which can differ in the last bit and flip a value at a rounding boundary)
+    q = torch.where(amax > 0, x * torch.div(torch.tensor(127.0, dtype=x.dtype), amax), torch.zeros(())).round()
     return q, amax / 127
+
+
+@needs_kernels
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.bfloat16])
+def test_int8_self_attention_caches_hold_each_vector_quantized_and_attend_as_their_dequantized_values(query_dtype):
+    """int8 caches: each step's key and value vectors stored as their symmetric int8 quantization
+    (round half to even) with a scale each, and attention over the positions so far, read through
+    the ancestor table, equals attention over what they dequantize to."""
+    torch.manual_seed(3)
+    n, heads, d, positions = 6, 3, 64, 8
+    k = torch.zeros(n, heads, positions, d, dtype=torch.int8)
+    v = torch.zeros_like(k)
+    ks, vs = torch.zeros(n, heads, positions), torch.zeros(n, heads, positions)
+    anc = torch.zeros(n, positions, dtype=torch.long)
+    for t in range(5):
+        if t:  # a beam reorder: each row continues another's history
+            anc = anc[torch.randperm(n)].clone()
+        anc[:, t] = torch.arange(n)
+        qkv = (torch.randn(n, 3 * heads * d) * 2).to(query_dtype)
+        got = kernels.self_attend(qkv, k, v, anc, t + 1, 0.125, ks, vs)
+        new_k, new_ks = quantized(qkv[:, heads * d: 2 * heads * d].float().view(n, heads, d), 2)
+        new_v, new_vs = quantized(qkv[:, 2 * heads * d:].float().view(n, heads, d), 2)
+        assert torch.equal(k[:, :, t].float(), new_k) and torch.equal(v[:, :, t].float(), new_v)
+        assert torch.equal(ks[:, :, t], new_ks[..., 0]) and torch.equal(vs[:, :, t], new_vs[..., 0])
+        kd, vd = k.float() * ks[..., None], v.float() * vs[..., None]
+        keys = torch.stack([kd[anc[:, p], :, p] for p in range(t + 1)], 2)
+        values = torch.stack([vd[anc[:, p], :, p] for p in range(t + 1)], 2)
+        want = reference(qkv[:, : heads * d].float().view(n, heads, d), keys, values, 0.125).reshape(n, -1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="scales go with int8 caches"):
+        kernels.self_attend(qkv, k, v, anc, 5, 0.125)
 
 
 def vnni_reference(q, k8, ks, v8, vs, scale):

@@ -84,8 +84,8 @@ def test_plans_say_what_they_run(monkeypatch):
     assert fp32.exact and not fp32.draft and not fp32.tune_allocator and fp32.attention.dtype is None
     assert auto.dtype == torch.float32 and auto.exact  # auto = fp32 here: the reference pipeline
     assert int8.int8_decoder and not int8.exact and int8.dtype == torch.float32
-    # its caches in bf16 whatever the compute dtype (the kernels compute in fp32), the image's keys in int8
-    assert int8.attention.dtype == int8.cache_dtype == torch.bfloat16 and int8.attention.image_dtype == torch.int8
+    # its caches and the image's keys in int8 whatever the compute dtype (the kernels compute in fp32)
+    assert int8.attention.dtype == int8.cache_dtype == torch.int8 and int8.attention.image_dtype == torch.int8
     monkeypatch.setattr(plan_module, "bf16_is_fast", lambda device: True)
     bf16 = as_plan("auto")
     assert bf16.dtype == torch.bfloat16 and bf16.draft and bf16.tune_allocator and not bf16.int8_decoder

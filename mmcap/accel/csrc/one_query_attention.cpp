@@ -34,15 +34,33 @@ using namespace mmcap_vec;
 // Self-attention at position len-1 of rows [0, N): qkv [N, >= 3W] fp32 or bf16 (this step's query,
 // key and value, heads of D values); caches K, V [R, H, P, D]. Row n's position p lives in cache row
 // anc[n, p], so a beam reorder only permutes `anc`. This step's key and value are written first,
-// at row n, position len-1 (the caller sets anc[n, len-1] = n).
+// at row n, position len-1 (the caller sets anc[n, len-1] = n). int8 caches hold each key and value
+// vector quantized on its own (symmetric, round half to even), its scale in ks / vs [R, H, P]: half
+// bf16's bytes, which a decoding step reads from memory.
 template <int D, typename T, typename Q>
 void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const at::Tensor& anc,
-                      int64_t len_all, const int64_t* lens, float scale, at::Tensor& out) {
+                      int64_t len_all, const int64_t* lens, float scale, at::Tensor& out, float* ks, float* vs) {
   constexpr int DC = D / L;
+  constexpr bool q8 = std::is_same_v<T, int8_t>;
   const int64_t N = qkv.size(0), H = K.size(1), P = K.size(2), W = H * D;
   const Q* base = qkv.data_ptr<Q>();
   T* kp = K.data_ptr<T>();
   T* vp = V.data_ptr<T>();
+  // one vector of D values into `dst`, quantized with its scale into *sc where the caches are int8
+  auto put = [](const vf* x, T* dst, float* sc) {
+    if constexpr (q8) {
+      vf mv = (vf){};
+      for (int c = 0; c < DC; ++c) {
+        const vf abs = x[c] < 0 ? -x[c] : x[c];
+        mv = abs > mv ? abs : mv;
+      }
+      const float amax = hmax(mv), inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int c = 0; c < DC; ++c) store(dst + L * c, x[c] * inv);
+      *sc = amax / 127.f;
+    } else {
+      for (int c = 0; c < DC; ++c) store(dst + L * c, x[c]);
+    }
+  };
   const int64_t* ap = anc.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const int64_t qs = qkv.stride(0), as = anc.stride(0);
@@ -55,12 +73,15 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
       const Q* q = base + n * qs + h * D;
       T* kd = kp + ((n * H + h) * P + (len - 1)) * D;
       T* vd = vp + ((n * H + h) * P + (len - 1)) * D;
-      vf qv[DC];
+      vf qv[DC], kn[DC], vn[DC];
       for (int c = 0; c < DC; ++c) {
-        store(kd + L * c, load(q + W + L * c));
-        store(vd + L * c, load(q + 2 * W + L * c));
+        kn[c] = load(q + W + L * c);
+        vn[c] = load(q + 2 * W + L * c);
         qv[c] = load(q + L * c) * scale;
       }
+      const int64_t at_new = (n * H + h) * P + (len - 1);
+      put(kn, kd, q8 ? ks + at_new : nullptr);
+      put(vn, vd, q8 ? vs + at_new : nullptr);
       const int64_t* a = ap + n * as;
       if (nh + 1 < end) {  // the next task's keys and values on their way meanwhile
         const int64_t n1 = (nh + 1) / H, h1 = (nh + 1) % H, len1 = lens ? lens[n1] : len_all;
@@ -70,6 +91,10 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
           for (int64_t i = 0; i < static_cast<int64_t>(D * sizeof(T)); i += 64) {
             __builtin_prefetch(reinterpret_cast<const char*>(kp + at) + i, 0, 2);
             __builtin_prefetch(reinterpret_cast<const char*>(vp + at) + i, 0, 2);
+          }
+          if constexpr (q8) {
+            __builtin_prefetch(ks + at / D, 0, 2);
+            __builtin_prefetch(vs + at / D, 0, 2);
           }
         }
       }
@@ -89,6 +114,8 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
         for (int c = 1; c < DC; ++c) acc += qv[c] * load(kr + L * c);
         s[p] = hsum(acc);
       }
+      if constexpr (q8)
+        for (p = 0; p < len; ++p) s[p] *= ks[(a[p] * H + h) * P + p];
       float mx = -INFINITY;
       for (p = 0; p < len; ++p) mx = s[p] > mx ? s[p] : mx;
       for (p = 0; p < len; p += L) store(s.data() + p, vexp(load(s.data() + p) - mx));  // past len: unused
@@ -98,7 +125,7 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
       vf o[DC] = {};
       for (int64_t p = 0; p < len; ++p) {
         const T* vr = vp + ((a[p] * H + h) * P + p) * D;
-        const float w = s[p] * inv;
+        const float w = s[p] * inv * (q8 ? vs[(a[p] * H + h) * P + p] : 1.f);
         for (int c = 0; c < DC; ++c) o[c] += w * load(vr + L * c);
       }
       float* y = op + n * W + h * D;
@@ -491,7 +518,8 @@ void dispatch(int64_t D, at::ScalarType caches, at::ScalarType queries, F&& f) {
 // `len` positions for every row, or with `lens` [N] int64 each row its own (rows at different
 // positions: a slot refilled with a new image starts again at position 0)
 at::Tensor self_attend_impl_checked(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tensor anc, int64_t len,
-                                    const c10::optional<at::Tensor>& lens, double scale) {
+                                    const c10::optional<at::Tensor>& lens, double scale,
+                                    const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
   check_rows(qkv, "qkv");
   TORCH_CHECK(K.is_contiguous() && V.is_contiguous() && K.sizes() == V.sizes() && K.dim() == 4, "K, V: [R, H, P, D]");
   TORCH_CHECK(K.scalar_type() == V.scalar_type(), "K, V: one dtype");
@@ -514,19 +542,33 @@ at::Tensor self_attend_impl_checked(at::Tensor qkv, at::Tensor K, at::Tensor V, 
   }
   const int64_t D = K.size(3), W = K.size(1) * D;
   TORCH_CHECK(qkv.size(1) >= 3 * W, "qkv: fewer than 3 x heads x head_dim columns");
+  const bool q8 = K.scalar_type() == at::kChar, given = k_scale.has_value() && k_scale->defined();
+  TORCH_CHECK(given == q8 && given == (v_scale.has_value() && v_scale->defined()),
+              "K, V: scales go with int8 caches, and only with them");
+  float *ks = nullptr, *vs = nullptr;
+  if (q8) {
+    for (const auto* t : {&*k_scale, &*v_scale})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->sizes() == K.sizes().slice(0, 3),
+                  "k_scale, v_scale: fp32 [R, H, P]");
+    ks = k_scale->data_ptr<float>();
+    vs = v_scale->data_ptr<float>();
+  }
   auto out = at::empty({qkv.size(0), W}, qkv.options().dtype(at::kFloat));
-  dispatch(D, K.scalar_type(), qkv.scalar_type(), [&](auto d, auto t, auto q) {
-    self_attend_impl<decltype(d)::value, decltype(t), decltype(q)>(qkv, K, V, anc, len, lp, static_cast<float>(scale), out);
+  dispatch<true>(D, K.scalar_type(), qkv.scalar_type(), [&](auto d, auto t, auto q) {
+    self_attend_impl<decltype(d)::value, decltype(t), decltype(q)>(qkv, K, V, anc, len, lp, static_cast<float>(scale), out,
+                                                                   ks, vs);
   });
   return out;
 }
 
-at::Tensor self_attend(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tensor anc, int64_t len, double scale) {
-  return self_attend_impl_checked(qkv, K, V, anc, len, c10::nullopt, scale);
+at::Tensor self_attend(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tensor anc, int64_t len, double scale,
+                       const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
+  return self_attend_impl_checked(qkv, K, V, anc, len, c10::nullopt, scale, k_scale, v_scale);
 }
 
-at::Tensor self_attend_rows(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tensor anc, at::Tensor lens, double scale) {
-  return self_attend_impl_checked(qkv, K, V, anc, 0, lens, scale);
+at::Tensor self_attend_rows(at::Tensor qkv, at::Tensor K, at::Tensor V, at::Tensor anc, at::Tensor lens, double scale,
+                            const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
+  return self_attend_impl_checked(qkv, K, V, anc, 0, lens, scale, k_scale, v_scale);
 }
 
 // the scales of int8 image keys ([B, H, D]) and values ([B, H, MP]): given exactly for int8 caches
@@ -598,10 +640,10 @@ bool vnni_image_kv() {
 // torch.ops.mmcap.*: registered with the dispatcher (no Python bindings to compile: a third of
 // the build time), visible to torch's profiler
 TORCH_LIBRARY(mmcap, m) {
-  m.def("self_attend(Tensor qkv, Tensor(a!) K, Tensor(b!) V, Tensor anc, int len, float scale) -> Tensor",
-        &self_attend);
-  m.def("self_attend_rows(Tensor qkv, Tensor(a!) K, Tensor(b!) V, Tensor anc, Tensor lens, float scale) -> Tensor",
-        &self_attend_rows);
+  m.def("self_attend(Tensor qkv, Tensor(a!) K, Tensor(b!) V, Tensor anc, int len, float scale, "
+        "Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None) -> Tensor", &self_attend);
+  m.def("self_attend_rows(Tensor qkv, Tensor(a!) K, Tensor(b!) V, Tensor anc, Tensor lens, float scale, "
+        "Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None) -> Tensor", &self_attend_rows);
   m.def("cross_attend(Tensor q, Tensor KT, Tensor V, int M, int group, float scale, Tensor? k_scale=None, "
         "Tensor? v_scale=None) -> Tensor", &cross_attend);
   m.def("vnni_image_kv() -> bool", &vnni_image_kv);
