@@ -28,6 +28,9 @@ HERE = Path(__file__).resolve().parent
 ONE_RUN = r"""
 import json, sys, tempfile, time
 from pathlib import Path
+# the tree on PYTHONPATH, not an editable install's (its finder runs before sys.path: the README installs so)
+sys.meta_path = [f for f in sys.meta_path if "editable" not in (getattr(f, "__name__", "") + type(f).__module__
+                                                                 + getattr(f, "__module__", "")).lower()]
 sys.path.insert(0, sys.argv[1])
 from models import GENERATION, build_mmcap
 from photos import make_photos
