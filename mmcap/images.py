@@ -6,6 +6,7 @@ same way everywhere and unusable ones fail with an `ImageError` naming the file.
 """
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from pathlib import Path
@@ -106,11 +107,13 @@ def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     )
 
 
+@functools.lru_cache(maxsize=None)
 def pixel_steps(image_size: int) -> tuple[Callable, Callable]:
     """`eval_transform` cut where the pixels turn into floats: (image -> uint8 pixels [3,S,S],
     pixels [..., 3, S, S] -> the model's input). Applied one after the other they compute exactly
     what `eval_transform` computes, so a batch can be made floats at once (one call over the stacked
-    uint8 pixels, not two transforms per image) and a decode stage can ship uint8 pixels."""
+    uint8 pixels, not two transforms per image) and a decode stage can ship uint8 pixels. Made once
+    per size (the transforms keep no state)."""
     steps = eval_transform(image_size).transforms
     cut = next((i for i, step in enumerate(steps) if isinstance(step, T.ToDtype)), len(steps))
 

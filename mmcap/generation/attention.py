@@ -33,9 +33,7 @@ class LayerImageKV(Sequence):
     def __len__(self) -> int:
         return self._layers
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self._layers))]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not -self._layers <= i < self._layers:
             raise IndexError(f"layer {i} of {self._layers}")
         i %= self._layers

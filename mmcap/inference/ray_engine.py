@@ -107,7 +107,7 @@ def decode_row(row: dict, *, image_size: int, image_column: Optional[str] = None
     Webdataset rows may hold any of several image members (`jpg`, `png`, ...): the first that is
     present in the row is read. (flat_map, not map: Ray fuses a map into the next stage where
     their resources match, and decoding would then run inside the model actors.)"""
-    to_pixels, _ = _cached_steps(image_size)
+    to_pixels, _ = pixel_steps(image_size)
     present = [image_column] if image_column else [c for c in IMAGE_COLUMNS if c in row]
     if image_column is None and not present:
         raise ValueError(f"no image column among {IMAGE_COLUMNS} (columns: {sorted(row)}): pass image_column=")
@@ -121,15 +121,6 @@ def decode_row(row: dict, *, image_size: int, image_column: Optional[str] = None
     except ImageError as e:
         out.update(error=e.reason, detail=e.detail)
     return [out]
-
-
-_STEPS: dict[int, tuple[Callable, Callable]] = {}
-
-
-def _cached_steps(image_size: int) -> tuple[Callable, Callable]:
-    if image_size not in _STEPS:
-        _STEPS[image_size] = pixel_steps(image_size)
-    return _STEPS[image_size]
 
 
 def _text(value: Any) -> str:
@@ -146,7 +137,7 @@ def read_unit(row: dict, *, image_size: int, batch_size: int, root: str, draft: 
     shard-level skips as JSON). A unit without images gives one row with `end` set (no image).
     Files are read by their position in the unit, shard samples and Parquet rows in order;
     relative paths are taken from `root`, the driver's directory."""
-    to_pixels, _ = _cached_steps(image_size)
+    to_pixels, _ = pixel_steps(image_size)
     unit, kind, sources = int(row["unit"]), str(row["kind"]), [str(s) for s in row["sources"]]
     blank = np.zeros((3, image_size, image_size), np.uint8)
     skipped: Counter = Counter()

@@ -31,6 +31,20 @@ namespace {
 
 using namespace mmcap_vec;
 
+// x[0, len) (a multiple of L) into dst quantized symmetrically to int8 (round half to even); returns
+// the scale (largest |x| / 127; 0 keeps an all-zero vector zero): the int8 caches' vectors and the
+// image's value rows
+inline float quantize_int8(const float* x, int64_t len, int8_t* dst) {
+  vf mv = (vf){};
+  for (int64_t j = 0; j < len; j += L) {
+    const vf a = load(x + j), abs = a < 0 ? -a : a;
+    mv = abs > mv ? abs : mv;
+  }
+  const float amax = hmax(mv), inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t j = 0; j < len; j += L) store(dst + j, load(x + j) * inv);
+  return amax / 127.f;
+}
+
 // Self-attention at position len-1 of rows [0, N): qkv [N, >= 3W] fp32 or bf16 (this step's query,
 // key and value, heads of D values); caches K, V [R, H, P, D]. Row n's position p lives in cache row
 // anc[n, p], so a beam reorder only permutes `anc`. This step's key and value are written first,
@@ -49,14 +63,9 @@ void self_attend_impl(const at::Tensor& qkv, at::Tensor& K, at::Tensor& V, const
   // one vector of D values into `dst`, quantized with its scale into *sc where the caches are int8
   auto put = [](const vf* x, T* dst, float* sc) {
     if constexpr (q8) {
-      vf mv = (vf){};
-      for (int c = 0; c < DC; ++c) {
-        const vf abs = x[c] < 0 ? -x[c] : x[c];
-        mv = abs > mv ? abs : mv;
-      }
-      const float amax = hmax(mv), inv = amax > 0.f ? 127.f / amax : 0.f;
-      for (int c = 0; c < DC; ++c) store(dst + L * c, x[c] * inv);
-      *sc = amax / 127.f;
+      alignas(64) float row[D];
+      for (int c = 0; c < DC; ++c) store(row + L * c, x[c]);
+      *sc = quantize_int8(row, D, dst);
     } else {
       for (int c = 0; c < DC; ++c) store(dst + L * c, x[c]);
     }
@@ -232,7 +241,7 @@ inline void vnni_scores(const int8_t (*q8)[D], const uint8_t* k, int64_t MP, int
 // bits as the int8 linear layers round their rows.
 template <int D, int G>
 void beams_attend_vnni(const float (*qg)[D], const uint8_t* k, const int8_t* v, const float* vs, int64_t M,
-                       int64_t MP, float scale, float* s, float* const* y) {
+                       int64_t MP, float scale, float* s, uint8_t* wq, float* const* y) {
   constexpr int DC = D / 16;
   alignas(64) int8_t q8[G][D];
   float qscale[G];
@@ -255,17 +264,12 @@ void beams_attend_vnni(const float (*qg)[D], const uint8_t* k, const int8_t* v, 
   for (; c0 + 4 <= C; c0 += 4) vnni_scores<D, G, 4>(q8, k, MP, c0, qoff, qscale, s);
   for (; c0 + 2 <= C; c0 += 2) vnni_scores<D, G, 2>(q8, k, MP, c0, qoff, qscale, s);
   for (; c0 < C; ++c0) vnni_scores<D, G, 1>(q8, k, MP, c0, qoff, qscale, s);
-  // softmax weights x value scales, as unsigned bytes (positions past M: 0)
-  const int64_t groups = (M + 3) / 4;
-  alignas(64) uint8_t w8[G][4 * 64];  // a bounded stack buffer: MP <= 256 here, else the loop below
-  std::vector<uint8_t> w8_heap;
-  uint8_t* wq = MP <= 256 ? &w8[0][0] : (w8_heap.resize(G * MP), w8_heap.data());
-  const int64_t wld = MP <= 256 ? 256 : MP;
+  // softmax weights x value scales, as unsigned bytes into wq [G, MP] (positions past M: 0)
+  const int64_t groups = (M + 3) / 4, full = (M + 15) / 16;
+  const __mmask16 tail = M % 16 ? static_cast<__mmask16>((1u << (M % 16)) - 1) : 0xFFFF;
   float out_scale[G];
   for (int g = 0; g < G; ++g) {
     float* sg = s + g * MP;
-    const __mmask16 tail = M % 16 ? static_cast<__mmask16>((1u << (M % 16)) - 1) : 0xFFFF;
-    const int64_t full = (M + 15) / 16;
     __m512 mv = _mm512_set1_ps(-INFINITY);
     for (int64_t c = 0; c < full; ++c)
       mv = _mm512_mask_max_ps(mv, c + 1 < full ? 0xFFFF : tail, mv, _mm512_loadu_ps(sg + 16 * c));
@@ -273,13 +277,7 @@ void beams_attend_vnni(const float (*qg)[D], const uint8_t* k, const int8_t* v, 
     __m512 sum = _mm512_setzero_ps(), wmax = _mm512_setzero_ps();
     for (int64_t c = 0; c < C; ++c) {
       const __mmask16 live = c + 1 < full ? 0xFFFF : c + 1 == full ? tail : 0;
-      vf x;
-      const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sg + 16 * c), _mm512_set1_ps(mx)), _mm512_set1_ps(scale));
-      std::memcpy(&x, &d, sizeof x);
-      x = vexp(x);
-      __m512 e;
-      std::memcpy(&e, &x, sizeof e);
-      e = _mm512_maskz_mov_ps(live, e);
+      const __m512 e = _mm512_maskz_mov_ps(live, (__m512)vexp((load(sg + 16 * c) - mx) * scale));
       sum = _mm512_add_ps(sum, e);
       const __m512 w = _mm512_mul_ps(e, _mm512_loadu_ps(vs + 16 * c));
       wmax = _mm512_max_ps(wmax, w);
@@ -288,7 +286,7 @@ void beams_attend_vnni(const float (*qg)[D], const uint8_t* k, const int8_t* v, 
     const float top = _mm512_reduce_max_ps(wmax), inv = top > 0.f ? 255.f / top : 0.f;
     for (int64_t c = 0; c < C; ++c) {
       const __m512i wi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(sg + 16 * c), _mm512_set1_ps(inv)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(wq + g * wld + 16 * c), _mm512_cvtusepi32_epi8(wi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(wq + g * MP + 16 * c), _mm512_cvtusepi32_epi8(wi));
     }
     out_scale[g] = top / 255.f / _mm512_reduce_add_ps(sum);
   }
@@ -300,7 +298,7 @@ void beams_attend_vnni(const float (*qg)[D], const uint8_t* k, const int8_t* v, 
     for (int c = 0; c < DC; ++c) vv[c] = _mm512_loadu_si512(v + (mg * D + 16 * c) * 4);
     for (int g = 0; g < G; ++g) {
       int32_t four;
-      std::memcpy(&four, wq + g * wld + 4 * mg, 4);
+      std::memcpy(&four, wq + g * MP + 4 * mg, 4);
       const __m512i wb = _mm512_set1_epi32(four);
       for (int c = 0; c < DC; ++c) o[g][c] = _mm512_dpbusd_epi32(o[g][c], wb, vv[c]);
     }
@@ -323,6 +321,7 @@ void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tens
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
     std::vector<vf> s(C * kMaxGroup);
+    std::vector<uint8_t> w8(std::is_same_v<T, int8_t> ? kMaxGroup * MP : 0);  // VNNI: 8-bit weights
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const T* k = kt + bh * D * MP;
@@ -348,10 +347,10 @@ void cross_attend_impl(const at::Tensor& q, const at::Tensor& KT, const at::Tens
           const auto* ku = reinterpret_cast<const uint8_t*>(k);
           float* sf = reinterpret_cast<float*>(s.data());
           switch (gn) {
-            case 4: beams_attend_vnni<D, 4>(qg, ku, v, vsr, M, MP, scale, sf, y); break;
-            case 3: beams_attend_vnni<D, 3>(qg, ku, v, vsr, M, MP, scale, sf, y); break;
-            case 2: beams_attend_vnni<D, 2>(qg, ku, v, vsr, M, MP, scale, sf, y); break;
-            default: beams_attend_vnni<D, 1>(qg, ku, v, vsr, M, MP, scale, sf, y);
+            case 4: beams_attend_vnni<D, 4>(qg, ku, v, vsr, M, MP, scale, sf, w8.data(), y); break;
+            case 3: beams_attend_vnni<D, 3>(qg, ku, v, vsr, M, MP, scale, sf, w8.data(), y); break;
+            case 2: beams_attend_vnni<D, 2>(qg, ku, v, vsr, M, MP, scale, sf, w8.data(), y); break;
+            default: beams_attend_vnni<D, 1>(qg, ku, v, vsr, M, MP, scale, sf, w8.data(), y);
           }
           continue;
         }
@@ -423,15 +422,7 @@ void pack_image_kv_impl(const at::Tensor& k, const at::Tensor& v, const int64_t*
               vs[bh * MP + m] = 0.f;
               continue;
             }
-            vf mx = (vf){};
-            for (int c = 0; c < D / L; ++c) {
-              const vf a = load(vr + m * v1 + L * c), abs = a < 0 ? -a : a;
-              mx = abs > mx ? abs : mx;
-            }
-            const float amax = hmax(mx), scale = amax > 0.f ? 127.f / amax : 0.f;
-            vs[bh * MP + m] = amax / 127.f;
-            for (int c = 0; c < D / L; ++c)
-              store(reinterpret_cast<int8_t*>(q[j]) + L * c, load(vr + m * v1 + L * c) * scale);
+            vs[bh * MP + m] = quantize_int8(vr + m * v1, D, reinterpret_cast<int8_t*>(q[j]));
           }
           for (int64_t d = 0; d < D; ++d)
             vd[(m0 / 4) * D + d] = q[0][d] | q[1][d] << 8 | q[2][d] << 16 | static_cast<uint32_t>(q[3][d]) << 24;
@@ -451,14 +442,7 @@ void pack_image_kv_impl(const at::Tensor& k, const at::Tensor& v, const int64_t*
       // quantized where int8
       auto put = [&](const float* x, int64_t len, T* dst, float* scale) {
         if constexpr (std::is_same_v<T, int8_t>) {
-          vf mv = (vf){};
-          for (int64_t j = 0; j < len; j += L) {
-            const vf a = load(x + j), abs = a < 0 ? -a : a;
-            mv = abs > mv ? abs : mv;
-          }
-          const float amax = hmax(mv), inv = amax > 0.f ? 127.f / amax : 0.f;
-          for (int64_t j = 0; j < len; j += L) store(dst + j, load(x + j) * inv);
-          *scale = amax / 127.f;
+          *scale = quantize_int8(x, len, dst);
         } else {
           for (int64_t j = 0; j < len; j += L) store(dst + j, load(x + j));
         }
