@@ -263,8 +263,7 @@ constexpr auto kVnniSums = vnni_table(std::make_integer_sequence<int, kVnniRows>
 // ran 1.2-1.5x faster than at 3 row blocks x 1 column block, which loads every activation tile
 // once per product (both kernels side by side on GPT-2 small's 73 layers)
 template <int Rows, int Cols>
-inline void tile_sums(const int8_t* a, int64_t lda, const int8_t* b, int64_t b_stride, int64_t depth_tiles,
-                      int32_t* sums) {
+inline void tile_sums(const int8_t* a, int64_t lda, const int8_t* b, int64_t b_stride, int64_t depth_tiles) {
   _tile_zero(0);
   if (Cols > 1) _tile_zero(1);
   if (Rows > 1) _tile_zero(2);
@@ -283,6 +282,11 @@ inline void tile_sums(const int8_t* a, int64_t lda, const int8_t* b, int64_t b_s
       if (Cols > 1) _tile_dpbssd(3, 5, 7);
     }
   }
+}
+
+// the sums of `tile_sums<Rows, Cols>` into `sums` [Rows x 16, Cols x 16]
+template <int Rows, int Cols>
+inline void store_sums(int32_t* sums) {
   constexpr int64_t ld = Cols * kCols;
   _tile_stored(0, sums, ld * 4);
   if (Cols > 1) _tile_stored(1, sums + kCols, ld * 4);
@@ -498,7 +502,22 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
       return;
     }
 #ifdef MMCAP_AMX
-    alignas(64) int32_t sums[2 * kRows * 2 * kCols];
+    // two buffers of sums: a pass's products run on the tiles while the outputs of the pass
+    // before are finished from the other (its sums stored long before they are read back)
+    alignas(64) int32_t sums[2][2 * kRows * 2 * kCols];
+    struct Pass {
+      int64_t r0, rows, b;
+      bool two_cols;
+    };
+    Pass done{0, 0, 0, false};  // the pass whose outputs are still to finish (rows 0: none)
+    int buf = 0;
+    auto finish_pass = [&](const Pass& q, const int32_t* s) {
+      const int64_t ld = (q.two_cols ? 2 : 1) * kCols, top = std::min(q.rows, kRows);
+      for (int64_t c = 0; c < (q.two_cols ? 2 : 1); ++c) {
+        finish(q.r0, top, (q.b + c) * kCols, s + c * kCols, ld);
+        if (q.rows > kRows) finish(q.r0 + kRows, q.rows - kRows, (q.b + c) * kCols, s + kRows * ld + c * kCols, ld);
+      }
+    };
     TileConfig cfg;
     for (int t = 0; t < 8; ++t) {
       cfg.rows[t] = kRows;
@@ -512,23 +531,25 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
       for (int64_t r0 = 0; r0 < mp; r0 += 2 * kRows) {
         const bool two_rows = mp - r0 >= 2 * kRows;
         const int64_t rows = std::min<int64_t>((two_rows ? 2 : 1) * kRows, m - r0);
-        const int64_t top = std::min(rows, kRows);
         const int8_t* a = qp + r0 * kp;
         for (int64_t b = p0; b < p1; b += 2) {
           const int8_t* wb = wp + b * kb * kTile;
           const bool two_cols = b + 1 < p1;
-          const int64_t ld = (two_cols ? 2 : 1) * kCols;
-          if (two_rows && two_cols) tile_sums<2, 2>(a, kp, wb, kb * kTile, kb, sums);
-          else if (two_rows) tile_sums<2, 1>(a, kp, wb, kb * kTile, kb, sums);
-          else if (two_cols) tile_sums<1, 2>(a, kp, wb, kb * kTile, kb, sums);
-          else tile_sums<1, 1>(a, kp, wb, kb * kTile, kb, sums);
-          for (int64_t c = 0; c < (two_cols ? 2 : 1); ++c) {
-            finish(r0, top, (b + c) * kCols, sums + c * kCols, ld);
-            if (rows > kRows) finish(r0 + kRows, rows - kRows, (b + c) * kCols, sums + kRows * ld + c * kCols, ld);
-          }
+          if (two_rows && two_cols) tile_sums<2, 2>(a, kp, wb, kb * kTile, kb);
+          else if (two_rows) tile_sums<2, 1>(a, kp, wb, kb * kTile, kb);
+          else if (two_cols) tile_sums<1, 2>(a, kp, wb, kb * kTile, kb);
+          else tile_sums<1, 1>(a, kp, wb, kb * kTile, kb);
+          if (done.rows > 0) finish_pass(done, sums[1 - buf]);
+          if (two_rows && two_cols) store_sums<2, 2>(sums[buf]);
+          else if (two_rows) store_sums<2, 1>(sums[buf]);
+          else if (two_cols) store_sums<1, 2>(sums[buf]);
+          else store_sums<1, 1>(sums[buf]);
+          done = Pass{r0, rows, b, two_cols};
+          buf = 1 - buf;
         }
       }
     }
+    if (done.rows > 0) finish_pass(done, sums[1 - buf]);
     _tile_release();
 #endif
   };
