@@ -256,12 +256,13 @@ constexpr auto kVnniSums = vnni_table(std::make_integer_sequence<int, kVnniRows>
 #endif
 
 #ifdef MMCAP_AMX
-// int32 sums of Rows 16-row blocks of activations by Cols 16-column blocks of weights, into `sums`
-// [Rows x 16, Cols x 16]. Tiles 0-3 hold the sums (r x 2 + c), 4-5 the activations, 6-7 the
+// int32 sums of Rows 16-row blocks of activations by Cols 16-column blocks of weights, left in the
+// tiles (`store_sums` writes them out). Tiles 0-3 hold the sums (r x 2 + c), 4-5 the activations, 6-7 the
 // weights: each loaded tile feeds Cols or Rows products. AMX does not rename tiles, so a tile is
 // loaded again only once the products reading it are done; at 2 x 2 a decoding step's int8 layers
 // ran 1.2-1.5x faster than at 3 row blocks x 1 column block, which loads every activation tile
-// once per product (both kernels side by side on GPT-2 small's 73 layers)
+// once per product (both kernels side by side on GPT-2 small's 73 layers), and than 3 x 1 with the
+// weight tile double-buffered (docs/performance.md)
 template <int Rows, int Cols>
 inline void tile_sums(const int8_t* a, int64_t lda, const int8_t* b, int64_t b_stride, int64_t depth_tiles) {
   _tile_zero(0);
