@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -261,8 +262,8 @@ constexpr auto kVnniSums = vnni_table(std::make_integer_sequence<int, kVnniRows>
 // weights: each loaded tile feeds Cols or Rows products. AMX does not rename tiles, so a tile is
 // loaded again only once the products reading it are done; at 2 x 2 a decoding step's int8 layers
 // ran 1.2-1.5x faster than at 3 row blocks x 1 column block, which loads every activation tile
-// once per product (both kernels side by side on GPT-2 small's 73 layers), and than 3 x 1 with the
-// weight tile double-buffered (docs/performance.md)
+// once per product (both kernels side by side on GPT-2 small's 73 layers); 3 x 1 with the weight
+// tile double-buffered was slower too (docs/performance.md)
 template <int Rows, int Cols>
 inline void tile_sums(const int8_t* a, int64_t lda, const int8_t* b, int64_t b_stride, int64_t depth_tiles) {
   _tile_zero(0);
@@ -536,15 +537,18 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
         for (int64_t b = p0; b < p1; b += 2) {
           const int8_t* wb = wp + b * kb * kTile;
           const bool two_cols = b + 1 < p1;
-          if (two_rows && two_cols) tile_sums<2, 2>(a, kp, wb, kb * kTile, kb);
-          else if (two_rows) tile_sums<2, 1>(a, kp, wb, kb * kTile, kb);
-          else if (two_cols) tile_sums<1, 2>(a, kp, wb, kb * kTile, kb);
-          else tile_sums<1, 1>(a, kp, wb, kb * kTile, kb);
-          if (done.rows > 0) finish_pass(done, sums[1 - buf]);
-          if (two_rows && two_cols) store_sums<2, 2>(sums[buf]);
-          else if (two_rows) store_sums<2, 1>(sums[buf]);
-          else if (two_cols) store_sums<1, 2>(sums[buf]);
-          else store_sums<1, 1>(sums[buf]);
+          // this pass's products, the pass before finished meanwhile, then this pass's sums stored
+          auto pass = [&](auto R, auto C) {
+            tile_sums<R(), C()>(a, kp, wb, kb * kTile, kb);
+            if (done.rows > 0) finish_pass(done, sums[1 - buf]);
+            store_sums<R(), C()>(sums[buf]);
+          };
+          using One = std::integral_constant<int, 1>;
+          using Two = std::integral_constant<int, 2>;
+          if (two_rows && two_cols) pass(Two{}, Two{});
+          else if (two_rows) pass(Two{}, One{});
+          else if (two_cols) pass(One{}, Two{});
+          else pass(One{}, One{});
           done = Pass{r0, rows, b, two_cols};
           buf = 1 - buf;
         }
