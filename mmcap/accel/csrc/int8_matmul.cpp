@@ -104,8 +104,9 @@ inline void normalize_row(const float* x, int64_t k, const float* g, const float
   for (; j < k; ++j) y[j] = (x[j] - mean) * r * g[j] + b[j];
 }
 
-// q = round(x * 127 / max|x|) (half to even) into `q`; returns the row's scale max|x| / 127
-inline float quantize_row(const float* x, int64_t k, int8_t* q) {
+// q = round(x * 127 / max|x|) (half to even) into `q`, each byte XORed with `flip` (0x80 gives VNNI's
+// q + 128 as unsigned bytes); returns the row's scale max|x| / 127
+inline float quantize_row(const float* x, int64_t k, int8_t* q, uint8_t flip) {
   float amax = 0.f;
   int64_t j = 0;
 #ifdef MMCAP_VNNI
@@ -117,20 +118,22 @@ inline float quantize_row(const float* x, int64_t k, int8_t* q) {
 #endif
   for (; j < k; ++j) amax = std::max(amax, std::fabs(x[j]));
   if (!(amax > 0.f)) {  // an all-zero row: its zeros stay zeros
-    std::memset(q, 0, k);
+    std::memset(q, flip, k);
     return 1.f;
   }
   const float inv = 127.f / amax;
   j = 0;
 #ifdef MMCAP_VNNI
   const __m512 vinv = _mm512_set1_ps(inv);
+  const __m128i vflip = _mm_set1_epi8(static_cast<char>(flip));
   for (; j + 16 <= k; j += 16) {
     // the conversion rounds half to even itself (MXCSR's default mode, which the kernels never change)
     const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + j), vinv);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j),
+                     _mm_xor_si128(_mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)), vflip));
   }
 #endif
-  for (; j < k; ++j) q[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
+  for (; j < k; ++j) q[j] = static_cast<int8_t>(static_cast<uint8_t>(std::nearbyint(x[j] * inv)) ^ flip);
   return amax / 127.f;
 }
 
@@ -406,10 +409,10 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
         row = normed.data();
       }
       int8_t* q = qp + r * kp;
-      sp[r] = quantize_row(row, k, q);
-      std::memset(q + k, 0, kp - k);
-      if (vnni)  // q + 128 as unsigned bytes (the padding's 128s meet zero weights)
-        for (int64_t j = 0; j < kp; ++j) q[j] = static_cast<int8_t>(static_cast<uint8_t>(q[j]) ^ 0x80u);
+      // on VNNI q + 128 as unsigned bytes (the padding's 128s meet zero weights)
+      const uint8_t flip = vnni ? 0x80u : 0u;
+      sp[r] = quantize_row(row, k, q, flip);
+      std::memset(q + k, flip, kp - k);
     }
   };
   const float* ws = w_scale.data_ptr<float>();
