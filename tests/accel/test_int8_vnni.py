@@ -21,11 +21,12 @@ pytestmark = [needs_vnni, pytest.mark.usefixtures("one_thread")]
 def test_vnni_sums_are_the_exact_integer_product(rows, inputs, outputs):
     """Integer rows whose maximum is 127 quantize to themselves: the output is the exact product
     (rows taken 6 at a time, columns 4 blocks at a time, with every remainder), despite the rows
-    entering VPDPBUSD as q + 128."""
+    entering VPDPBUSD as q + 128, an all-zero row among them."""
     torch.manual_seed(0)
     w = torch.randint(-127, 128, (outputs, inputs), dtype=torch.int8)
     x = torch.randint(-127, 128, (rows, inputs)).float()
     x[:, 0] = 127
+    x[rows // 2] = 0  # an all-zero row: its bytes are 128 too, meeting the column sums' 128s
     got = ops.int8_linear(x, ops.int8_pack(w), torch.ones(outputs), None, outputs,
                           colsum=quantize._column_sums(w))
     assert got.shape == (rows, outputs)
