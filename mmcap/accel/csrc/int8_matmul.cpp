@@ -183,29 +183,28 @@ static_assert(kVnniRows <= 6 && kVnniCols == 4, "vnni_sums names 6 x 4 sums; its
 constexpr int64_t kVnniDepth = 256;
 
 // int32 sums of R rows of activations by C 16-column blocks of weights, over `groups` groups of 4
-// inputs, into `sums` [R, ld] (C x 16 columns of it): set where `first`, else added to. On AVX-512
-// VNNI (CPUs without AMX): VPDPBUSD multiplies unsigned bytes by signed ones, so the rows come in
-// as q + 128 (`a`) and the caller takes 128 x the weight's column sums off. The weights are AMX's
+// inputs, into `sums` [R, ld] (C x 16 columns of it): started from the C x 16 values at `first`
+// where given, else added to. On AVX-512 VNNI (CPUs without AMX): VPDPBUSD multiplies unsigned
+// bytes by signed ones, so the rows come in as q + 128 (`a`) and the sums start from -128 x the
+// weight's column sums, which takes that off. The weights are AMX's
 // packing: a tile's row holds 4 products of 16 columns, one register here, and a column block's
 // tiles lie in a row, so group g of a block is 64 bytes at g x 64. Meanwhile it prefetches `pf_lines`
 // lines into L2, line j (from `pf_first`) at pf + (j % kVnniCols) x b_stride + (j / kVnniCols) x 64:
 // the next weights of a group of blocks.
 template <int R, int C>
 inline void vnni_sums(const uint8_t* a, int64_t lda, const int8_t* b, int64_t b_stride, int64_t groups, int32_t* sums,
-                      int64_t ld, bool first, const char* pf, int64_t pf_first, int64_t pf_lines) {
+                      int64_t ld, const int32_t* first, const char* pf, int64_t pf_first, int64_t pf_lines) {
   // the sums as named variables: GCC kept an array of them on the stack, loading and storing every
   // sum at every product (2-D or flat, loops unrolled or not)
   __m512i w0, w1, w2, w3;
 #define MMCAP_ROW_SUMS(r)                                                                                     \
   __m512i s##r##_0 = _mm512_setzero_si512(), s##r##_1 = s##r##_0, s##r##_2 = s##r##_0, s##r##_3 = s##r##_0; \
   if constexpr (R > r) {                                                                                      \
-    if (!first) {                                                                                             \
-      const int32_t* in = sums + r * ld;                                                                      \
-      s##r##_0 = _mm512_load_si512(in);                                                                       \
-      if constexpr (C > 1) s##r##_1 = _mm512_load_si512(in + kCols);                                          \
-      if constexpr (C > 2) s##r##_2 = _mm512_load_si512(in + 2 * kCols);                                      \
-      if constexpr (C > 3) s##r##_3 = _mm512_load_si512(in + 3 * kCols);                                      \
-    }                                                                                                         \
+    const int32_t* in = first ? first : sums + r * ld;                                                        \
+    s##r##_0 = _mm512_load_si512(in);                                                                         \
+    if constexpr (C > 1) s##r##_1 = _mm512_load_si512(in + kCols);                                            \
+    if constexpr (C > 2) s##r##_2 = _mm512_load_si512(in + 2 * kCols);                                        \
+    if constexpr (C > 3) s##r##_3 = _mm512_load_si512(in + 3 * kCols);                                        \
   }
   MMCAP_ROW_SUMS(0) MMCAP_ROW_SUMS(1) MMCAP_ROW_SUMS(2) MMCAP_ROW_SUMS(3) MMCAP_ROW_SUMS(4) MMCAP_ROW_SUMS(5)
 #undef MMCAP_ROW_SUMS
@@ -248,8 +247,8 @@ inline void vnni_sums(const uint8_t* a, int64_t lda, const int8_t* b, int64_t b_
 #undef MMCAP_ROW_STORE
 }
 
-using VnniSums = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t, bool, const char*,
-                          int64_t, int64_t);
+using VnniSums = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t, const int32_t*,
+                          const char*, int64_t, int64_t);
 template <int R, int... C>
 constexpr std::array<VnniSums, kVnniCols> vnni_row(std::integer_sequence<int, C...>) { return {vnni_sums<R, C + 1>...}; }
 template <int... R>
@@ -474,9 +473,13 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
       int32_t* vs = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(vbuf.data()) + 63) & ~uintptr_t(63));
       const int64_t groups = kp / 4, step = kVnniDepth / 4;
       const int64_t row_calls = (m + kVnniRows - 1) / kVnniRows;
+      alignas(64) int32_t start[ld];  // the sums' start: -128 x the column sums of the group's blocks
       for (int64_t b = b0; b < b1; b += kVnniCols) {
         const int64_t cols = std::min<int64_t>(kVnniCols, b1 - b);
         const int8_t* wb = wp + b * kb * kTile;
+        for (int64_t c = 0; c < cols; ++c)
+          _mm512_store_si512(start + c * kCols, _mm512_sub_epi32(_mm512_setzero_si512(),
+                                                                 _mm512_slli_epi32(_mm512_loadu_si512(cs + (b + c) * kCols), 7)));
         for (int64_t g0 = 0; g0 < groups; g0 += step) {
           const int64_t gn = std::min(step, groups - g0);
           // the next weights into L2 while the rows after the first pass over these: the next
@@ -491,18 +494,11 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
             const int64_t rows = std::min<int64_t>(kVnniRows, m - r0);
             const int64_t lines = r0 > 0 ? std::min({per_call, pf_total - fetched, gn}) : 0;
             kVnniSums[rows - 1][cols - 1](qu + r0 * kp + 4 * g0, kp, wb + g0 * kDepth, kb * kTile, gn, vs + r0 * ld, ld,
-                                          g0 == 0, pf, fetched, lines);
+                                          g0 == 0 ? start : nullptr, pf, fetched, lines);
             fetched += lines;
           }
         }
-        for (int64_t c = 0; c < cols; ++c) {  // 128 x the column sums off, then the outputs
-          const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(cs + (b + c) * kCols), 7);
-          for (int64_t r = 0; r < m; ++r) {
-            int32_t* row = vs + r * ld + c * kCols;
-            _mm512_store_si512(row, _mm512_sub_epi32(_mm512_load_si512(row), offset));
-          }
-          finish(0, m, (b + c) * kCols, vs + c * kCols, ld);
-        }
+        for (int64_t c = 0; c < cols; ++c) finish(0, m, (b + c) * kCols, vs + c * kCols, ld);
       }
       return;
     }
