@@ -33,6 +33,30 @@ def test_vnni_sums_are_the_exact_integer_product(rows, inputs, outputs):
     assert torch.equal(got.double(), x.double() @ w.double().t())
 
 
+def test_two_threads_each_take_their_column_blocks_over_a_long_depth():
+    """Two threads, 10 column blocks (5 each: a group of 4 and a lone block), 1,000 inputs (four
+    depth chunks, the last short, each prefetching the next): the exact product, for the layer
+    and the LM head's top k."""
+    torch.manual_seed(3)
+    rows, inputs, outputs = 48, 1000, 16 * 9 + 5
+    w = torch.randint(-127, 128, (outputs, inputs), dtype=torch.int8)
+    x = torch.randint(-127, 128, (rows, inputs)).float()
+    x[:, 0] = 127
+    pv, sums = ops.int8_pack(w), quantize._column_sums(w)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = ops.int8_linear(x, pv, torch.ones(outputs), None, outputs, colsum=sums)
+        values, tokens = ops.int8_linear_top(x, pv, torch.ones(outputs), None, outputs, 4, colsum=sums)
+    finally:
+        torch.set_num_threads(before)
+    want = x.double() @ w.double().t()
+    assert torch.equal(got.double(), want)
+    want_values, want_tokens = torch.topk(torch.log_softmax(want, -1), 4)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(values.double(), want_values, rtol=1e-6, atol=1e-4)
+
+
 def test_vnni_refuses_column_sums_of_another_shape():
     w = torch.ones(20, 64, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="int32 column sums of the weight, zero-padded to 32"):
