@@ -212,7 +212,7 @@ class Captioner(nn.Module):
         tok = self.tokenizer
         with plan.computing():
             if memory is None:
-                memory = self.project(plan.encode(self.encoder, pixels))
+                memory = plan.project(self.projection, plan.encode(self.encoder, pixels))
             with plan.decoding(self.decoder, memory) as memory:
                 return generate(self.decoder, memory, tok.bos_id, tok.eos_id, tok.pad_id, cfg, output_attentions,
                                 fusion=self.fusion, prompts=prompts, attention=plan.attention)

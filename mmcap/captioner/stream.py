@@ -132,7 +132,7 @@ class CaptionStream:
                 if not batch["keys"]:
                     continue
                 with plan.computing():  # the encoder as `generate` runs it (the decoder's context turns autocast off)
-                    memory = model.project(plan.encode(model.encoder, batch.pop("pixels").to(model.device)))
+                    memory = plan.project(model.projection, plan.encode(model.encoder, batch.pop("pixels").to(model.device)))
                 memory = memory.float() if plan.int8_decoder else memory
                 for i in range(len(batch["keys"])):
                     yield (entry, i), memory[i]

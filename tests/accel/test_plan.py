@@ -101,6 +101,30 @@ def test_the_fp32_plan_attends_with_torch_outside_autocast(model):
     assert isinstance(as_plan("fp32").attention(image_kv, 2, 8, autocast=False), TorchAttention)
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_an_int8_plan_projects_the_grid_with_int8_twins_and_fp32_exactly(kind):
+    """The projection's linear layers in int8 where the decoder's are (the same twins as
+    `int8_linears`), within the decoder layers' kind of error; fp32 computes the module itself; the
+    module's own layers are back in place afterwards."""
+    from mmcap.accel.quantize import int8_available, int8_linears
+    from mmcap.config import ProjectionConfig
+    from mmcap.model.projection import GridProjection
+
+    if not int8_available("cpu"):
+        pytest.skip("no int8 kernels on this CPU")
+    torch.manual_seed(0)
+    projection = GridProjection(ProjectionConfig(kind=kind), 256, 64, max_grid=4).eval()
+    grid = torch.randn(3, 256, 4, 4).relu()
+    with torch.no_grad():
+        want = projection(grid)
+        assert torch.equal(as_plan("fp32").project(projection, grid), want)
+        got = as_plan("int8").project(projection, grid)
+        with int8_linears(projection):
+            assert torch.equal(got, projection(grid))
+        assert sum(isinstance(m, torch.nn.Linear) for m in projection.modules()) == (1 if kind == "linear" else 2)
+        assert not torch.equal(got, want) and float((got - want).norm() / want.norm()) < 0.02
+
+
 def _precision_comparisons(path: Path):
     """(line, literal) of every comparison of a precision with its name: `precision == "int8"`,
     `args.precision in ("auto", ...)` (other "auto"s, such as `output_stride == "auto"`, pass)."""
