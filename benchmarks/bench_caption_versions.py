@@ -3,6 +3,7 @@
 
     git worktree add /tmp/mmcap-before <commit>       # the code to compare against
     python benchmarks/bench_caption_versions.py --before /tmp/mmcap-before   # ~1 min per run
+    python benchmarks/bench_caption_versions.py --before /tmp/mmcap-before --emulate xeon-without-amx
 
 Every run is a fresh process (PYTHONPATH = the tree) with a fresh `MMCAP_CACHE_DIR`, so each tree
 compiles its own kernels and times its own choices on this machine, as a user's first install
@@ -10,7 +11,8 @@ would; the runs alternate (before, after, before, ...) so that drift in the mach
 both alike. A run is bench_caption's mmcap system with its settings unchanged: `Captioner.caption`
 of the same 48 JPEG photos in batches of 16, beam 3, exactly 20 new tokens, `--precision` (int8),
 the model of `models.build_mmcap`, each batch's best time over two rounds after a warm-up. The
-photos and the model come from this tree's `benchmarks/`, for both.
+photos and the model come from this tree's `benchmarks/`, for both. `--emulate` runs both trees
+on another kind of CPU's instruction sets (`emulate_cpu.py`: the kernels' -march, oneDNN's cap).
 """
 from __future__ import annotations
 
@@ -35,7 +37,10 @@ sys.path.insert(0, sys.argv[1])
 from models import GENERATION, build_mmcap
 from photos import make_photos
 import mmcap
-n, batch_size, precision = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+n, batch_size, precision, march = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+if march:  # emulate_cpu.py's kind: mmcap's kernels built for its -march (oneDNN's cap is in the environment)
+    from mmcap.accel import kernels
+    kernels.FLAGS[:] = [f"-march={march}" if flag == "-march=native" else flag for flag in kernels.FLAGS]
 paths = [str(p) for p in make_photos(Path(tempfile.mkdtemp(prefix="mmcap-versions-")), n)]
 batches = [paths[i : i + batch_size] for i in range(0, n, batch_size)]
 model = build_mmcap()
@@ -53,8 +58,13 @@ print(json.dumps({"captions_per_s": n / sum(best), "mmcap_file": mmcap.__file__}
 def one_run(src: Path, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="mmcap-cache-") as cache:
         env = {**os.environ, "PYTHONPATH": str(src), "MMCAP_CACHE_DIR": cache}
+        march = ""
+        if args.emulate:
+            from emulate_cpu import KINDS
+            march, env["ONEDNN_MAX_CPU_ISA"] = KINDS[args.emulate]
         done = subprocess.run([sys.executable, "-c", ONE_RUN, str(HERE), str(args.n), str(args.batch_size),
-                               args.precision], env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+                               args.precision, march], env=env, capture_output=True, text=True,
+                              cwd=tempfile.gettempdir())
     if done.returncode:
         raise SystemExit(f"a run of {src} failed:\n{done.stderr[-3000:]}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -70,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--precision", default="int8")
+    p.add_argument("--emulate", choices=["xeon-without-amx", "avx512-bf16-without-amx"],
+                   help="both trees limited to another kind of CPU's instruction sets, as emulate_cpu.py does")
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
     from measure import emit, log
@@ -85,7 +97,7 @@ def main(argv=None) -> int:
           **{f"{name}_captions_per_s": [round(x, 2) for x in v] for name, v in rates.items()},
           **{f"{name}_median": round(m, 3) for name, m in median.items()},
           "after_over_before": round(median["after"] / median["before"], 3),
-          "precision": args.precision, "n": args.n, "batch_size": args.batch_size})
+          "precision": args.precision, "n": args.n, "batch_size": args.batch_size, "emulated_cpu": args.emulate})
     return 0
 
 
