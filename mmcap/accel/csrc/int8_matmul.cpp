@@ -63,8 +63,9 @@ bool amx_ready() {
 
 // y = (x - mean) / sqrt(var + eps) * g + b over the row (LayerNorm, biased variance, two passes). The
 // sums run in four accumulators: one chained through every 16 inputs held a 768-wide row to the
-// adder's latency (a step's LayerNorm-ed layers spent ~5 us a call in these loops)
-inline void normalize_row(const float* x, int64_t k, const float* g, const float* b, float eps, float* y) {
+// adder's latency (a step's LayerNorm-ed layers spent ~5 us a call in these loops). Returns max |y|,
+// taken as y is written (quantize_row's first pass, saved)
+inline float normalize_row(const float* x, int64_t k, const float* g, const float* b, float eps, float* y) {
   float sum = 0.f, sq = 0.f;
   int64_t j = 0;
 #ifdef MMCAP_VNNI
@@ -96,25 +97,37 @@ inline void normalize_row(const float* x, int64_t k, const float* g, const float
   j = 0;
 #ifdef MMCAP_VNNI
   const __m512 vr = _mm512_set1_ps(r);
+  __m512 vmax = _mm512_setzero_ps();
   for (; j + 16 <= k; j += 16) {
     const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm), vr);
-    _mm512_storeu_ps(y + j, _mm512_fmadd_ps(d, _mm512_loadu_ps(g + j), _mm512_loadu_ps(b + j)));
+    const __m512 out = _mm512_fmadd_ps(d, _mm512_loadu_ps(g + j), _mm512_loadu_ps(b + j));
+    _mm512_storeu_ps(y + j, out);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(out));
   }
+  float amax = _mm512_reduce_max_ps(vmax);
+#else
+  float amax = 0.f;
 #endif
-  for (; j < k; ++j) y[j] = (x[j] - mean) * r * g[j] + b[j];
+  for (; j < k; ++j) {
+    y[j] = (x[j] - mean) * r * g[j] + b[j];
+    amax = std::max(amax, std::fabs(y[j]));
+  }
+  return amax;
 }
 
 // q = round(x * 127 / max|x|) (half to even) into `q`, each byte XORed with `flip` (0x80 gives VNNI's
-// q + 128 as unsigned bytes); returns the row's scale max|x| / 127
-inline float quantize_row(const float* x, int64_t k, int8_t* q, uint8_t flip) {
-  float amax = 0.f;
-  int64_t j = 0;
+// q + 128 as unsigned bytes); returns the row's scale max|x| / 127. `known`: max|x| where the caller
+// has it (normalize_row's), else negative
+inline float quantize_row(const float* x, int64_t k, int8_t* q, uint8_t flip, float known = -1.f) {
+  float amax = known < 0.f ? 0.f : known;
+  int64_t j = known < 0.f ? 0 : k;
 #ifdef MMCAP_VNNI
   __m512 vmax[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   for (; j + 64 <= k; j += 64)  // four chains, as in normalize_row
     for (int u = 0; u < 4; ++u) vmax[u] = _mm512_max_ps(vmax[u], _mm512_abs_ps(_mm512_loadu_ps(x + j + 16 * u)));
   for (; j + 16 <= k; j += 16) vmax[0] = _mm512_max_ps(vmax[0], _mm512_abs_ps(_mm512_loadu_ps(x + j)));
-  amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3])));
+  if (known < 0.f)
+    amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3])));
 #endif
   for (; j < k; ++j) amax = std::max(amax, std::fabs(x[j]));
   if (!(amax > 0.f)) {  // an all-zero row: its zeros stay zeros
@@ -409,15 +422,16 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
     normed.resize(norm ? k : 0);
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = xp + r * k;
+      float amax = -1.f;
       if (norm) {
-        normalize_row(row, k, norm_weight->data_ptr<float>(), norm_bias->data_ptr<float>(), static_cast<float>(eps),
-                      normed.data());
+        amax = normalize_row(row, k, norm_weight->data_ptr<float>(), norm_bias->data_ptr<float>(),
+                             static_cast<float>(eps), normed.data());
         row = normed.data();
       }
       int8_t* q = qp + r * kp;
       // on VNNI q + 128 as unsigned bytes (the padding's 128s meet zero weights)
       const uint8_t flip = vnni ? 0x80u : 0u;
-      sp[r] = quantize_row(row, k, q, flip);
+      sp[r] = quantize_row(row, k, q, flip, amax);
       std::memset(q + k, flip, kp - k);
     }
   };
