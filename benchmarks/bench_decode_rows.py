@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     result: dict = {"step_ms_by_rows": {}}
     with torch.inference_mode(), plan.computing():
         pixels, _ = model.preprocess(paths, draft=plan.draft)
-        memory = model.project(plan.encode(model.encoder, pixels))
+        memory = plan.project(model.projection, plan.encode(model.encoder, pixels))
         with plan.decoding(model.decoder, memory) as memory:
 
             def decode(images: int) -> float:
