@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from emulate_cpu import KINDS
+
 HERE = Path(__file__).resolve().parent
 
 ONE_RUN = r"""
@@ -60,7 +62,6 @@ def one_run(src: Path, args) -> dict:
         env = {**os.environ, "PYTHONPATH": str(src), "MMCAP_CACHE_DIR": cache}
         march = ""
         if args.emulate:
-            from emulate_cpu import KINDS
             march, env["ONEDNN_MAX_CPU_ISA"] = KINDS[args.emulate]
         done = subprocess.run([sys.executable, "-c", ONE_RUN, str(HERE), str(args.n), str(args.batch_size),
                                args.precision, march], env=env, capture_output=True, text=True,
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--precision", default="int8")
-    p.add_argument("--emulate", choices=["xeon-without-amx", "avx512-bf16-without-amx"],
+    p.add_argument("--emulate", choices=sorted(KINDS),
                    help="both trees limited to another kind of CPU's instruction sets, as emulate_cpu.py does")
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))

@@ -42,12 +42,12 @@ def test_two_threads_each_take_their_column_blocks_over_a_long_depth():
     w = torch.randint(-127, 128, (outputs, inputs), dtype=torch.int8)
     x = torch.randint(-127, 128, (rows, inputs)).float()
     x[:, 0] = 127
-    pv, sums = ops.int8_pack(w), quantize._column_sums(w)
+    p, sums = ops.int8_pack(w), quantize._column_sums(w)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        got = ops.int8_linear(x, pv, torch.ones(outputs), None, outputs, colsum=sums)
-        values, tokens = ops.int8_linear_top(x, pv, torch.ones(outputs), None, outputs, 4, colsum=sums)
+        got = ops.int8_linear(x, p, torch.ones(outputs), None, outputs, colsum=sums)
+        values, tokens = ops.int8_linear_top(x, p, torch.ones(outputs), None, outputs, 4, colsum=sums)
     finally:
         torch.set_num_threads(before)
     want = x.double() @ w.double().t()

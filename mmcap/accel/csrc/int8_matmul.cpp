@@ -115,27 +115,31 @@ inline float normalize_row(const float* x, int64_t k, const float* g, const floa
   return amax;
 }
 
-// q = round(x * 127 / max|x|) (half to even) into `q`, each byte XORed with `flip` (0x80 gives VNNI's
-// q + 128 as unsigned bytes); returns the row's scale max|x| / 127. `known`: max|x| where the caller
-// has it (normalize_row's), else negative
-inline float quantize_row(const float* x, int64_t k, int8_t* q, uint8_t flip, float known = -1.f) {
-  float amax = known < 0.f ? 0.f : known;
-  int64_t j = known < 0.f ? 0 : k;
+// max |x| over the row
+inline float row_amax(const float* x, int64_t k) {
+  float amax = 0.f;
+  int64_t j = 0;
 #ifdef MMCAP_VNNI
   __m512 vmax[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   for (; j + 64 <= k; j += 64)  // four chains, as in normalize_row
     for (int u = 0; u < 4; ++u) vmax[u] = _mm512_max_ps(vmax[u], _mm512_abs_ps(_mm512_loadu_ps(x + j + 16 * u)));
   for (; j + 16 <= k; j += 16) vmax[0] = _mm512_max_ps(vmax[0], _mm512_abs_ps(_mm512_loadu_ps(x + j)));
-  if (known < 0.f)
-    amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3])));
+  amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3])));
 #endif
   for (; j < k; ++j) amax = std::max(amax, std::fabs(x[j]));
+  return amax;
+}
+
+// q = round(x * 127 / amax) (half to even) into `q`, amax = max |x| (`row_amax`, or normalize_row's),
+// each byte XORed with `flip` (0x80 gives VNNI's q + 128 as unsigned bytes); returns the row's
+// scale amax / 127
+inline float quantize_row(const float* x, int64_t k, float amax, int8_t* q, uint8_t flip) {
   if (!(amax > 0.f)) {  // an all-zero row: its zeros stay zeros
     std::memset(q, flip, k);
     return 1.f;
   }
   const float inv = 127.f / amax;
-  j = 0;
+  int64_t j = 0;
 #ifdef MMCAP_VNNI
   const __m512 vinv = _mm512_set1_ps(inv);
   const __m128i vflip = _mm_set1_epi8(static_cast<char>(flip));
@@ -420,18 +424,19 @@ static at::Tensor int8_matmul(at::Tensor x, const at::Tensor& packed, const at::
   auto quantize_rows = [&](int64_t r0, int64_t r1) {
     thread_local std::vector<float> normed;
     normed.resize(norm ? k : 0);
+    const uint8_t flip = vnni ? 0x80u : 0u;  // on VNNI q + 128 as unsigned bytes (the padding's 128s meet zero weights)
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = xp + r * k;
-      float amax = -1.f;
+      float amax;
       if (norm) {
         amax = normalize_row(row, k, norm_weight->data_ptr<float>(), norm_bias->data_ptr<float>(),
                              static_cast<float>(eps), normed.data());
         row = normed.data();
+      } else {
+        amax = row_amax(row, k);
       }
       int8_t* q = qp + r * kp;
-      // on VNNI q + 128 as unsigned bytes (the padding's 128s meet zero weights)
-      const uint8_t flip = vnni ? 0x80u : 0u;
-      sp[r] = quantize_row(row, k, q, flip, amax);
+      sp[r] = quantize_row(row, k, amax, q, flip);
       std::memset(q + k, flip, kp - k);
     }
   };
